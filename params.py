@@ -1,0 +1,52 @@
+"""ATML settings: one constant per line, a comment with the unit or the allowed values.
+
+Edit this file, then run `python train_multi.py` (stage one) or `python train_final.py`
+(stage two). Every setting is checked before any work starts (public/config.py holds the
+rules); a bad one stops the run with a message naming it, its value and the rule.
+The defaults run the demo on the synthetic data in ttdata/.
+"""
+
+# ----------------------------------------------------------------------------- data
+DATA_DIR = 'ttdata/train'        # training folder (.txt files S<subject>-<RHYTHM>-<index>.txt); 20 % of its subjects validate
+TEST_DIR = 'ttdata/test'         # test folder, other subjects; '' = no test set (only validation metrics)
+INPUT_SIZE = 1250                # samples per segment (5 s at 250 Hz); every file must have exactly this many
+POSITIVE_LABELS = ('AFIB',)      # rhythms labelled 1 (AF); every other rhythm, empty included, is 0
+VAL_FRACTION = 0.2               # fraction of training subjects held out for validation, in (0, 1)
+SKIP_BAD_FILES = False           # False: a bad data file stops the run; True: it is skipped and counted
+CACHE_DIR = '.atml-cache'        # parsed data folders are cached here (invalidated when a folder changes)
+
+# ----------------------------------------------------------------------------- stage one search
+LR_MIN = 0.0015                  # first learning rate of the grid
+LR_MAX = 0.0050                  # last learning rate of the grid (inclusive)
+STEP = 0.0005                    # grid step; > 0
+AVOID_FILE_PATH = 'avoid.txt'    # pruned learning rates; candidates within 2*STEP of an entry are skipped
+AVOID_PARAM = 0.80               # a trial whose worst metric (min of F1/acc/precision/recall) is below this prunes its rate
+STAGE1_TARGET = 97               # a model's search ends once yy (int(100*min metric)) reaches this, 0..100
+SELECT_ON = 'val'                # split that drives pruning, best model and stop: 'val' or 'test' (the original)
+MODEL_SAVE_PATH = 'multi-result' # stage-one results: results.csv, summary.csv and one folder per model
+RESUME = True                    # True: a rerun continues the previous search; False: start fresh (old results archived)
+
+# ----------------------------------------------------------------------------- training (both stages)
+NUM_EPOCHS = 30                  # maximum epochs per trial
+BATCH_SIZE = 32                  # training batch size
+PATIENCE = 5                     # epochs without validation-loss improvement before early stopping may fire
+OVERFIT_GAP = 0.01               # ... and only if train loss < val loss - OVERFIT_GAP (the original's rule)
+WEIGHT_DECAY = 1e-3              # AdamW weight decay
+SEED = 42                        # seed of every trial (initialisation, shuffling, split)
+DEVICE = 'auto'                  # 'auto' (cuda if available), 'cpu' or 'cuda'
+NUM_WORKERS = 0                  # kept for compatibility with the original; data is served from memory, so unused
+PREFETCH_FACTOR = 2              # kept for compatibility with the original; unused (see NUM_WORKERS)
+
+# ----------------------------------------------------------------------------- export
+ONNX_OPSET = 18                  # ONNX opset of exported models, 18..23
+LATENCY_RUNS = 200               # onnxruntime single-segment runs timed for the latency figure (median)
+
+# ----------------------------------------------------------------------------- stage two
+LEARNING_RATE = 0.003            # fixed stage-two learning rate (the original's LEARING_RATE is accepted too)
+CHANNEL_SCALES = (1, 2, 3, 4, 5) # conv channel scaling factors tried
+FC_SCALES = (1, 2, 3, 4, 5)      # hidden FC width scaling factors tried
+METRIC_TARGET = 90               # percent; the minimum of F1/accuracy/precision/recall must reach it
+SIZE_TARGET_KB = 60              # ONNX file size cap in KB (1 KB = 1024 bytes)
+QUANTIZE_INT8 = False            # True: also build an INT8 ONNX (static quantization) and judge size/metrics on it
+TEMP_DIR = 'temp'                # stage-two work in progress
+FINAL_RESULT_DIR = '.'           # the stage-two result folder <xx>-<yy>/ is written here (project root, as the original)

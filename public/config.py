@@ -1,0 +1,200 @@
+"""Settings: load params.py, apply command-line overrides, validate everything up front.
+
+    settings = load_settings(argv)          # params.py next to the cwd, or --params PATH
+
+Overrides are `KEY=VALUE` arguments (VALUE a Python literal); only known settings are
+accepted and the value's type is checked like any other. All rules live in one table,
+`_RULES`, which both the check and its message use. A bad setting raises `SettingsError`
+naming the file, the setting, the rule and the value, before any work starts.
+"""
+import ast
+import difflib
+import importlib.util
+import math
+import os
+from types import SimpleNamespace
+
+
+class SettingsError(ValueError):
+    """A setting breaks its rule. The message names the setting, the rule and the value."""
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_str(v):
+    return isinstance(v, str)
+
+
+def _is_seq(v):
+    return isinstance(v, (list, tuple))
+
+
+# name -> (rule as the message states it, predicate). Order is the order of checking.
+_RULES = {
+    'DATA_DIR': ('a non-empty path string', lambda v: _is_str(v) and v != ''),
+    'TEST_DIR': ("a path string ('' for no test set)", _is_str),
+    'INPUT_SIZE': ('an int >= 16', lambda v: _is_int(v) and v >= 16),
+    'POSITIVE_LABELS': ('a non-empty list/tuple of rhythm strings',
+                        lambda v: _is_seq(v) and len(v) > 0 and all(_is_str(s) for s in v)),
+    'VAL_FRACTION': ('a number in (0, 1)', lambda v: _is_number(v) and 0 < v < 1),
+    'SKIP_BAD_FILES': ('True or False', lambda v: isinstance(v, bool)),
+    'CACHE_DIR': ('a non-empty path string', lambda v: _is_str(v) and v != ''),
+    'LR_MIN': ('a number > 0', lambda v: _is_number(v) and v > 0),
+    'LR_MAX': ('a number > 0', lambda v: _is_number(v) and v > 0),
+    'STEP': ('a number > 0', lambda v: _is_number(v) and v > 0),
+    'AVOID_FILE_PATH': ('a non-empty path string', lambda v: _is_str(v) and v != ''),
+    'AVOID_PARAM': ('a number in [0, 1]', lambda v: _is_number(v) and 0 <= v <= 1),
+    'STAGE1_TARGET': ('an int in [0, 100]', lambda v: _is_int(v) and 0 <= v <= 100),
+    'SELECT_ON': ("one of 'val', 'test'", lambda v: v in ('val', 'test')),
+    'MODEL_SAVE_PATH': ('a non-empty path string', lambda v: _is_str(v) and v != ''),
+    'RESUME': ('True or False', lambda v: isinstance(v, bool)),
+    'NUM_EPOCHS': ('an int >= 1', lambda v: _is_int(v) and v >= 1),
+    'BATCH_SIZE': ('an int >= 2 (BatchNorm needs 2 samples)', lambda v: _is_int(v) and v >= 2),
+    'PATIENCE': ('an int >= 1', lambda v: _is_int(v) and v >= 1),
+    'OVERFIT_GAP': ('a number >= 0', lambda v: _is_number(v) and v >= 0),
+    'WEIGHT_DECAY': ('a number >= 0', lambda v: _is_number(v) and v >= 0),
+    'SEED': ('an int >= 0', lambda v: _is_int(v) and v >= 0),
+    'DEVICE': ("one of 'auto', 'cpu', 'cuda'", lambda v: v in ('auto', 'cpu', 'cuda')),
+    'NUM_WORKERS': ('an int >= 0', lambda v: _is_int(v) and v >= 0),
+    'PREFETCH_FACTOR': ('an int >= 1', lambda v: _is_int(v) and v >= 1),
+    'ONNX_OPSET': ('an int in [18, 23]', lambda v: _is_int(v) and 18 <= v <= 23),
+    'LATENCY_RUNS': ('an int >= 1', lambda v: _is_int(v) and v >= 1),
+    'LEARNING_RATE': ('a number > 0', lambda v: _is_number(v) and v > 0),
+    'CHANNEL_SCALES': ('a non-empty list/tuple of ints >= 1',
+                       lambda v: _is_seq(v) and len(v) > 0 and all(_is_int(s) and s >= 1 for s in v)),
+    'FC_SCALES': ('a non-empty list/tuple of ints >= 1',
+                  lambda v: _is_seq(v) and len(v) > 0 and all(_is_int(s) and s >= 1 for s in v)),
+    'METRIC_TARGET': ('a number in (0, 100]', lambda v: _is_number(v) and 0 < v <= 100),
+    'SIZE_TARGET_KB': ('a number > 0', lambda v: _is_number(v) and v > 0),
+    'QUANTIZE_INT8': ('True or False', lambda v: isinstance(v, bool)),
+    'TEMP_DIR': ('a non-empty path string', lambda v: _is_str(v) and v != ''),
+    'FINAL_RESULT_DIR': ('a non-empty path string', lambda v: _is_str(v) and v != ''),
+}
+
+# Settings a params.py may leave out, with the value used then (newer than the original).
+_OPTIONAL = {}
+
+# The original ATML spelt LEARNING_RATE as LEARING_RATE; old params.py files keep working.
+_ALIASES = {'LEARING_RATE': 'LEARNING_RATE'}
+
+
+def _check_value(name, value, source):
+    rule, ok = _RULES[name]
+    if not ok(value):
+        raise SettingsError(f"{source}: {name} must be {rule}, got {name}={value!r}")
+
+
+def _cross_checks(s, source):
+    if s.LR_MIN > s.LR_MAX:
+        raise SettingsError(f"{source}: LR_MIN must be <= LR_MAX, got LR_MIN={s.LR_MIN!r} "
+                            f"and LR_MAX={s.LR_MAX!r}")
+    if s.SELECT_ON == 'test' and not s.TEST_DIR:
+        raise SettingsError(f"{source}: SELECT_ON='test' needs a test set, got TEST_DIR=''")
+    if len(set(s.CHANNEL_SCALES)) != len(s.CHANNEL_SCALES) or len(set(s.FC_SCALES)) != len(s.FC_SCALES):
+        raise SettingsError(f"{source}: CHANNEL_SCALES and FC_SCALES must not repeat a value, got "
+                            f"CHANNEL_SCALES={s.CHANNEL_SCALES!r}, FC_SCALES={s.FC_SCALES!r}")
+
+
+def _unknown(name, source):
+    close = difflib.get_close_matches(name, list(_RULES) + list(_ALIASES), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return SettingsError(f"{source}: unknown setting {name}{hint}; known settings: "
+                         f"{', '.join(_RULES)}")
+
+
+def _module_settings(path):
+    spec = importlib.util.spec_from_file_location('_atml_params', path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise SettingsError(f"{path}: cannot be executed: {type(exc).__name__}: {exc}") from exc
+    return {k: v for k, v in vars(module).items() if k.isupper() and not k.startswith('_')}
+
+
+def validate(values, source='params.py'):
+    """Check a {NAME: value} dict against the rules; return it as a namespace."""
+    values = dict(values)
+    for alias, name in _ALIASES.items():
+        if alias in values:
+            if name in values and values[name] != values[alias]:
+                raise SettingsError(f"{source}: both {name}={values[name]!r} and "
+                                    f"{alias}={values[alias]!r} are set; keep one")
+            values[name] = values.pop(alias)
+    for name in values:
+        if name not in _RULES:
+            raise _unknown(name, source)
+    for name, default in _OPTIONAL.items():
+        values.setdefault(name, default)
+    missing = [n for n in _RULES if n not in values]
+    if missing:
+        raise SettingsError(f"{source}: missing setting(s) {', '.join(missing)}")
+    for name in _RULES:
+        _check_value(name, values[name], source)
+    settings = SimpleNamespace(**{n: values[n] for n in _RULES})
+    _cross_checks(settings, source)
+    settings.POSITIVE_LABELS = tuple(settings.POSITIVE_LABELS)
+    settings.CHANNEL_SCALES = tuple(settings.CHANNEL_SCALES)
+    settings.FC_SCALES = tuple(settings.FC_SCALES)
+    return settings
+
+
+def parse_overrides(args):
+    """['KEY=VALUE', ...] -> {KEY: literal}. VALUE is a Python literal, or a bare string."""
+    overrides = {}
+    for arg in args:
+        key, sep, raw = arg.partition('=')
+        key = key.lstrip('-')
+        if not sep or not key:
+            raise SettingsError(f"command line: expected KEY=VALUE, got {arg!r}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        overrides[_ALIASES.get(key, key)] = value
+    return overrides
+
+
+def load_settings(argv=(), params_path=None):
+    """Settings from params.py (or --params PATH) plus KEY=VALUE overrides, validated."""
+    argv = list(argv)
+    if '--params' in argv:
+        i = argv.index('--params')
+        if i + 1 >= len(argv):
+            raise SettingsError("command line: --params needs a path")
+        params_path = argv[i + 1]
+        del argv[i:i + 2]
+    params_path = params_path or os.path.join(os.getcwd(), 'params.py')
+    if not os.path.isfile(params_path):
+        raise SettingsError(f"{params_path}: settings file not found (run from the project "
+                            f"folder, or pass --params PATH)")
+    values = _module_settings(params_path)
+    source = os.path.basename(params_path)
+    overrides = parse_overrides(argv)
+    for name in overrides:
+        if name not in _RULES:
+            raise _unknown(name, 'command line')
+    values.update(overrides)
+    settings = validate(values, source)
+    settings.PARAMS_PATH = os.path.abspath(params_path)
+    settings.OVERRIDES = overrides
+    return settings
+
+
+def settings_dict(settings):
+    """The validated settings as a plain {NAME: value} dict (for result folders)."""
+    return {n: getattr(settings, n) for n in _RULES}
+
+
+def write_settings(settings, path):
+    """Write the resolved settings as a params.py-style file (reproducible result folders)."""
+    with open(path, 'w') as f:
+        f.write('# Settings this result was produced with (resolved params.py + overrides)\n')
+        for name, value in settings_dict(settings).items():
+            f.write(f"{name} = {value!r}\n")

@@ -1,0 +1,281 @@
+"""Data: parse a folder of ECG segments once, cache it, serve it from memory.
+
+On-disk format (the original ATML's): one `.txt` file per segment, one sample per line
+(several whitespace-separated columns = several leads), named
+`S<subject>-<RHYTHM>-<index>.txt`. The label is 1 when RHYTHM is in POSITIVE_LABELS.
+
+    segments = load_folder('ttdata/train', input_size=1250, cache_dir='.atml-cache')
+    train_idx, val_idx = split_by_subject(segments.subjects, segments.y, 0.2, seed=42)
+
+Parsing is the original's main cost (np.loadtxt per file, every epoch). Here a folder is
+parsed once, in parallel chunks through pandas' C parser, then cached as .npy keyed by the
+folder's listing (names, sizes, mtimes): a file added, edited or removed re-parses the
+folder, a later load of an unchanged folder reads the cache. A bad file raises DataError
+naming the file, the line and the rule, or with skip_bad=True is skipped and counted.
+"""
+import concurrent.futures as futures
+import hashlib
+import io
+import multiprocessing
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+FILENAME_PATTERN = re.compile(r'^(?P<subject>S[^-]*)-(?P<rhythm>[^-]*)-(?P<index>[^-]+)\.txt$')
+FILENAME_RULE = "S<subject>-<RHYTHM>-<index>.txt (e.g. S12-AFIB-31.txt, S47--0.txt)"
+_CACHE_VERSION = 2
+_CHUNK = 1000
+
+
+class DataError(ValueError):
+    """A data file or folder breaks a rule; the message names it, what is wrong and the rule."""
+
+
+@dataclass
+class Segments:
+    """Segments of one folder, in file-name order. x is (N, C, L) float32."""
+    x: np.ndarray
+    rhythms: np.ndarray
+    subjects: np.ndarray
+    names: np.ndarray
+    skipped: list = field(default_factory=list)   # (file name, reason) of skipped bad files
+    from_cache: bool = False
+
+    def labels(self, positive_labels):
+        """Binary labels: 1 where the rhythm is one of positive_labels."""
+        return np.isin(self.rhythms, list(positive_labels)).astype(np.int64)
+
+    def __len__(self):
+        return len(self.x)
+
+
+def parse_filename(name):
+    """(subject, rhythm) of a file name, or DataError naming the file and the pattern."""
+    match = FILENAME_PATTERN.match(name)
+    if not match:
+        raise DataError(f"{name}: file name does not follow the pattern {FILENAME_RULE}")
+    return match['subject'], match['rhythm']
+
+
+def parse_segment_text(blob, name, input_size):
+    """Parse one file's bytes precisely: (L, C) float32, or DataError saying what is wrong."""
+    text = blob.decode('utf-8', errors='replace').strip()
+    if not text:
+        raise DataError(f"{name}: file is empty")
+    rows, columns = [], None
+    for number, line in enumerate(text.splitlines(), start=1):
+        tokens = line.split()
+        if not tokens:
+            raise DataError(f"{name}: line {number} is empty; every line must hold one sample")
+        if columns is None:
+            columns = len(tokens)
+        elif len(tokens) != columns:
+            raise DataError(f"{name}: line {number} has {len(tokens)} values, earlier lines "
+                            f"have {columns}; every line must hold one value per lead")
+        try:
+            values = [float(t) for t in tokens]
+        except ValueError:
+            raise DataError(f"{name}: line {number}: {line.strip()!r} is not a number") from None
+        if not all(np.isfinite(values)):
+            raise DataError(f"{name}: line {number}: {line.strip()!r} is not a finite number")
+        rows.append(values)
+    if len(rows) != input_size:
+        raise DataError(f"{name}: has {len(rows)} samples, but INPUT_SIZE={input_size}; every "
+                        f"segment must have exactly INPUT_SIZE samples")
+    return np.asarray(rows, dtype=np.float32)
+
+
+def _read(folder, name):
+    try:
+        with open(os.path.join(folder, name), 'rb') as f:
+            return f.read()
+    except OSError as exc:
+        raise DataError(f"{name}: cannot be read: {exc.strerror or exc}") from None
+
+
+def _parse_chunk(folder, names, input_size, skip_bad):
+    """Parse files `names`: (array (n_ok, L, C), kept names, [(name, reason)] skipped).
+
+    Fast path: one pandas C-parser call over the joined files, checked line counts. Any
+    irregularity (or a non-number) falls back to the precise per-file parser, which names
+    the file and the line."""
+    blobs, kept, skipped = [], [], []
+    for name in names:
+        try:
+            blob = _read(folder, name).strip()
+            if not blob:
+                raise DataError(f"{name}: file is empty")
+            blobs.append(blob + b'\n')
+            kept.append(name)
+        except DataError as exc:
+            if not skip_bad:
+                raise
+            skipped.append((name, str(exc)))
+    counts = [b.count(b'\n') for b in blobs]
+    if kept and all(c == input_size for c in counts):
+        try:
+            table = pd.read_csv(io.BytesIO(b''.join(blobs)), header=None, sep=r'\s+',
+                                dtype=np.float32, engine='c').to_numpy()
+            if table.shape[0] == len(kept) * input_size and np.isfinite(table).all():
+                return table.reshape(len(kept), input_size, table.shape[1]), kept, skipped
+        except (ValueError, pd.errors.ParserError):
+            pass
+    arrays, good = [], []
+    for name, blob in zip(kept, blobs):
+        try:
+            arrays.append(parse_segment_text(blob, name, input_size))
+            good.append(name)
+        except DataError as exc:
+            if not skip_bad:
+                raise
+            skipped.append((name, str(exc)))
+    if arrays and len({a.shape[1] for a in arrays}) > 1:
+        raise DataError(f"{folder}: files have different numbers of leads "
+                        f"({sorted({a.shape[1] for a in arrays})}); all must have the same")
+    data = np.stack(arrays) if arrays else np.zeros((0, input_size, 1), np.float32)
+    return data, good, skipped
+
+
+def _listing(folder):
+    """Data files of a folder with (name, size, mtime_ns); hidden files and folders ignored."""
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: data folder does not exist (check DATA_DIR / TEST_DIR "
+                        f"in params.py)")
+    entries = []
+    with os.scandir(folder) as it:
+        for entry in it:
+            if entry.name.startswith('.') or not entry.is_file():
+                continue
+            st = entry.stat()
+            entries.append((entry.name, st.st_size, st.st_mtime_ns))
+    entries.sort()
+    if not entries:
+        raise DataError(f"{folder}: data folder is empty; it must hold .txt segment files "
+                        f"named {FILENAME_RULE}")
+    return entries
+
+
+def _cache_paths(cache_dir, folder, listing, input_size, skip_bad):
+    folder_key = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:12]
+    content = hashlib.sha1(repr((_CACHE_VERSION, input_size, skip_bad, listing)).encode())
+    stem = os.path.join(cache_dir, f"{folder_key}-{content.hexdigest()[:16]}")
+    return folder_key, stem + '.npy', stem + '.meta.npz'
+
+
+def _load_cache(x_path, meta_path):
+    try:
+        meta = np.load(meta_path, allow_pickle=False)
+        x = np.load(x_path, mmap_mode='r')
+        skipped = list(zip(meta['skipped_names'].tolist(), meta['skipped_reasons'].tolist()))
+        return x, meta['names'], skipped
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _save_cache(cache_dir, folder_key, x_path, meta_path, x, names, skipped):
+    os.makedirs(cache_dir, exist_ok=True)
+    for old in os.listdir(cache_dir):            # one cache entry per folder: drop stale ones
+        if old.startswith(folder_key + '-'):
+            os.remove(os.path.join(cache_dir, old))
+    tmp = f"{x_path}.{os.getpid()}.tmp"
+    with open(tmp, 'wb') as f:
+        np.save(f, x)
+    os.replace(tmp, x_path)
+    tmp = f"{meta_path}.{os.getpid()}.tmp"
+    with open(tmp, 'wb') as f:
+        np.savez(f, names=np.asarray(names, dtype=str),
+                 skipped_names=np.asarray([s[0] for s in skipped], dtype=str),
+                 skipped_reasons=np.asarray([s[1] for s in skipped], dtype=str))
+    os.replace(tmp, meta_path)                   # written last: its presence marks a whole entry
+
+
+def _parse_folder(folder, names, input_size, skip_bad, workers, progress):
+    chunks = [names[i:i + _CHUNK] for i in range(0, len(names), _CHUNK)]
+    bar = tqdm(total=len(names), desc=f"parse {folder}", unit='file', disable=not progress,
+               leave=False)
+    results = []
+    if workers > 1 and len(chunks) > 1:
+        context = multiprocessing.get_context('fork' if os.name == 'posix' else 'spawn')
+        with futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            jobs = [pool.submit(_parse_chunk, folder, c, input_size, skip_bad) for c in chunks]
+            for job, chunk in zip(jobs, chunks):
+                results.append(job.result())
+                bar.update(len(chunk))
+    else:
+        for chunk in chunks:
+            results.append(_parse_chunk(folder, chunk, input_size, skip_bad))
+            bar.update(len(chunk))
+    bar.close()
+    leads = {r[0].shape[2] for r in results if len(r[1])}
+    if len(leads) > 1:
+        raise DataError(f"{folder}: files have different numbers of leads ({sorted(leads)}); "
+                        f"all must have the same")
+    kept = [n for r in results for n in r[1]]
+    skipped = [s for r in results for s in r[2]]
+    if not kept:
+        raise DataError(f"{folder}: no usable segment (all {len(names)} files are bad; "
+                        f"first: {skipped[0][1] if skipped else '?'})")
+    x = np.concatenate([r[0] for r in results if len(r[1])]).transpose(0, 2, 1)
+    return np.ascontiguousarray(x), kept, skipped
+
+
+def load_folder(folder, input_size, cache_dir=None, skip_bad=False, workers=None,
+                progress=True):
+    """All segments of a data folder, parsed once and cached (see the module docstring)."""
+    listing = _listing(folder)
+    names, skipped = [], []
+    for name, _, _ in listing:
+        try:
+            parse_filename(name)
+            names.append(name)
+        except DataError as exc:
+            if not skip_bad:
+                raise DataError(f"{os.path.join(folder, name)}: file name does not follow "
+                                f"the pattern {FILENAME_RULE}") from None
+            skipped.append((name, str(exc)))
+    cached = None
+    if cache_dir:
+        folder_key, x_path, meta_path = _cache_paths(cache_dir, folder, listing, input_size,
+                                                     skip_bad)
+        cached = _load_cache(x_path, meta_path)
+    if cached is not None:
+        x, kept, parse_skipped = cached
+        from_cache = True
+    else:
+        workers = workers or min(os.cpu_count() or 1, 8)
+        try:
+            x, kept, parse_skipped = _parse_folder(folder, names, input_size, skip_bad,
+                                                   workers, progress)
+        except DataError as exc:
+            raise DataError(f"{folder}/{exc}" if not str(exc).startswith(folder) else str(exc)) from None
+        if cache_dir:
+            _save_cache(cache_dir, folder_key, x_path, meta_path, x, kept, skipped + parse_skipped)
+        from_cache = False
+        parse_skipped = skipped + parse_skipped
+    kept = np.asarray(kept, dtype=str)
+    meta = [parse_filename(n) for n in kept]
+    return Segments(x=x, subjects=np.asarray([m[0] for m in meta], dtype=str),
+                    rhythms=np.asarray([m[1] for m in meta], dtype=str), names=kept,
+                    skipped=parse_skipped, from_cache=from_cache)
+
+
+def split_by_subject(subjects, labels, val_fraction, seed):
+    """(train_idx, val_idx): whole subjects on one side, about val_fraction of subjects in
+    validation, both classes on both sides where the data allows it (deterministic in seed)."""
+    unique = np.unique(subjects)
+    if len(unique) < 2:
+        raise DataError(f"the training folder has {len(unique)} subject(s); a subject-wise "
+                        f"validation split needs at least 2")
+    n_val = min(len(unique) - 1, max(1, int(round(val_fraction * len(unique)))))
+    rng = np.random.default_rng(seed)
+    for _ in range(100):
+        val_subjects = rng.permutation(unique)[:n_val]
+        val_mask = np.isin(subjects, val_subjects)
+        if (len(np.unique(labels[val_mask])) == len(np.unique(labels))
+                and len(np.unique(labels[~val_mask])) == len(np.unique(labels))):
+            break
+    return np.flatnonzero(~val_mask), np.flatnonzero(val_mask)

@@ -1,0 +1,157 @@
+"""The training loop of one trial and the original's early-stopping rule.
+
+    stopper = EarlyStopping(patience=5, overfit_gap=0.01)
+    outcome = train_model(model, data, lr, settings, device)
+
+EarlyStopping answers one question per epoch: stop now, and why. The original ATML's rule:
+stop when validation loss has not improved for `patience` epochs AND the model is
+overfitting (train loss < val loss - overfit_gap). The best-validation weights are kept.
+
+Data is served from memory: the training tensors live on the device and each epoch draws a
+seeded permutation, so there is no DataLoader, no worker processes and no re-parsing.
+"""
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; the trial in progress is abandoned and will be rerun."""
+
+
+# Why a trial stopped: the values of the results table's `stop_reason` column.
+STOP_EARLY = 'early-stop'
+STOP_MAX_EPOCHS = 'max-epochs'
+STOP_DIVERGED = 'diverged'
+
+
+class EarlyStopping:
+    """Told each epoch's (train_loss, val_loss); answers (stop?, reason)."""
+
+    def __init__(self, patience, overfit_gap):
+        self.patience = patience
+        self.overfit_gap = overfit_gap
+        self.best_val_loss = math.inf
+        self.best_epoch = -1
+        self.epochs_without_improvement = 0
+
+    def step(self, epoch, train_loss, val_loss):
+        """Record one epoch; returns (improved, stop, reason)."""
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            return False, True, STOP_DIVERGED
+        improved = val_loss < self.best_val_loss
+        if improved:
+            self.best_val_loss, self.best_epoch = val_loss, epoch
+            self.epochs_without_improvement = 0
+            return True, False, None
+        self.epochs_without_improvement += 1
+        if (self.epochs_without_improvement >= self.patience
+                and train_loss < val_loss - self.overfit_gap):
+            return False, True, STOP_EARLY
+        return False, False, None
+
+
+@dataclass
+class TrialData:
+    """Tensors of one trial, on the training device: x is (N, C, L), y is (N,)."""
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+
+
+@dataclass
+class TrainOutcome:
+    state_dict: dict
+    epochs: int
+    best_epoch: int
+    stop_reason: str
+    history: list = field(default_factory=list)   # (epoch, train_loss, val_loss, lr)
+    seconds: float = 0.0
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+@torch.inference_mode()
+def _mean_loss(model, x, y, criterion, batch_size=1024):
+    model.eval()
+    total = 0.0
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].unsqueeze(-1)
+        total += criterion(model(xb), y[i:i + batch_size]).item() * len(xb)
+    return total / max(1, len(x))
+
+
+def _epoch_batches(n, batch_size, generator):
+    # A last batch of one sample would break BatchNorm; it joins the next epoch's draw instead.
+    order = torch.randperm(n, generator=generator)
+    stop = n if n % batch_size != 1 else n - 1
+    return [order[i:i + batch_size] for i in range(0, stop, batch_size)]
+
+
+def train_model(model, data, lr, settings, device, stop_flag=None, progress=True, desc='train'):
+    """Train `model` (freshly initialised) on data; return the best-validation weights.
+
+    AdamW (weight decay WEIGHT_DECAY), ReduceLROnPlateau on val loss (patience 3, factor
+    0.5), cross-entropy, up to NUM_EPOCHS epochs of BATCH_SIZE, EarlyStopping. `stop_flag`
+    is polled between batches; when it returns True the trial raises Interrupted."""
+    start = time.perf_counter()
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=settings.WEIGHT_DECAY,
+                                  **({'fused': True} if device.type in ('cpu', 'cuda') else {}))
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode='min', patience=3,
+                                                           factor=0.5)
+    criterion = nn.CrossEntropyLoss()
+    stopper = EarlyStopping(settings.PATIENCE, settings.OVERFIT_GAP)
+    generator = torch.Generator().manual_seed(settings.SEED)
+    best_state, history, reason = None, [], STOP_MAX_EPOCHS
+    x_train = data.x_train.unsqueeze(-1)
+    epochs = tqdm(range(1, settings.NUM_EPOCHS + 1), desc=desc, unit='epoch',
+                  disable=not progress, leave=False)
+    epoch = 0
+    for epoch in epochs:
+        model.train()
+        batches = _epoch_batches(len(x_train), settings.BATCH_SIZE, generator)
+        running = torch.zeros((), device=device)
+        seen = 0
+        for idx in tqdm(batches, desc=f"epoch {epoch}", unit='batch', disable=not progress,
+                        leave=False, mininterval=0.5):
+            if stop_flag is not None and stop_flag():
+                raise Interrupted()
+            idx = idx.to(device, non_blocking=True)
+            xb, yb = x_train.index_select(0, idx), data.y_train.index_select(0, idx)
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(xb), yb)
+            loss.backward()
+            optimizer.step()
+            running += loss.detach() * len(idx)
+            seen += len(idx)
+        train_loss = running.item() / max(1, seen)
+        val_loss = _mean_loss(model, data.x_val, data.y_val, criterion)
+        if math.isfinite(val_loss):
+            scheduler.step(val_loss)
+        history.append((epoch, train_loss, val_loss, optimizer.param_groups[0]['lr']))
+        epochs.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
+        improved, stop, why = stopper.step(epoch, train_loss, val_loss)
+        if improved:
+            best_state = copy.deepcopy(model.state_dict())
+        if stop:
+            reason = why
+            break
+    epochs.close()
+    if best_state is None:                       # diverged before any finite validation loss
+        best_state = copy.deepcopy(model.state_dict())
+        reason = STOP_DIVERGED
+    model.load_state_dict(best_state)
+    return TrainOutcome(state_dict=best_state, epochs=epoch, best_epoch=stopper.best_epoch,
+                        stop_reason=reason, history=history,
+                        seconds=time.perf_counter() - start)

@@ -1,0 +1,158 @@
+"""One trial, the unit both stages are made of: build, train, evaluate, export, check.
+
+    data = prepare_data(settings)                         # parse/cache, split, to device
+    result = run_trial(lambda: AFNet(...), lr, data, settings, onnx_path)
+
+A trial that fails (the model does not build or run on the input shape, the loss turns
+NaN, export fails) comes back as a TrialResult with status 'failed' or 'diverged' and the
+traceback, never as an exception: a failed candidate is not a failed run. Only an
+interruption (Interrupted / KeyboardInterrupt) propagates.
+"""
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from public.dataset import load_folder, split_by_subject
+from public.export import check_onnx, export_onnx, onnx_latency_ms
+from public.test import binary_metrics, predict_proba, score_digits
+from public.training import (STOP_DIVERGED, Interrupted, TrialData, seed_everything,
+                             train_model)
+
+STATUS_OK, STATUS_DIVERGED, STATUS_FAILED = 'ok', 'diverged', 'failed'
+
+
+@dataclass
+class PreparedData:
+    """Everything a trial needs, loaded once per run."""
+    trial: TrialData
+    x_test: torch.Tensor      # (N, C, L) on CPU; empty when there is no test folder
+    y_test: np.ndarray
+    onnx_sample: np.ndarray   # real validation segments for the ONNX-vs-PyTorch check
+    in_channels: int
+    input_size: int
+    num_classes: int
+    device: torch.device
+    summary: str
+
+
+def choose_device(name):
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise RuntimeError("DEVICE='cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    return torch.device(name)
+
+
+def prepare_data(settings, progress=True):
+    """Load (parse once / from cache) the training and test folders, split by subject."""
+    device = choose_device(settings.DEVICE)
+    train = load_folder(settings.DATA_DIR, settings.INPUT_SIZE, settings.CACHE_DIR,
+                        settings.SKIP_BAD_FILES, progress=progress)
+    y = train.labels(settings.POSITIVE_LABELS)
+    train_idx, val_idx = split_by_subject(train.subjects, y, settings.VAL_FRACTION, settings.SEED)
+    x = torch.from_numpy(np.asarray(train.x))
+    trial = TrialData(x_train=x[train_idx].to(device), y_train=torch.from_numpy(y[train_idx]).to(device),
+                      x_val=x[val_idx].to(device), y_val=torch.from_numpy(y[val_idx]).to(device))
+    lines = [f"train folder {settings.DATA_DIR}: {len(train)} segments "
+             f"({'from cache' if train.from_cache else 'parsed'}), "
+             f"{len(np.unique(train.subjects[train_idx]))} subjects train / "
+             f"{len(np.unique(train.subjects[val_idx]))} validate; "
+             f"{len(train_idx)} / {len(val_idx)} segments, AF {y[train_idx].mean():.0%} / {y[val_idx].mean():.0%}"]
+    if train.skipped:
+        lines.append(f"skipped {len(train.skipped)} bad file(s) in {settings.DATA_DIR}, "
+                     f"first: {train.skipped[0][1]}")
+    x_test, y_test = torch.zeros((0,) + tuple(x.shape[1:])), np.zeros(0, np.int64)
+    if settings.TEST_DIR:
+        test = load_folder(settings.TEST_DIR, settings.INPUT_SIZE, settings.CACHE_DIR,
+                           settings.SKIP_BAD_FILES, progress=progress)
+        if test.x.shape[1] != x.shape[1]:
+            raise RuntimeError(f"{settings.TEST_DIR}: segments have {test.x.shape[1]} leads, "
+                               f"the training folder's have {x.shape[1]}")
+        x_test, y_test = torch.from_numpy(np.asarray(test.x)), test.labels(settings.POSITIVE_LABELS)
+        lines.append(f"test folder {settings.TEST_DIR}: {len(test)} segments, "
+                     f"{len(np.unique(test.subjects))} subjects, AF {y_test.mean():.0%}"
+                     + (f"; skipped {len(test.skipped)} bad file(s)" if test.skipped else ''))
+    lines.append(f"device: {device}")
+    return PreparedData(trial=trial, x_test=x_test, y_test=y_test,
+                        onnx_sample=np.asarray(train.x[val_idx[:32]]), in_channels=x.shape[1],
+                        input_size=settings.INPUT_SIZE, num_classes=2, device=device,
+                        summary='\n'.join(lines))
+
+
+@dataclass
+class TrialResult:
+    status: str
+    stop_reason: str = ''
+    epochs: int = 0
+    best_epoch: int = 0
+    val_metrics: dict = field(default_factory=dict)
+    test_metrics: dict = field(default_factory=dict)
+    onnx_bytes: int = 0
+    latency_ms: float = float('nan')
+    params: int = 0
+    wall_s: float = 0.0
+    error: str = ''
+    state_dict: dict = None
+    model: torch.nn.Module = None
+
+    def selected(self, select_on):
+        return self.val_metrics if select_on == 'val' else self.test_metrics
+
+
+def check_model_runs(model, data):
+    """Forward a batch of 2 real-shaped inputs; raise with a clear message if it cannot."""
+    x = data.trial.x_train[:2].unsqueeze(-1)
+    out = model(x)
+    if tuple(out.shape) != (len(x), data.num_classes):
+        raise ValueError(f"model output has shape {tuple(out.shape)} for input "
+                         f"{tuple(x.shape)}; expected ({len(x)}, {data.num_classes})")
+
+
+def run_trial(build_model, lr, data, settings, onnx_path, stop_flag=None, progress=True,
+              desc='train', latency=True):
+    """Build a fresh seeded model, train, evaluate on val and test, export and check ONNX."""
+    start = time.perf_counter()
+    result = TrialResult(status=STATUS_FAILED)
+    try:
+        seed_everything(settings.SEED)
+        model = build_model().to(data.device)
+        result.params = sum(p.numel() for p in model.parameters())
+        check_model_runs(model, data)
+        outcome = train_model(model, data.trial, lr, settings, data.device, stop_flag,
+                              progress, desc)
+        result.epochs, result.best_epoch = outcome.epochs, outcome.best_epoch
+        result.stop_reason, result.state_dict = outcome.stop_reason, outcome.state_dict
+        result.model = model
+        val_pred = predict_proba(model, data.trial.x_val, data.device).argmax(1)
+        result.val_metrics = binary_metrics(data.trial.y_val.cpu().numpy(), val_pred)
+        if len(data.x_test):
+            test_pred = predict_proba(model, data.x_test, data.device, progress=progress,
+                                      desc='test').argmax(1)
+            result.test_metrics = binary_metrics(data.y_test, test_pred)
+        if outcome.stop_reason == STOP_DIVERGED:
+            result.status = STATUS_DIVERGED
+            result.error = 'loss became NaN/inf'
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(onnx_path)), exist_ok=True)
+            result.onnx_bytes = export_onnx(model, onnx_path, data.in_channels,
+                                            data.input_size, settings.ONNX_OPSET)
+            check_onnx(onnx_path, model, data.onnx_sample)
+            if latency:
+                result.latency_ms = onnx_latency_ms(onnx_path, settings.LATENCY_RUNS)
+            result.status = STATUS_OK
+    except (Interrupted, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        result.status = STATUS_FAILED
+        result.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+    result.wall_s = time.perf_counter() - start
+    return result
+
+
+def digits_of(result, select_on):
+    metrics = result.selected(select_on)
+    return score_digits(metrics) if metrics else (0, 0)
