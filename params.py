@@ -34,6 +34,7 @@ OVERFIT_GAP = 0.01               # ... and only if train loss < val loss - OVERF
 WEIGHT_DECAY = 1e-3              # AdamW weight decay
 SEED = 42                        # seed of every trial (initialisation, shuffling, split)
 DEVICE = 'auto'                  # 'auto' (cuda if available), 'cpu' or 'cuda'
+NUM_THREADS = 1                  # torch CPU threads; 0 = torch's default (all cores). 1 is fastest for these tiny nets on a shared machine (README, Speed)
 NUM_WORKERS = 0                  # kept for compatibility with the original; data is served from memory, so unused
 PREFETCH_FACTOR = 2              # kept for compatibility with the original; unused (see NUM_WORKERS)
 

@@ -61,6 +61,7 @@ _RULES = {
     'WEIGHT_DECAY': ('a number >= 0', lambda v: _is_number(v) and v >= 0),
     'SEED': ('an int >= 0', lambda v: _is_int(v) and v >= 0),
     'DEVICE': ("one of 'auto', 'cpu', 'cuda'", lambda v: v in ('auto', 'cpu', 'cuda')),
+    'NUM_THREADS': ('an int >= 0', lambda v: _is_int(v) and v >= 0),
     'NUM_WORKERS': ('an int >= 0', lambda v: _is_int(v) and v >= 0),
     'PREFETCH_FACTOR': ('an int >= 1', lambda v: _is_int(v) and v >= 1),
     'ONNX_OPSET': ('an int in [18, 23]', lambda v: _is_int(v) and 18 <= v <= 23),

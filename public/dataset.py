@@ -195,7 +195,7 @@ def _save_cache(cache_dir, folder_key, x_path, meta_path, x, names, skipped):
 
 def _parse_folder(folder, names, input_size, skip_bad, workers, progress):
     chunks = [names[i:i + _CHUNK] for i in range(0, len(names), _CHUNK)]
-    bar = tqdm(total=len(names), desc=f"parse {folder}", unit='file', disable=not progress,
+    bar = tqdm(total=len(names), desc=f"parse {folder}", unit='file', disable=None if progress else True,
                leave=False)
     results = []
     if workers > 1 and len(chunks) > 1:

@@ -20,7 +20,7 @@ def predict_proba(model, x, device, batch_size=1024, progress=False, desc='eval'
     model.eval()
     x = torch.as_tensor(np.asarray(x)) if not torch.is_tensor(x) else x
     out = []
-    for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=not progress, leave=False):
+    for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=None if progress else True, leave=False):
         batch = x[i:i + batch_size].to(device, non_blocking=True).unsqueeze(-1)
         out.append(torch.softmax(model(batch).float(), dim=1).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 2), np.float32)

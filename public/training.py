@@ -116,14 +116,14 @@ def train_model(model, data, lr, settings, device, stop_flag=None, progress=True
     best_state, history, reason = None, [], STOP_MAX_EPOCHS
     x_train = data.x_train.unsqueeze(-1)
     epochs = tqdm(range(1, settings.NUM_EPOCHS + 1), desc=desc, unit='epoch',
-                  disable=not progress, leave=False)
+                  disable=None if progress else True, leave=False)
     epoch = 0
     for epoch in epochs:
         model.train()
         batches = _epoch_batches(len(x_train), settings.BATCH_SIZE, generator)
         running = torch.zeros((), device=device)
         seen = 0
-        for idx in tqdm(batches, desc=f"epoch {epoch}", unit='batch', disable=not progress,
+        for idx in tqdm(batches, desc=f"epoch {epoch}", unit='batch', disable=None if progress else True,
                         leave=False, mininterval=0.5):
             if stop_flag is not None and stop_flag():
                 raise Interrupted()

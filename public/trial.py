@@ -50,13 +50,17 @@ def choose_device(name):
 def prepare_data(settings, progress=True):
     """Load (parse once / from cache) the training and test folders, split by subject."""
     device = choose_device(settings.DEVICE)
+    if settings.NUM_THREADS:
+        torch.set_num_threads(settings.NUM_THREADS)
     train = load_folder(settings.DATA_DIR, settings.INPUT_SIZE, settings.CACHE_DIR,
                         settings.SKIP_BAD_FILES, progress=progress)
     y = train.labels(settings.POSITIVE_LABELS)
     train_idx, val_idx = split_by_subject(train.subjects, y, settings.VAL_FRACTION, settings.SEED)
-    x = torch.from_numpy(np.asarray(train.x))
-    trial = TrialData(x_train=x[train_idx].to(device), y_train=torch.from_numpy(y[train_idx]).to(device),
-                      x_val=x[val_idx].to(device), y_val=torch.from_numpy(y[val_idx]).to(device))
+    x = train.x           # may be a read-only memory map of the cache; indexing copies
+    trial = TrialData(x_train=torch.from_numpy(x[train_idx]).to(device),
+                      y_train=torch.from_numpy(y[train_idx]).to(device),
+                      x_val=torch.from_numpy(x[val_idx]).to(device),
+                      y_val=torch.from_numpy(y[val_idx]).to(device))
     lines = [f"train folder {settings.DATA_DIR}: {len(train)} segments "
              f"({'from cache' if train.from_cache else 'parsed'}), "
              f"{len(np.unique(train.subjects[train_idx]))} subjects train / "
@@ -72,7 +76,7 @@ def prepare_data(settings, progress=True):
         if test.x.shape[1] != x.shape[1]:
             raise RuntimeError(f"{settings.TEST_DIR}: segments have {test.x.shape[1]} leads, "
                                f"the training folder's have {x.shape[1]}")
-        x_test, y_test = torch.from_numpy(np.asarray(test.x)), test.labels(settings.POSITIVE_LABELS)
+        x_test, y_test = torch.from_numpy(np.array(test.x)), test.labels(settings.POSITIVE_LABELS)
         lines.append(f"test folder {settings.TEST_DIR}: {len(test)} segments, "
                      f"{len(np.unique(test.subjects))} subjects, AF {y_test.mean():.0%}"
                      + (f"; skipped {len(test.skipped)} bad file(s)" if test.skipped else ''))

@@ -1,0 +1,240 @@
+"""Stage two: scale the chosen architecture's widths until metric and size targets both meet.
+
+    plan = plan_candidates(settings, input_size, in_channels)   # exact ONNX sizes, untrained
+    run_stage_two(settings, data, interrupts)
+
+A model's ONNX size depends only on its architecture, so each candidate (channel factor,
+FC factor) is exported untrained to learn its exact size before any training. Candidates
+over SIZE_TARGET_KB are recorded as 'over-size' and never trained; the others are trained
+smallest first with the stage-one trial procedure, so the first that meets METRIC_TARGET is
+the smallest model that meets both. Every candidate's files live in temp/c<C>-f<F>/; the
+winner is copied atomically to <FINAL_RESULT_DIR>/<xx>-<yy>/.
+"""
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+from public.config import SettingsError, settings_dict
+from public.export import export_onnx, size_kb
+from public.results import STAGE2_COLUMNS, ResultsTable, replace_folder, write_result_files
+from public.search import _TRIAL_SETTINGS, best_rank
+from public.test import METRIC_NAMES, score_digits
+from public.trial import STATUS_FAILED, STATUS_OK, run_trial
+
+STAGE2_CSV = 'stage2_results.csv'
+STATUS_OVER_SIZE = 'over-size'
+
+
+@dataclass
+class Candidate:
+    channel_scale: int
+    fc_scale: int
+    config: dict
+    predicted_bytes: int
+
+    @property
+    def name(self):
+        return f"c{self.channel_scale}-f{self.fc_scale}"
+
+
+class SizeBudget:
+    """The feasibility question: does an ONNX file of this many bytes fit SIZE_TARGET_KB?"""
+
+    def __init__(self, size_target_kb):
+        self.limit_bytes = int(size_target_kb * 1024)
+
+    def fits(self, size_bytes):
+        return size_bytes <= self.limit_bytes
+
+
+def _ss_model():
+    import public.ss_model as ss_model
+    for attr in ('generate_config', 'AFNet'):
+        if not hasattr(ss_model, attr):
+            raise SettingsError(f"public/ss_model.py must define {attr}; see its docstring")
+    return ss_model
+
+
+def build_candidate_model(ss_model, config):
+    return ss_model.AFNet(config)
+
+
+def plan_candidates(settings, input_size, in_channels, num_classes=2, probe_dir=None):
+    """Every (channel, fc) pair with its exact ONNX size, smallest first.
+
+    A config that does not build or run is a misconfiguration of public/ss_model.py: it
+    raises SettingsError naming the factors and the cause, before any training."""
+    import torch
+    ss_model = _ss_model()
+    probe_dir = probe_dir or settings.TEMP_DIR
+    os.makedirs(probe_dir, exist_ok=True)
+    probe = os.path.join(probe_dir, 'size-probe.onnx')
+    candidates = []
+    for c in settings.CHANNEL_SCALES:
+        for f in settings.FC_SCALES:
+            try:
+                config = ss_model.generate_config(c, f, input_size, in_channels=in_channels,
+                                                  num_classes=num_classes)
+                model = build_candidate_model(ss_model, config)
+                model.eval()
+                with torch.no_grad():
+                    out = model(torch.zeros(2, in_channels, input_size, 1))
+                if tuple(out.shape) != (2, num_classes):
+                    raise ValueError(f"output shape {tuple(out.shape)}, expected (2, {num_classes})")
+                size = export_onnx(model, probe, in_channels, input_size, settings.ONNX_OPSET)
+            except SettingsError:
+                raise
+            except Exception as exc:
+                raise SettingsError(
+                    f"public/ss_model.py: generate_config({c}, {f}, input_size={input_size}) "
+                    f"does not give a model that builds and runs on input "
+                    f"(N, {in_channels}, {input_size}, 1): {type(exc).__name__}: {exc}") from exc
+            candidates.append(Candidate(c, f, config, size))
+    if os.path.exists(probe):
+        os.remove(probe)
+    return sorted(candidates, key=lambda k: (k.predicted_bytes, k.channel_scale, k.fc_scale))
+
+
+def stage_two_key(settings):
+    values = settings_dict(settings)
+    keyed = {k: values[k] for k in _TRIAL_SETTINGS + ('LEARNING_RATE',)}
+    import public.ss_model as ss_model
+    keyed['ss_model'] = hashlib.sha1(inspect.getsource(ss_model).encode()).hexdigest()
+    blob = json.dumps(keyed, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def _row(candidate, settings, key, result=None, status=None, meets=False):
+    row = dict(candidate=candidate.name, channel_scale=candidate.channel_scale,
+               fc_scale=candidate.fc_scale, predicted_bytes=candidate.predicted_bytes,
+               lr=repr(settings.LEARNING_RATE), seed=settings.SEED, settings_key=key,
+               select_on=settings.SELECT_ON, finished_at=time.strftime('%Y-%m-%dT%H:%M:%S'),
+               status=status or result.status, meets_metric=meets)
+    if result is not None:
+        selected = result.selected(settings.SELECT_ON)
+        xx, yy = score_digits(selected) if selected else ('', '')
+        row.update(stop_reason=result.stop_reason, epochs=result.epochs,
+                   best_epoch=result.best_epoch, xx=xx, yy=yy,
+                   onnx_kb=size_kb(result.onnx_bytes) if result.onnx_bytes else '',
+                   onnx_bytes=result.onnx_bytes or '', latency_ms=result.latency_ms,
+                   params=result.params, wall_s=result.wall_s,
+                   error=result.error.splitlines()[0] if result.error else '')
+        for split, metrics in (('val', result.val_metrics), ('test', result.test_metrics)):
+            for m in METRIC_NAMES:
+                row[f"{split}_{m}"] = metrics.get(m, '') if metrics else ''
+    return row
+
+
+def _meets_metric(row, settings):
+    return row['status'] == STATUS_OK and row['yy'] != '' and int(row['yy']) >= settings.METRIC_TARGET
+
+
+def _publish(settings, candidate_dir, row, met, log):
+    """Copy a candidate's folder to <FINAL_RESULT_DIR>/<xx>-<yy>/ atomically."""
+    name = f"{row['xx']}-{row['yy']}"
+
+    def build(folder):
+        for f in os.listdir(candidate_dir):
+            shutil.copy2(os.path.join(candidate_dir, f), os.path.join(folder, f))
+        with open(os.path.join(folder, 'evaluation_metrics.txt'), 'a') as f:
+            f.write(f"\nStage two: {'meets' if met else 'does NOT meet'} both targets "
+                    f"(METRIC_TARGET={settings.METRIC_TARGET}, SIZE_TARGET_KB={settings.SIZE_TARGET_KB})\n")
+        stage_table = os.path.join(settings.TEMP_DIR, STAGE2_CSV)
+        if os.path.exists(stage_table):
+            shutil.copy2(stage_table, os.path.join(folder, STAGE2_CSV))
+    final = replace_folder(settings.FINAL_RESULT_DIR, name, build)
+    log(f"Result: {final}/")
+    return final
+
+
+def run_stage_two(settings, data, interrupts, log=print, progress=True, trainer=run_trial):
+    """The stage-two search; returns (result folder or None, met: bool, rows)."""
+    os.makedirs(settings.TEMP_DIR, exist_ok=True)
+    budget = SizeBudget(settings.SIZE_TARGET_KB)
+    candidates = plan_candidates(settings, data.input_size, data.in_channels, data.num_classes)
+    table = ResultsTable(os.path.join(settings.TEMP_DIR, STAGE2_CSV), STAGE2_COLUMNS)
+    key = stage_two_key(settings)
+    earlier = {r['candidate']: r for r in table.rows()
+               if r['settings_key'] == key and r['status'] != STATUS_FAILED}
+    log(f"Stage two plan: {len(candidates)} candidate(s) at LEARNING_RATE={settings.LEARNING_RATE}; "
+        f"targets: min metric >= {settings.METRIC_TARGET} %, ONNX <= {settings.SIZE_TARGET_KB} KB "
+        f"({budget.limit_bytes} bytes)")
+    for k in candidates:
+        fate = 'train' if budget.fits(k.predicted_bytes) else 'over size budget: never trained'
+        done = ' (finished earlier: not retrained)' if k.name in earlier and fate == 'train' else ''
+        log(f"  {k.name:>8}  channels {k.config.get('channels', '?')}, fc {k.config.get('fc_hidden', '?')}: "
+            f"{k.predicted_bytes} bytes ({size_kb(k.predicted_bytes)} KB)  {fate}{done}")
+    if earlier:
+        log(f"Resuming from {table.path}: {len(earlier)} candidate(s) already recorded")
+    import public.ss_model as ss_model
+    winner = None
+    for k in candidates:
+        if not budget.fits(k.predicted_bytes):
+            if k.name not in earlier:
+                with interrupts.critical():
+                    table.append(_row(k, settings, key, status=STATUS_OVER_SIZE))
+            continue
+        candidate_dir = os.path.join(settings.TEMP_DIR, k.name)
+        if k.name in earlier and os.path.isdir(candidate_dir):
+            row = earlier[k.name]
+            if _meets_metric(row, settings):
+                winner = (candidate_dir, row)
+                log(f"  {k.name}: finished earlier and meets the metric target")
+                break
+            continue
+        result = trainer(lambda: build_candidate_model(ss_model, k.config), settings.LEARNING_RATE,
+                         data, settings, os.path.join(settings.TEMP_DIR, 'stage2-trial.onnx'),
+                         progress=progress, desc=f"{k.name}")
+        if result.status == STATUS_OK and result.onnx_bytes != k.predicted_bytes:
+            log(f"  warning: {k.name}: trained ONNX is {result.onnx_bytes} bytes, predicted "
+                f"{k.predicted_bytes}")
+        row = _row(k, settings, key, result)
+        row['meets_metric'] = _meets_metric(row, settings)
+        with interrupts.critical():
+            if result.status == STATUS_OK:
+                _save_candidate(settings, k, result, candidate_dir)
+            table.append(row)
+        log(f"  {k.name}: {result.status}, {settings.SELECT_ON} {row.get('xx', '')}-{row.get('yy', '')}, "
+            f"{row.get('onnx_kb', '')} KB, {result.wall_s:.1f} s"
+            + (f" ({row['error']})" if result.error else ''))
+        if row['meets_metric']:
+            winner = (candidate_dir, row)
+            break
+    rows = [r for r in table.rows() if r['settings_key'] == key]
+    if winner:
+        log(f"{winner[1]['candidate']} meets both targets: the smallest such model.")
+        return _publish(settings, *winner, True, log), True, rows
+    trained = [r for r in rows if r['status'] == STATUS_OK]
+    if not trained:
+        log("No candidate meets both targets, and none under the size cap trained successfully "
+            f"(SIZE_TARGET_KB={settings.SIZE_TARGET_KB}: raise it or lower CHANNEL_SCALES / FC_SCALES).")
+        return None, False, rows
+    best = max(trained, key=best_rank)
+    log(f"No candidate meets both targets. Best under the size cap: {best['candidate']} with "
+        f"yy={best['yy']} ({int(best['yy']) - settings.METRIC_TARGET:+d} points from METRIC_TARGET="
+        f"{settings.METRIC_TARGET}), {best['onnx_kb']} KB ({float(best['onnx_kb']) - settings.SIZE_TARGET_KB:+.0f} KB "
+        f"from SIZE_TARGET_KB={settings.SIZE_TARGET_KB}).")
+    return _publish(settings, os.path.join(settings.TEMP_DIR, best['candidate']), best, False, log), False, rows
+
+
+def _save_candidate(settings, candidate, result, candidate_dir):
+    other = result.test_metrics if settings.SELECT_ON == 'val' else result.val_metrics
+    name = os.path.basename(candidate_dir)
+
+    def build(folder):
+        write_result_files(folder, name=name, state_dict=result.state_dict,
+                           onnx_path=os.path.join(settings.TEMP_DIR, 'stage2-trial.onnx'),
+                           selected_metrics=result.selected(settings.SELECT_ON),
+                           other_metrics=other, select_on=settings.SELECT_ON,
+                           lr=settings.LEARNING_RATE, model_name='ss_model.AFNet',
+                           onnx_bytes=result.onnx_bytes, settings=settings,
+                           extra_lines=[f"Channel scaling factor: {candidate.channel_scale}",
+                                        f"FC scaling factor: {candidate.fc_scale}"],
+                           info={'channel_scale': candidate.channel_scale,
+                                 'fc_scale': candidate.fc_scale, 'config': candidate.config,
+                                 'latency_ms': result.latency_ms, 'params': result.params})
+    replace_folder(settings.TEMP_DIR, name, build)
