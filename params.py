@@ -48,6 +48,6 @@ CHANNEL_SCALES = (1, 2, 3, 4, 5) # conv channel scaling factors tried
 FC_SCALES = (1, 2, 3, 4, 5)      # hidden FC width scaling factors tried
 METRIC_TARGET = 90               # percent; the minimum of F1/accuracy/precision/recall must reach it
 SIZE_TARGET_KB = 60              # ONNX file size cap in KB (1 KB = 1024 bytes)
-QUANTIZE_INT8 = False            # True: also build an INT8 ONNX (static quantization) and judge size/metrics on it
+QUANTIZE_INT8 = False            # True: also build an INT8 ONNX (onnxruntime static quantization); its size and metrics decide
 TEMP_DIR = 'temp'                # stage-two work in progress
 FINAL_RESULT_DIR = '.'           # the stage-two result folder <xx>-<yy>/ is written here (project root, as the original)

@@ -18,7 +18,7 @@ from public.cli import log, main, threads_note
 def run(settings, interrupts):
     from public.scaling import run_stage_two
     from public.trial import prepare_data
-    log(f"ATML stage two; {threads_note()}")
+    log(f"ATML stage two; {threads_note(settings)}")
     data = prepare_data(settings)
     log(data.summary)
     folder, met, rows = run_stage_two(settings, data, interrupts, log=log)

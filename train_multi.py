@@ -20,7 +20,7 @@ def run(settings, interrupts):
     from public.search import run_stage_one
     from public.trial import prepare_data
     log(f"ATML stage one: {len(model_classes)} model(s): "
-        f"{', '.join(m.__name__ for m in model_classes)}; {threads_note()}")
+        f"{', '.join(m.__name__ for m in model_classes)}; {threads_note(settings)}")
     data = prepare_data(settings)
     log(data.summary)
     summary = run_stage_one(settings, data, model_classes, interrupts, log=log)

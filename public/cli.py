@@ -45,5 +45,8 @@ def main(run, argv=None, name='ATML'):
     return 0
 
 
-def threads_note():
+def threads_note(settings):
+    """Apply NUM_THREADS (0 keeps torch's default) and describe the CPU budget."""
+    if settings.NUM_THREADS:
+        torch.set_num_threads(settings.NUM_THREADS)
     return f"{os.cpu_count()} CPU core(s), torch threads {torch.get_num_threads()}"

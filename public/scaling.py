@@ -18,11 +18,15 @@ import shutil
 import time
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+
 from public.config import SettingsError, settings_dict
-from public.export import export_onnx, size_kb
+from public.export import export_onnx, onnx_predict, size_kb
+from public.quantize import quantize_int8
 from public.results import STAGE2_COLUMNS, ResultsTable, replace_folder, write_result_files
 from public.search import _TRIAL_SETTINGS, best_rank
-from public.test import METRIC_NAMES, score_digits
+from public.test import METRIC_NAMES, binary_metrics, score_digits
 from public.trial import STATUS_FAILED, STATUS_OK, run_trial
 
 STAGE2_CSV = 'stage2_results.csv'
@@ -63,7 +67,8 @@ def build_candidate_model(ss_model, config):
     return ss_model.AFNet(config)
 
 
-def plan_candidates(settings, input_size, in_channels, num_classes=2, probe_dir=None):
+def plan_candidates(settings, input_size, in_channels, num_classes=2, probe_dir=None,
+                    calibration_x=None):
     """Every (channel, fc) pair with its exact ONNX size, smallest first.
 
     A config that does not build or run is a misconfiguration of public/ss_model.py: it
@@ -86,6 +91,11 @@ def plan_candidates(settings, input_size, in_channels, num_classes=2, probe_dir=
                 if tuple(out.shape) != (2, num_classes):
                     raise ValueError(f"output shape {tuple(out.shape)}, expected (2, {num_classes})")
                 size = export_onnx(model, probe, in_channels, input_size, settings.ONNX_OPSET)
+                if settings.QUANTIZE_INT8:
+                    # INT8 files vary by a few bytes with the weights: a prediction, re-checked
+                    # on the trained model.
+                    size = quantize_int8(probe, probe + '.int8', calibration_x)
+                    os.remove(probe + '.int8')
             except SettingsError:
                 raise
             except Exception as exc:
@@ -101,7 +111,7 @@ def plan_candidates(settings, input_size, in_channels, num_classes=2, probe_dir=
 
 def stage_two_key(settings):
     values = settings_dict(settings)
-    keyed = {k: values[k] for k in _TRIAL_SETTINGS + ('LEARNING_RATE',)}
+    keyed = {k: values[k] for k in _TRIAL_SETTINGS + ('LEARNING_RATE', 'QUANTIZE_INT8')}
     import public.ss_model as ss_model
     keyed['ss_model'] = hashlib.sha1(inspect.getsource(ss_model).encode()).hexdigest()
     blob = json.dumps(keyed, sort_keys=True, default=str)
@@ -126,7 +136,34 @@ def _row(candidate, settings, key, result=None, status=None, meets=False):
         for split, metrics in (('val', result.val_metrics), ('test', result.test_metrics)):
             for m in METRIC_NAMES:
                 row[f"{split}_{m}"] = metrics.get(m, '') if metrics else ''
+        int8 = getattr(result, 'int8', None)
+        if int8:
+            # With QUANTIZE_INT8 the INT8 model is the deliverable: its metrics and size decide.
+            xx, yy = score_digits(int8[settings.SELECT_ON])
+            row.update(xx=xx, yy=yy, int8_bytes=int8['bytes'], onnx_kb=size_kb(int8['bytes']),
+                       int8_metrics={'val': int8['val'], 'test': int8['test']})
     return row
+
+
+def _add_int8(result, data, settings):
+    """Quantize the trained candidate's ONNX and measure the INT8 model with onnxruntime."""
+    float_path = os.path.join(settings.TEMP_DIR, 'stage2-trial.onnx')
+    int8_path = os.path.join(settings.TEMP_DIR, 'stage2-trial.int8.onnx')
+    size = quantize_int8(float_path, int8_path, _calibration(data))
+    measured = {'bytes': size}
+    for split, x, y in (('val', data.trial.x_val, data.trial.y_val.cpu().numpy()),
+                        ('test', data.x_test, data.y_test)):
+        measured[split] = (binary_metrics(y, onnx_predict(int8_path, x.cpu().numpy()).argmax(1))
+                           if len(x) else {})
+    result.int8 = measured
+    return result
+
+
+def _calibration(data, count=256):
+    # A seeded sample of training segments fixes the activation ranges.
+    x = data.trial.x_train
+    idx = np.random.default_rng(0).permutation(len(x))[:count]
+    return x[torch.as_tensor(idx)].cpu().numpy()
 
 
 def _meets_metric(row, settings):
@@ -155,7 +192,8 @@ def run_stage_two(settings, data, interrupts, log=print, progress=True, trainer=
     """The stage-two search; returns (result folder or None, met: bool, rows)."""
     os.makedirs(settings.TEMP_DIR, exist_ok=True)
     budget = SizeBudget(settings.SIZE_TARGET_KB)
-    candidates = plan_candidates(settings, data.input_size, data.in_channels, data.num_classes)
+    candidates = plan_candidates(settings, data.input_size, data.in_channels, data.num_classes,
+                                 calibration_x=_calibration(data) if settings.QUANTIZE_INT8 else None)
     table = ResultsTable(os.path.join(settings.TEMP_DIR, STAGE2_CSV), STAGE2_COLUMNS)
     key = stage_two_key(settings)
     earlier = {r['candidate']: r for r in table.rows()
@@ -189,11 +227,17 @@ def run_stage_two(settings, data, interrupts, log=print, progress=True, trainer=
         result = trainer(lambda: build_candidate_model(ss_model, k.config), settings.LEARNING_RATE,
                          data, settings, os.path.join(settings.TEMP_DIR, 'stage2-trial.onnx'),
                          progress=progress, desc=f"{k.name}")
-        if result.status == STATUS_OK and result.onnx_bytes != k.predicted_bytes:
+        if result.status == STATUS_OK and settings.QUANTIZE_INT8:
+            try:
+                _add_int8(result, data, settings)
+            except Exception as exc:
+                result.status, result.error = STATUS_FAILED, f"INT8 quantization failed: {exc}"
+        if result.status == STATUS_OK and not settings.QUANTIZE_INT8 and result.onnx_bytes != k.predicted_bytes:
             log(f"  warning: {k.name}: trained ONNX is {result.onnx_bytes} bytes, predicted "
                 f"{k.predicted_bytes}")
         row = _row(k, settings, key, result)
-        row['meets_metric'] = _meets_metric(row, settings)
+        row['meets_metric'] = _meets_metric(row, settings) and (
+            not settings.QUANTIZE_INT8 or budget.fits(int(row['int8_bytes'])))
         with interrupts.critical():
             if result.status == STATUS_OK:
                 _save_candidate(settings, k, result, candidate_dir)
@@ -236,5 +280,15 @@ def _save_candidate(settings, candidate, result, candidate_dir):
                                         f"FC scaling factor: {candidate.fc_scale}"],
                            info={'channel_scale': candidate.channel_scale,
                                  'fc_scale': candidate.fc_scale, 'config': candidate.config,
-                                 'latency_ms': result.latency_ms, 'params': result.params})
+                                 'latency_ms': result.latency_ms, 'params': result.params,
+                                 'int8': getattr(result, 'int8', None)})
+        if getattr(result, 'int8', None):
+            shutil.copyfile(os.path.join(settings.TEMP_DIR, 'stage2-trial.int8.onnx'),
+                            os.path.join(folder, 'saved.int8.onnx'))
+            with open(os.path.join(folder, 'evaluation_metrics.txt'), 'a') as f:
+                f.write(f"\nINT8 model (saved.int8.onnx, static quantization, QDQ):\n"
+                        f"ONNX file size: {size_kb(result.int8['bytes'])} KB\n"
+                        + '\n'.join(f"{split} split: " + ', '.join(
+                            f"{m} {v:.4f}" for m, v in result.int8[split].items())
+                            for split in ('val', 'test') if result.int8[split]) + '\n')
     replace_folder(settings.TEMP_DIR, name, build)

@@ -102,6 +102,7 @@ class TrialResult:
     error: str = ''
     state_dict: dict = None
     model: torch.nn.Module = None
+    int8: dict = None         # stage two with QUANTIZE_INT8: bytes, val and test metrics
 
     def selected(self, select_on):
         return self.val_metrics if select_on == 'val' else self.test_metrics
