@@ -76,7 +76,7 @@ def bench_parse(folder, repeats, sample):
     original = open(victim).read()
     try:
         with open(victim, 'w') as f:
-            f.write(original.replace('\n', '0\n', 1))
+            f.write("5.0\n" + original.split("\n", 1)[1])
         start = time.perf_counter()
         seg2 = load_folder(folder, 1250, cache, progress=False)
         report("after editing one file: reload (re-parse)", time.perf_counter() - start)

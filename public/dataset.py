@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 FILENAME_PATTERN = re.compile(r'^(?P<subject>S[^-]*)-(?P<rhythm>[^-]*)-(?P<index>[^-]+)\.txt$')
 FILENAME_RULE = "S<subject>-<RHYTHM>-<index>.txt (e.g. S12-AFIB-31.txt, S47--0.txt)"
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3
 _CHUNK = 1000
 
 
@@ -89,12 +89,12 @@ def parse_segment_text(blob, name, input_size):
     return np.asarray(rows, dtype=np.float32)
 
 
-def _read(folder, name):
+def _read(path):
     try:
-        with open(os.path.join(folder, name), 'rb') as f:
+        with open(path, 'rb') as f:
             return f.read()
     except OSError as exc:
-        raise DataError(f"{name}: cannot be read: {exc.strerror or exc}") from None
+        raise DataError(f"{path}: cannot be read: {exc.strerror or exc}") from None
 
 
 def _parse_chunk(folder, names, input_size, skip_bad):
@@ -106,9 +106,9 @@ def _parse_chunk(folder, names, input_size, skip_bad):
     blobs, kept, skipped = [], [], []
     for name in names:
         try:
-            blob = _read(folder, name).strip()
+            blob = _read(os.path.join(folder, name)).strip()
             if not blob:
-                raise DataError(f"{name}: file is empty")
+                raise DataError(f"{os.path.join(folder, name)}: file is empty")
             blobs.append(blob + b'\n')
             kept.append(name)
         except DataError as exc:
@@ -127,7 +127,7 @@ def _parse_chunk(folder, names, input_size, skip_bad):
     arrays, good = [], []
     for name, blob in zip(kept, blobs):
         try:
-            arrays.append(parse_segment_text(blob, name, input_size))
+            arrays.append(parse_segment_text(blob, os.path.join(folder, name), input_size))
             good.append(name)
         except DataError as exc:
             if not skip_bad:
@@ -140,28 +140,38 @@ def _parse_chunk(folder, names, input_size, skip_bad):
     return data, good, skipped
 
 
+def _stat_many(folder, names):
+    # stat() is a syscall per file and releases the GIL: threads overlap them.
+    def chunk_stats(chunk):
+        out = []
+        for name in chunk:
+            st = os.stat(os.path.join(folder, name))
+            out.append((st.st_size, st.st_mtime_ns))
+        return out
+    chunks = [names[i:i + 4096] for i in range(0, len(names), 4096)]
+    with futures.ThreadPoolExecutor(4) as pool:
+        return [s for part in pool.map(chunk_stats, chunks) for s in part]
+
+
 def _listing(folder):
-    """Data files of a folder with (name, size, mtime_ns); hidden files and folders ignored."""
+    """(names, stats) of a folder's data files, names sorted; hidden files and folders
+    ignored. stats are (size, mtime_ns) per name: what the cache key is made of."""
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: data folder does not exist (check DATA_DIR / TEST_DIR "
                         f"in params.py)")
-    entries = []
     with os.scandir(folder) as it:
-        for entry in it:
-            if entry.name.startswith('.') or not entry.is_file():
-                continue
-            st = entry.stat()
-            entries.append((entry.name, st.st_size, st.st_mtime_ns))
-    entries.sort()
-    if not entries:
+        names = sorted(e.name for e in it if not e.name.startswith('.') and e.is_file())
+    if not names:
         raise DataError(f"{folder}: data folder is empty; it must hold .txt segment files "
                         f"named {FILENAME_RULE}")
-    return entries
+    return names, _stat_many(folder, names)
 
 
-def _cache_paths(cache_dir, folder, listing, input_size, skip_bad):
+def _cache_paths(cache_dir, folder, names, stats, input_size, skip_bad):
     folder_key = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:12]
-    content = hashlib.sha1(repr((_CACHE_VERSION, input_size, skip_bad, listing)).encode())
+    content = hashlib.sha1(repr((_CACHE_VERSION, input_size, skip_bad)).encode())
+    content.update('\0'.join(names).encode())
+    content.update(np.asarray(stats, dtype=np.int64).tobytes())
     stem = os.path.join(cache_dir, f"{folder_key}-{content.hexdigest()[:16]}")
     return folder_key, stem + '.npy', stem + '.meta.npz'
 
@@ -171,12 +181,12 @@ def _load_cache(x_path, meta_path):
         meta = np.load(meta_path, allow_pickle=False)
         x = np.load(x_path, mmap_mode='r')
         skipped = list(zip(meta['skipped_names'].tolist(), meta['skipped_reasons'].tolist()))
-        return x, meta['names'], skipped
+        return x, meta['names'], meta['subjects'], meta['rhythms'], skipped
     except (OSError, ValueError, KeyError):
         return None
 
 
-def _save_cache(cache_dir, folder_key, x_path, meta_path, x, names, skipped):
+def _save_cache(cache_dir, folder_key, x_path, meta_path, x, names, subjects, rhythms, skipped):
     os.makedirs(cache_dir, exist_ok=True)
     for old in os.listdir(cache_dir):            # one cache entry per folder: drop stale ones
         if old.startswith(folder_key + '-'):
@@ -187,7 +197,7 @@ def _save_cache(cache_dir, folder_key, x_path, meta_path, x, names, skipped):
     os.replace(tmp, x_path)
     tmp = f"{meta_path}.{os.getpid()}.tmp"
     with open(tmp, 'wb') as f:
-        np.savez(f, names=np.asarray(names, dtype=str),
+        np.savez(f, names=np.asarray(names, dtype=str), subjects=subjects, rhythms=rhythms,
                  skipped_names=np.asarray([s[0] for s in skipped], dtype=str),
                  skipped_reasons=np.asarray([s[1] for s in skipped], dtype=str))
     os.replace(tmp, meta_path)                   # written last: its presence marks a whole entry
@@ -226,9 +236,17 @@ def _parse_folder(folder, names, input_size, skip_bad, workers, progress):
 def load_folder(folder, input_size, cache_dir=None, skip_bad=False, workers=None,
                 progress=True):
     """All segments of a data folder, parsed once and cached (see the module docstring)."""
-    listing = _listing(folder)
+    all_names, stats = _listing(folder)
+    if cache_dir:
+        folder_key, x_path, meta_path = _cache_paths(cache_dir, folder, all_names, stats,
+                                                     input_size, skip_bad)
+        cached = _load_cache(x_path, meta_path)
+        if cached is not None:       # the listing is unchanged, so its names were checked
+            x, names, subjects, rhythms, skipped = cached
+            return Segments(x=x, subjects=subjects, rhythms=rhythms, names=names,
+                            skipped=skipped, from_cache=True)
     names, skipped = [], []
-    for name, _, _ in listing:
+    for name in all_names:
         try:
             parse_filename(name)
             names.append(name)
@@ -237,30 +255,17 @@ def load_folder(folder, input_size, cache_dir=None, skip_bad=False, workers=None
                 raise DataError(f"{os.path.join(folder, name)}: file name does not follow "
                                 f"the pattern {FILENAME_RULE}") from None
             skipped.append((name, str(exc)))
-    cached = None
-    if cache_dir:
-        folder_key, x_path, meta_path = _cache_paths(cache_dir, folder, listing, input_size,
-                                                     skip_bad)
-        cached = _load_cache(x_path, meta_path)
-    if cached is not None:
-        x, kept, parse_skipped = cached
-        from_cache = True
-    else:
-        workers = workers or min(os.cpu_count() or 1, 8)
-        try:
-            x, kept, parse_skipped = _parse_folder(folder, names, input_size, skip_bad,
-                                                   workers, progress)
-        except DataError as exc:
-            raise DataError(f"{folder}/{exc}" if not str(exc).startswith(folder) else str(exc)) from None
-        if cache_dir:
-            _save_cache(cache_dir, folder_key, x_path, meta_path, x, kept, skipped + parse_skipped)
-        from_cache = False
-        parse_skipped = skipped + parse_skipped
-    kept = np.asarray(kept, dtype=str)
+    x, kept, parse_skipped = _parse_folder(folder, names, input_size, skip_bad,
+                                           workers or min(os.cpu_count() or 1, 8), progress)
+    skipped += parse_skipped
     meta = [parse_filename(n) for n in kept]
-    return Segments(x=x, subjects=np.asarray([m[0] for m in meta], dtype=str),
-                    rhythms=np.asarray([m[1] for m in meta], dtype=str), names=kept,
-                    skipped=parse_skipped, from_cache=from_cache)
+    kept = np.asarray(kept, dtype=str)
+    subjects = np.asarray([m[0] for m in meta], dtype=str)
+    rhythms = np.asarray([m[1] for m in meta], dtype=str)
+    if cache_dir:
+        _save_cache(cache_dir, folder_key, x_path, meta_path, x, kept, subjects, rhythms, skipped)
+    return Segments(x=x, subjects=subjects, rhythms=rhythms, names=kept, skipped=skipped,
+                    from_cache=False)
 
 
 def split_by_subject(subjects, labels, val_fraction, seed):
