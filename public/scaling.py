@@ -67,6 +67,21 @@ def build_candidate_model(ss_model, config):
     return ss_model.AFNet(config)
 
 
+def _like_trained(model, seed=0):
+    """Give every parameter and float buffer distinct random values, as training does.
+
+    The ONNX exporter stores identical initializers once: an untrained model's BatchNorm
+    tensors (all ones / all zeros) would share storage and export ~1 % smaller than the
+    same model after training. With distinct values the probe's size is the trained size."""
+    import torch
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            if tensor.is_floating_point():
+                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
+    return model
+
+
 def plan_candidates(settings, input_size, in_channels, num_classes=2, probe_dir=None,
                     calibration_x=None):
     """Every (channel, fc) pair with its exact ONNX size, smallest first.
@@ -90,7 +105,8 @@ def plan_candidates(settings, input_size, in_channels, num_classes=2, probe_dir=
                     out = model(torch.zeros(2, in_channels, input_size, 1))
                 if tuple(out.shape) != (2, num_classes):
                     raise ValueError(f"output shape {tuple(out.shape)}, expected (2, {num_classes})")
-                size = export_onnx(model, probe, in_channels, input_size, settings.ONNX_OPSET)
+                size = export_onnx(_like_trained(model), probe, in_channels, input_size,
+                                   settings.ONNX_OPSET)
                 if settings.QUANTIZE_INT8:
                     # INT8 files vary by a few bytes with the weights: a prediction, re-checked
                     # on the trained model.
