@@ -9,8 +9,13 @@ The defaults run the demo on the synthetic data in ttdata/.
 # ----------------------------------------------------------------------------- data
 DATA_DIR = 'ttdata/train'        # training folder (.txt files S<subject>-<RHYTHM>-<index>.txt); 20 % of its subjects validate
 TEST_DIR = 'ttdata/test'         # test folder, other subjects; '' = no test set (only validation metrics)
-INPUT_SIZE = 1250                # samples per segment (5 s at 250 Hz); every file must have exactly this many
-POSITIVE_LABELS = ('AFIB',)      # rhythms labelled 1 (AF); every other rhythm, empty included, is 0
+DATA_FORMAT = 'auto'             # 'auto' (folder -> 'txt', .csv -> 'csv', .npy/.npz -> 'numpy'), 'txt', 'csv', 'numpy'
+INPUT_SIZE = 1250                # samples per segment (5 s at 250 Hz)
+PAD_TOLERANCE = 0                # segments shorter by at most this many samples are zero-padded (seed 002: 50)
+SHORTER = 'error'                # segments shorter beyond PAD_TOLERANCE: 'error' or 'exclude' (skipped and counted)
+LONGER = 'error'                 # segments longer than INPUT_SIZE: 'error' or 'crop' (first INPUT_SIZE samples)
+POSITIVE_LABELS = ('AFIB',)      # binary task: rhythms labelled 1 (AF); every other rhythm, empty included, is 0
+CLASSES = ()                     # multi-class task: class names/integers in label order, e.g. (0, 1, 2, 3); () = binary
 VAL_FRACTION = 0.2               # fraction of training subjects held out for validation, in (0, 1)
 SKIP_BAD_FILES = False           # False: a bad data file stops the run; True: it is skipped and counted
 CACHE_DIR = '.atml-cache'        # parsed data folders are cached here (invalidated when a folder changes)
@@ -23,6 +28,8 @@ AVOID_FILE_PATH = 'avoid.txt'    # pruned learning rates; candidates within 2*ST
 AVOID_PARAM = 0.80               # a trial whose worst metric (min of F1/acc/precision/recall) is below this prunes its rate
 STAGE1_TARGET = 97               # a model's search ends once yy (int(100*min metric)) reaches this, 0..100
 SELECT_ON = 'val'                # split that drives pruning, best model and stop: 'val' or 'test' (the original)
+SELECT_METRIC = 'min4'           # score that drives them: 'min4' (min of F1/acc/precision/recall, the original), 'f1', 'accuracy', 'auc' (binary), 'abs_sum' (as 1 - abs_sum/2)
+MODELS = ()                      # model names to search, in order; () = every model of public/model.py
 MODEL_SAVE_PATH = 'multi-result' # stage-one results: results.csv, summary.csv and one folder per model
 RESUME = True                    # True: a rerun continues the previous search; False: start fresh (old results archived)
 

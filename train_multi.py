@@ -15,10 +15,24 @@ import pandas as pd
 from public.cli import log, main, threads_note
 
 
-def run(settings, interrupts):
+def selected_models(settings):
+    """MODELS by name (any registered model, seed models included), or public/model.py's."""
     from public.model import model_classes
+    if not settings.MODELS:
+        return model_classes
+    import public.seed_models  # noqa: F401  (registers the seed systems' models)
+    from public.config import SettingsError
+    from public.registry import get_model_class
+    try:
+        return [get_model_class(name) for name in settings.MODELS]
+    except KeyError as exc:
+        raise SettingsError(f"params.py: MODELS={settings.MODELS!r}: {exc.args[0]}") from None
+
+
+def run(settings, interrupts):
     from public.search import run_stage_one
     from public.trial import prepare_data
+    model_classes = selected_models(settings)
     log(f"ATML stage one: {len(model_classes)} model(s): "
         f"{', '.join(m.__name__ for m in model_classes)}; {threads_note(settings)}")
     data = prepare_data(settings)

@@ -39,9 +39,17 @@ def _is_seq(v):
 _RULES = {
     'DATA_DIR': ('a non-empty path string', lambda v: _is_str(v) and v != ''),
     'TEST_DIR': ("a path string ('' for no test set)", _is_str),
+    'DATA_FORMAT': ("one of 'auto', 'txt', 'csv', 'numpy'", lambda v: v in ('auto', 'txt', 'csv', 'numpy')),
     'INPUT_SIZE': ('an int >= 16', lambda v: _is_int(v) and v >= 16),
+    'PAD_TOLERANCE': ('an int >= 0', lambda v: _is_int(v) and v >= 0),
+    'SHORTER': ("one of 'error', 'exclude'", lambda v: v in ('error', 'exclude')),
+    'LONGER': ("one of 'error', 'crop'", lambda v: v in ('error', 'crop')),
     'POSITIVE_LABELS': ('a non-empty list/tuple of rhythm strings',
                         lambda v: _is_seq(v) and len(v) > 0 and all(_is_str(s) for s in v)),
+    'CLASSES': ('a list/tuple of distinct class names (str) or ints: () for binary, else >= 2',
+                lambda v: _is_seq(v) and (len(v) == 0 or len(v) >= 2)
+                and all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in v)
+                and len({str(c) for c in v}) == len(v)),
     'VAL_FRACTION': ('a number in (0, 1)', lambda v: _is_number(v) and 0 < v < 1),
     'SKIP_BAD_FILES': ('True or False', lambda v: isinstance(v, bool)),
     'CACHE_DIR': ('a non-empty path string', lambda v: _is_str(v) and v != ''),
@@ -52,6 +60,10 @@ _RULES = {
     'AVOID_PARAM': ('a number in [0, 1]', lambda v: _is_number(v) and 0 <= v <= 1),
     'STAGE1_TARGET': ('an int in [0, 100]', lambda v: _is_int(v) and 0 <= v <= 100),
     'SELECT_ON': ("one of 'val', 'test'", lambda v: v in ('val', 'test')),
+    'SELECT_METRIC': ("one of 'min4', 'f1', 'accuracy', 'auc', 'abs_sum'",
+                      lambda v: v in ('min4', 'f1', 'accuracy', 'auc', 'abs_sum')),
+    'MODELS': ('a list/tuple of registered model names (() = all of public/model.py)',
+               lambda v: _is_seq(v) and all(_is_str(m) for m in v)),
     'MODEL_SAVE_PATH': ('a non-empty path string', lambda v: _is_str(v) and v != ''),
     'RESUME': ('True or False', lambda v: isinstance(v, bool)),
     'NUM_EPOCHS': ('an int >= 1', lambda v: _is_int(v) and v >= 1),
@@ -97,6 +109,12 @@ def _cross_checks(s, source):
                             f"and LR_MAX={s.LR_MAX!r}")
     if s.SELECT_ON == 'test' and not s.TEST_DIR:
         raise SettingsError(f"{source}: SELECT_ON='test' needs a test set, got TEST_DIR=''")
+    if s.SELECT_METRIC == 'auc' and s.CLASSES and len(s.CLASSES) > 2:
+        raise SettingsError(f"{source}: SELECT_METRIC='auc' is for binary tasks, got "
+                            f"CLASSES={s.CLASSES!r} ({len(s.CLASSES)} classes)")
+    if s.PAD_TOLERANCE >= s.INPUT_SIZE:
+        raise SettingsError(f"{source}: PAD_TOLERANCE must be < INPUT_SIZE, got "
+                            f"PAD_TOLERANCE={s.PAD_TOLERANCE!r} and INPUT_SIZE={s.INPUT_SIZE!r}")
     if len(set(s.CHANNEL_SCALES)) != len(s.CHANNEL_SCALES) or len(set(s.FC_SCALES)) != len(s.FC_SCALES):
         raise SettingsError(f"{source}: CHANNEL_SCALES and FC_SCALES must not repeat a value, got "
                             f"CHANNEL_SCALES={s.CHANNEL_SCALES!r}, FC_SCALES={s.FC_SCALES!r}")
@@ -141,6 +159,8 @@ def validate(values, source='params.py'):
     settings = SimpleNamespace(**{n: values[n] for n in _RULES})
     _cross_checks(settings, source)
     settings.POSITIVE_LABELS = tuple(settings.POSITIVE_LABELS)
+    settings.CLASSES = tuple(settings.CLASSES)
+    settings.MODELS = tuple(settings.MODELS)
     settings.CHANNEL_SCALES = tuple(settings.CHANNEL_SCALES)
     settings.FC_SCALES = tuple(settings.FC_SCALES)
     return settings

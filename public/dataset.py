@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 FILENAME_PATTERN = re.compile(r'^(?P<subject>S[^-]*)-(?P<rhythm>[^-]*)-(?P<index>[^-]+)\.txt$')
 FILENAME_RULE = "S<subject>-<RHYTHM>-<index>.txt (e.g. S12-AFIB-31.txt, S47--0.txt)"
-_CACHE_VERSION = 3
+_CACHE_VERSION = 4
 _CHUNK = 1000
 
 
@@ -35,15 +35,48 @@ class DataError(ValueError):
     """A data file or folder breaks a rule; the message names it, what is wrong and the rule."""
 
 
+@dataclass(frozen=True)
+class LengthPolicy:
+    """What to do with a segment whose length is not INPUT_SIZE (one question: fit())."""
+    input_size: int
+    pad_tolerance: int = 0     # shorter by at most this many samples: zero-padded at the end
+    shorter: str = 'error'     # shorter beyond the tolerance: 'error' or 'exclude' (counted)
+    longer: str = 'error'      # longer: 'error' or 'crop' (keep the first input_size samples)
+
+    def fit(self, array, name):
+        """array (L, C) -> (input_size, C); None when excluded; DataError when forbidden."""
+        length = len(array)
+        if length == self.input_size:
+            return array
+        if length > self.input_size:
+            if self.longer == 'crop':
+                return array[:self.input_size]
+            raise DataError(f"{name}: has {length} samples, but INPUT_SIZE={self.input_size}; "
+                            f"longer segments are an error (LONGER='error'; 'crop' keeps the "
+                            f"first INPUT_SIZE samples)")
+        if self.input_size - length <= self.pad_tolerance:
+            padded = np.zeros((self.input_size,) + array.shape[1:], dtype=np.float32)
+            padded[:length] = array
+            return padded
+        if self.shorter == 'exclude':
+            return None
+        raise DataError(f"{name}: has {length} samples, but INPUT_SIZE={self.input_size}; "
+                        f"every segment must have exactly INPUT_SIZE samples (or at most "
+                        f"PAD_TOLERANCE={self.pad_tolerance} fewer, zero-padded)")
+
+
 @dataclass
 class Segments:
-    """Segments of one folder, in file-name order. x is (N, C, L) float32."""
+    """Segments of one folder or file, in name order. x is (N, C, L) float32. rhythms holds
+    each segment's label text ('' when the source has no labels, see has_labels)."""
     x: np.ndarray
     rhythms: np.ndarray
     subjects: np.ndarray
     names: np.ndarray
-    skipped: list = field(default_factory=list)   # (file name, reason) of skipped bad files
+    skipped: list = field(default_factory=list)   # (name, reason) of skipped bad files
     from_cache: bool = False
+    excluded: list = field(default_factory=list)  # (name, reason) of too-short segments
+    has_labels: bool = True
 
     def labels(self, positive_labels):
         """Binary labels: 1 where the rhythm is one of positive_labels."""
@@ -62,7 +95,9 @@ def parse_filename(name):
 
 
 def parse_segment_text(blob, name, input_size):
-    """Parse one file's bytes precisely: (L, C) float32, or DataError saying what is wrong."""
+    """Parse one file's bytes precisely: (L, C) float32, or DataError saying what is wrong.
+    input_size is an int (exact length required) or a LengthPolicy (may return None:
+    the segment is excluded as too short)."""
     text = blob.decode('utf-8', errors='replace').strip()
     if not text:
         raise DataError(f"{name}: file is empty")
@@ -83,10 +118,8 @@ def parse_segment_text(blob, name, input_size):
         if not all(np.isfinite(values)):
             raise DataError(f"{name}: line {number}: {line.strip()!r} is not a finite number")
         rows.append(values)
-    if len(rows) != input_size:
-        raise DataError(f"{name}: has {len(rows)} samples, but INPUT_SIZE={input_size}; every "
-                        f"segment must have exactly INPUT_SIZE samples")
-    return np.asarray(rows, dtype=np.float32)
+    policy = input_size if isinstance(input_size, LengthPolicy) else LengthPolicy(input_size)
+    return policy.fit(np.asarray(rows, dtype=np.float32), name)
 
 
 def _read(path):
@@ -97,8 +130,9 @@ def _read(path):
         raise DataError(f"{path}: cannot be read: {exc.strerror or exc}") from None
 
 
-def _parse_chunk(folder, names, input_size, skip_bad):
-    """Parse files `names`: (array (n_ok, L, C), kept names, [(name, reason)] skipped).
+def _parse_chunk(folder, names, policy, skip_bad):
+    """Parse files `names`: (array (n_ok, L, C), kept names, skipped, excluded); skipped and
+    excluded are lists of (name, reason).
 
     Fast path: one pandas C-parser call over the joined files, checked line counts. Any
     irregularity (or a non-number) falls back to the precise per-file parser, which names
@@ -115,19 +149,25 @@ def _parse_chunk(folder, names, input_size, skip_bad):
             if not skip_bad:
                 raise
             skipped.append((name, str(exc)))
+    input_size = policy.input_size
     counts = [b.count(b'\n') for b in blobs]
     if kept and all(c == input_size for c in counts):
         try:
             table = pd.read_csv(io.BytesIO(b''.join(blobs)), header=None, sep=r'\s+',
                                 dtype=np.float32, engine='c').to_numpy()
             if table.shape[0] == len(kept) * input_size and np.isfinite(table).all():
-                return table.reshape(len(kept), input_size, table.shape[1]), kept, skipped
+                return table.reshape(len(kept), input_size, table.shape[1]), kept, skipped, []
         except (ValueError, pd.errors.ParserError):
             pass
-    arrays, good = [], []
+    arrays, good, excluded = [], [], []
     for name, blob in zip(kept, blobs):
         try:
-            arrays.append(parse_segment_text(blob, os.path.join(folder, name), input_size))
+            array = parse_segment_text(blob, os.path.join(folder, name), policy)
+            if array is None:
+                excluded.append((name, f"{len(blob.splitlines())} samples < INPUT_SIZE="
+                                       f"{input_size} - PAD_TOLERANCE={policy.pad_tolerance}"))
+                continue
+            arrays.append(array)
             good.append(name)
         except DataError as exc:
             if not skip_bad:
@@ -137,7 +177,7 @@ def _parse_chunk(folder, names, input_size, skip_bad):
         raise DataError(f"{folder}: files have different numbers of leads "
                         f"({sorted({a.shape[1] for a in arrays})}); all must have the same")
     data = np.stack(arrays) if arrays else np.zeros((0, input_size, 1), np.float32)
-    return data, good, skipped
+    return data, good, skipped, excluded
 
 
 def _stat_many(folder, names):
@@ -167,9 +207,9 @@ def _listing(folder):
     return names, _stat_many(folder, names)
 
 
-def _cache_paths(cache_dir, folder, names, stats, input_size, skip_bad):
+def _cache_paths(cache_dir, folder, names, stats, policy, skip_bad):
     folder_key = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:12]
-    content = hashlib.sha1(repr((_CACHE_VERSION, input_size, skip_bad)).encode())
+    content = hashlib.sha1(repr((_CACHE_VERSION, policy, skip_bad)).encode())
     content.update('\0'.join(names).encode())
     content.update(np.asarray(stats, dtype=np.int64).tobytes())
     stem = os.path.join(cache_dir, f"{folder_key}-{content.hexdigest()[:16]}")
@@ -181,12 +221,14 @@ def _load_cache(x_path, meta_path):
         meta = np.load(meta_path, allow_pickle=False)
         x = np.load(x_path, mmap_mode='r')
         skipped = list(zip(meta['skipped_names'].tolist(), meta['skipped_reasons'].tolist()))
-        return x, meta['names'], meta['subjects'], meta['rhythms'], skipped
+        excluded = list(zip(meta['excluded_names'].tolist(), meta['excluded_reasons'].tolist()))
+        return x, meta['names'], meta['subjects'], meta['rhythms'], skipped, excluded
     except (OSError, ValueError, KeyError):
         return None
 
 
-def _save_cache(cache_dir, folder_key, x_path, meta_path, x, names, subjects, rhythms, skipped):
+def _save_cache(cache_dir, folder_key, x_path, meta_path, x, names, subjects, rhythms, skipped,
+                excluded):
     os.makedirs(cache_dir, exist_ok=True)
     for old in os.listdir(cache_dir):            # one cache entry per folder: drop stale ones
         if old.startswith(folder_key + '-'):
@@ -199,11 +241,13 @@ def _save_cache(cache_dir, folder_key, x_path, meta_path, x, names, subjects, rh
     with open(tmp, 'wb') as f:
         np.savez(f, names=np.asarray(names, dtype=str), subjects=subjects, rhythms=rhythms,
                  skipped_names=np.asarray([s[0] for s in skipped], dtype=str),
-                 skipped_reasons=np.asarray([s[1] for s in skipped], dtype=str))
+                 skipped_reasons=np.asarray([s[1] for s in skipped], dtype=str),
+                 excluded_names=np.asarray([s[0] for s in excluded], dtype=str),
+                 excluded_reasons=np.asarray([s[1] for s in excluded], dtype=str))
     os.replace(tmp, meta_path)                   # written last: its presence marks a whole entry
 
 
-def _parse_folder(folder, names, input_size, skip_bad, workers, progress):
+def _parse_folder(folder, names, policy, skip_bad, workers, progress):
     chunks = [names[i:i + _CHUNK] for i in range(0, len(names), _CHUNK)]
     bar = tqdm(total=len(names), desc=f"parse {folder}", unit='file', disable=None if progress else True,
                leave=False)
@@ -211,13 +255,13 @@ def _parse_folder(folder, names, input_size, skip_bad, workers, progress):
     if workers > 1 and len(chunks) > 1:
         context = multiprocessing.get_context('fork' if os.name == 'posix' else 'spawn')
         with futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            jobs = [pool.submit(_parse_chunk, folder, c, input_size, skip_bad) for c in chunks]
+            jobs = [pool.submit(_parse_chunk, folder, c, policy, skip_bad) for c in chunks]
             for job, chunk in zip(jobs, chunks):
                 results.append(job.result())
                 bar.update(len(chunk))
     else:
         for chunk in chunks:
-            results.append(_parse_chunk(folder, chunk, input_size, skip_bad))
+            results.append(_parse_chunk(folder, chunk, policy, skip_bad))
             bar.update(len(chunk))
     bar.close()
     leads = {r[0].shape[2] for r in results if len(r[1])}
@@ -226,25 +270,28 @@ def _parse_folder(folder, names, input_size, skip_bad, workers, progress):
                         f"all must have the same")
     kept = [n for r in results for n in r[1]]
     skipped = [s for r in results for s in r[2]]
+    excluded = [s for r in results for s in r[3]]
     if not kept:
         raise DataError(f"{folder}: no usable segment (all {len(names)} files are bad; "
                         f"first: {skipped[0][1] if skipped else '?'})")
     x = np.concatenate([r[0] for r in results if len(r[1])]).transpose(0, 2, 1)
-    return np.ascontiguousarray(x), kept, skipped
+    return np.ascontiguousarray(x), kept, skipped, excluded
 
 
 def load_folder(folder, input_size, cache_dir=None, skip_bad=False, workers=None,
-                progress=True):
-    """All segments of a data folder, parsed once and cached (see the module docstring)."""
+                progress=True, length_policy=None):
+    """All segments of a data folder, parsed once and cached (see the module docstring).
+    length_policy (a LengthPolicy) allows padding/excluding/cropping; default: exact."""
+    policy = length_policy or LengthPolicy(input_size)
     all_names, stats = _listing(folder)
     if cache_dir:
         folder_key, x_path, meta_path = _cache_paths(cache_dir, folder, all_names, stats,
-                                                     input_size, skip_bad)
+                                                     policy, skip_bad)
         cached = _load_cache(x_path, meta_path)
         if cached is not None:       # the listing is unchanged, so its names were checked
-            x, names, subjects, rhythms, skipped = cached
+            x, names, subjects, rhythms, skipped, excluded = cached
             return Segments(x=x, subjects=subjects, rhythms=rhythms, names=names,
-                            skipped=skipped, from_cache=True)
+                            skipped=skipped, from_cache=True, excluded=excluded)
     names, skipped = [], []
     for name in all_names:
         try:
@@ -255,17 +302,19 @@ def load_folder(folder, input_size, cache_dir=None, skip_bad=False, workers=None
                 raise DataError(f"{os.path.join(folder, name)}: file name does not follow "
                                 f"the pattern {FILENAME_RULE}") from None
             skipped.append((name, str(exc)))
-    x, kept, parse_skipped = _parse_folder(folder, names, input_size, skip_bad,
-                                           workers or min(os.cpu_count() or 1, 8), progress)
+    x, kept, parse_skipped, excluded = _parse_folder(folder, names, policy, skip_bad,
+                                                     workers or min(os.cpu_count() or 1, 8),
+                                                     progress)
     skipped += parse_skipped
     meta = [parse_filename(n) for n in kept]
     kept = np.asarray(kept, dtype=str)
     subjects = np.asarray([m[0] for m in meta], dtype=str)
     rhythms = np.asarray([m[1] for m in meta], dtype=str)
     if cache_dir:
-        _save_cache(cache_dir, folder_key, x_path, meta_path, x, kept, subjects, rhythms, skipped)
+        _save_cache(cache_dir, folder_key, x_path, meta_path, x, kept, subjects, rhythms,
+                    skipped, excluded)
     return Segments(x=x, subjects=subjects, rhythms=rhythms, names=kept, skipped=skipped,
-                    from_cache=False)
+                    from_cache=False, excluded=excluded)
 
 
 def split_by_subject(subjects, labels, val_fraction, seed):
@@ -284,3 +333,54 @@ def split_by_subject(subjects, labels, val_fraction, seed):
                 and len(np.unique(labels[~val_mask])) == len(np.unique(labels))):
             break
     return np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
+
+
+def detect_format(path):
+    """'txt' for a folder, 'csv' for .csv, 'numpy' for .npy/.npz; else DataError."""
+    if os.path.isdir(path):
+        return 'txt'
+    lower = path.lower()
+    if lower.endswith('.csv'):
+        return 'csv'
+    if lower.endswith(('.npy', '.npz')):
+        return 'numpy'
+    if not os.path.exists(path):
+        raise DataError(f"{path}: data path does not exist (check DATA_DIR / TEST_DIR in params.py)")
+    raise DataError(f"{path}: cannot tell the data format: expected a folder of .txt files, a "
+                    f".csv file or a .npy/.npz file (or set DATA_FORMAT)")
+
+
+def length_policy(settings):
+    return LengthPolicy(settings.INPUT_SIZE, settings.PAD_TOLERANCE, settings.SHORTER,
+                        settings.LONGER)
+
+
+def load_data(path, settings, progress=True):
+    """Segments of a data path in any supported format (DATA_FORMAT, or detected)."""
+    fmt = settings.DATA_FORMAT if settings.DATA_FORMAT != 'auto' else detect_format(path)
+    policy = length_policy(settings)
+    if fmt == 'txt':
+        return load_folder(path, settings.INPUT_SIZE, settings.CACHE_DIR, settings.SKIP_BAD_FILES,
+                           progress=progress, length_policy=policy)
+    from public import formats
+    if fmt == 'csv':
+        return formats.load_csv(path, policy, cache_dir=settings.CACHE_DIR)
+    return formats.load_numpy(path, policy)
+
+
+def num_classes(settings):
+    return len(settings.CLASSES) if settings.CLASSES else 2
+
+
+def encode_labels(segments, settings, source):
+    """Integer labels: the index in CLASSES (multi-class) or 1/0 via POSITIVE_LABELS."""
+    if not settings.CLASSES:
+        return segments.labels(settings.POSITIVE_LABELS)
+    index = {str(c): i for i, c in enumerate(settings.CLASSES)}
+    labels = np.empty(len(segments.rhythms), dtype=np.int64)
+    for i, label in enumerate(segments.rhythms):
+        if label not in index:
+            raise DataError(f"{source}: {segments.names[i]} has label {label!r}, which is not "
+                            f"in CLASSES={settings.CLASSES!r}")
+        labels[i] = index[label]
+    return labels

@@ -24,14 +24,15 @@ _TMP_PREFIX = '.tmp-'
 _OLD_PREFIX = '.old-'
 _COMPLETE = '.complete'
 
-_METRIC_COLUMNS = [f"{split}_{m}" for split in ('val', 'test') for m in METRIC_NAMES]
+_METRIC_COLUMNS = [f"{split}_{m}" for split in ('val', 'test')
+                   for m in METRIC_NAMES + ('auc', 'abs_sum')]
 STAGE1_COLUMNS = (['model', 'lr', 'status', 'stop_reason', 'epochs', 'best_epoch']
                   + _METRIC_COLUMNS
-                  + ['select_on', 'xx', 'yy', 'pruned', 'onnx_kb', 'onnx_bytes', 'latency_ms',
+                  + ['select_on', 'select_metric', 'score', 'xx', 'yy', 'pruned', 'onnx_kb', 'onnx_bytes', 'latency_ms',
                      'params', 'wall_s', 'seed', 'settings_key', 'finished_at', 'error'])
 STAGE2_COLUMNS = (['candidate', 'channel_scale', 'fc_scale', 'predicted_bytes', 'status',
                    'stop_reason', 'epochs', 'best_epoch'] + _METRIC_COLUMNS
-                  + ['select_on', 'xx', 'yy', 'meets_metric', 'onnx_kb', 'onnx_bytes',
+                  + ['select_on', 'select_metric', 'score', 'xx', 'yy', 'meets_metric', 'onnx_kb', 'onnx_bytes',
                      'int8_bytes', 'int8_metrics', 'latency_ms', 'params', 'lr', 'wall_s',
                      'seed', 'settings_key', 'finished_at', 'error'])
 
@@ -176,9 +177,9 @@ def _old_name(path):
 
 
 def format_metrics(metrics):
-    return '\n'.join(f"{label}: {metrics[m]:.4f}" for label, m in
-                     (('F1 Score', 'f1'), ('Accuracy', 'accuracy'), ('Precision', 'precision'),
-                      ('Recall', 'recall')))
+    labels = (('F1 Score', 'f1'), ('Accuracy', 'accuracy'), ('Precision', 'precision'),
+              ('Recall', 'recall'), ('ROC AUC', 'auc'), ('Abs-sum', 'abs_sum'))
+    return '\n'.join(f"{label}: {metrics[m]:.4f}" for label, m in labels if m in metrics)
 
 
 def write_result_files(folder, *, name, state_dict, onnx_path, selected_metrics, other_metrics,

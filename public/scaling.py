@@ -26,7 +26,8 @@ from public.export import export_onnx, onnx_predict, size_kb
 from public.quantize import quantize_int8
 from public.results import STAGE2_COLUMNS, ResultsTable, replace_folder, write_result_files
 from public.search import _TRIAL_SETTINGS, best_rank
-from public.test import METRIC_NAMES, binary_metrics, score_digits
+from public.test import (METRIC_NAMES, classification_metrics, percent, score_digits,
+                         selection_score)
 from public.trial import STATUS_FAILED, STATUS_OK, run_trial
 
 STAGE2_CSV = 'stage2_results.csv'
@@ -139,24 +140,27 @@ def _row(candidate, settings, key, result=None, status=None, meets=False):
                fc_scale=candidate.fc_scale, predicted_bytes=candidate.predicted_bytes,
                lr=repr(settings.LEARNING_RATE), seed=settings.SEED, settings_key=key,
                select_on=settings.SELECT_ON, finished_at=time.strftime('%Y-%m-%dT%H:%M:%S'),
-               status=status or result.status, meets_metric=meets)
+               status=status or result.status, meets_metric=meets,
+               select_metric=settings.SELECT_METRIC)
     if result is not None:
         selected = result.selected(settings.SELECT_ON)
         xx, yy = score_digits(selected) if selected else ('', '')
         row.update(stop_reason=result.stop_reason, epochs=result.epochs,
                    best_epoch=result.best_epoch, xx=xx, yy=yy,
+                   score=selection_score(selected, settings.SELECT_METRIC) if selected else '',
                    onnx_kb=size_kb(result.onnx_bytes) if result.onnx_bytes else '',
                    onnx_bytes=result.onnx_bytes or '', latency_ms=result.latency_ms,
                    params=result.params, wall_s=result.wall_s,
                    error=result.error.splitlines()[0] if result.error else '')
         for split, metrics in (('val', result.val_metrics), ('test', result.test_metrics)):
-            for m in METRIC_NAMES:
+            for m in METRIC_NAMES + ('auc', 'abs_sum'):
                 row[f"{split}_{m}"] = metrics.get(m, '') if metrics else ''
         int8 = getattr(result, 'int8', None)
         if int8:
             # With QUANTIZE_INT8 the INT8 model is the deliverable: its metrics and size decide.
             xx, yy = score_digits(int8[settings.SELECT_ON])
             row.update(xx=xx, yy=yy, int8_bytes=int8['bytes'], onnx_kb=size_kb(int8['bytes']),
+                       score=selection_score(int8[settings.SELECT_ON], settings.SELECT_METRIC),
                        int8_metrics={'val': int8['val'], 'test': int8['test']})
     return row
 
@@ -169,8 +173,13 @@ def _add_int8(result, data, settings):
     measured = {'bytes': size}
     for split, x, y in (('val', data.trial.x_val, data.trial.y_val.cpu().numpy()),
                         ('test', data.x_test, data.y_test)):
-        measured[split] = (binary_metrics(y, onnx_predict(int8_path, x.cpu().numpy()).argmax(1))
-                           if len(x) else {})
+        if len(x):
+            logits = onnx_predict(int8_path, x.cpu().numpy())
+            probs = np.exp(logits - logits.max(1, keepdims=True))
+            measured[split] = classification_metrics(y, probs / probs.sum(1, keepdims=True),
+                                                     data.num_classes)
+        else:
+            measured[split] = {}
     result.int8 = measured
     return result
 
@@ -183,7 +192,8 @@ def _calibration(data, count=256):
 
 
 def _meets_metric(row, settings):
-    return row['status'] == STATUS_OK and row['yy'] != '' and int(row['yy']) >= settings.METRIC_TARGET
+    return (row['status'] == STATUS_OK and row['score'] != ''
+            and 100 * float(row['score']) >= settings.METRIC_TARGET - 1e-9)
 
 
 def _publish(settings, candidate_dir, row, met, log):
@@ -275,7 +285,8 @@ def run_stage_two(settings, data, interrupts, log=print, progress=True, trainer=
         return None, False, rows
     best = max(trained, key=best_rank)
     log(f"No candidate meets both targets. Best under the size cap: {best['candidate']} with "
-        f"yy={best['yy']} ({int(best['yy']) - settings.METRIC_TARGET:+d} points from METRIC_TARGET="
+        f"{settings.SELECT_METRIC}={100 * float(best['score']):.1f} "
+        f"({100 * float(best['score']) - settings.METRIC_TARGET:+.1f} points from METRIC_TARGET="
         f"{settings.METRIC_TARGET}), {best['onnx_kb']} KB ({float(best['onnx_kb']) - settings.SIZE_TARGET_KB:+.0f} KB "
         f"from SIZE_TARGET_KB={settings.SIZE_TARGET_KB}).")
     return _publish(settings, os.path.join(settings.TEMP_DIR, best['candidate']), best, False, log), False, rows

@@ -25,7 +25,7 @@ from public.config import settings_dict
 from public.export import size_kb
 from public.results import (STAGE1_COLUMNS, ResultsTable, recover_folders, replace_folder,
                             write_result_files)
-from public.test import METRIC_NAMES, score_digits, worst_metric
+from public.test import METRIC_NAMES, percent, score_digits, selection_score
 from public.trial import STATUS_DIVERGED, STATUS_FAILED, STATUS_OK, run_trial
 
 RESULTS_CSV = 'results.csv'
@@ -34,9 +34,10 @@ _RESULT_FOLDER = re.compile(r'^\d{1,3}-\d{1,3}$')
 _MODEL_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_.]*$')
 
 # Settings whose change makes earlier trials incomparable (they are then not reused).
-_TRIAL_SETTINGS = ('DATA_DIR', 'TEST_DIR', 'INPUT_SIZE', 'POSITIVE_LABELS', 'VAL_FRACTION',
+_TRIAL_SETTINGS = ('DATA_DIR', 'TEST_DIR', 'DATA_FORMAT', 'INPUT_SIZE', 'PAD_TOLERANCE',
+                   'SHORTER', 'LONGER', 'POSITIVE_LABELS', 'CLASSES', 'VAL_FRACTION',
                    'SKIP_BAD_FILES', 'NUM_EPOCHS', 'BATCH_SIZE', 'PATIENCE', 'OVERFIT_GAP',
-                   'WEIGHT_DECAY', 'SEED', 'SELECT_ON', 'ONNX_OPSET')
+                   'WEIGHT_DECAY', 'SEED', 'SELECT_ON', 'SELECT_METRIC', 'ONNX_OPSET')
 
 
 class AvoidFileError(ValueError):
@@ -128,8 +129,14 @@ def lr_key(lr):
 
 
 def best_rank(row):
-    """Sort key of a results row: worst metric first (yy), then best metric (xx)."""
-    return (int(row['yy']), int(row['xx']))
+    """Sort key of a results row: the SELECT_METRIC score, then yy, then xx."""
+    return (float(row['score']), int(row['yy']), int(row['xx']))
+
+
+def score_of(result, settings):
+    """The selection score of a trial on the SELECT_ON split (0 when it has no metrics)."""
+    selected = result.selected(settings.SELECT_ON)
+    return selection_score(selected, settings.SELECT_METRIC) if selected else 0.0
 
 
 def result_folders(model_dir):
@@ -157,14 +164,15 @@ def _row(model_name, lr, result, settings, key, pruned):
     xx, yy = score_digits(selected) if selected else ('', '')
     row = dict(model=model_name, lr=lr_key(lr) if lr is not None else '', status=result.status,
                stop_reason=result.stop_reason, epochs=result.epochs, best_epoch=result.best_epoch,
-               select_on=settings.SELECT_ON, xx=xx, yy=yy, pruned=pruned,
+               select_on=settings.SELECT_ON, select_metric=settings.SELECT_METRIC,
+               score=score_of(result, settings) if selected else '', xx=xx, yy=yy, pruned=pruned,
                onnx_kb=size_kb(result.onnx_bytes) if result.onnx_bytes else '',
                onnx_bytes=result.onnx_bytes or '', latency_ms=result.latency_ms,
                params=result.params, wall_s=result.wall_s, seed=settings.SEED,
                settings_key=key, finished_at=time.strftime('%Y-%m-%dT%H:%M:%S'),
                error=result.error.splitlines()[0] if result.error else '')
     for split, metrics in (('val', result.val_metrics), ('test', result.test_metrics)):
-        for m in METRIC_NAMES:
+        for m in METRIC_NAMES + ('auc', 'abs_sum'):
             row[f"{split}_{m}"] = metrics.get(m, '') if metrics else ''
     return row
 
@@ -224,8 +232,8 @@ def run_stage_one(settings, data, models, interrupts, log=print, progress=True):
         for action in recover_folders(model_dir):
             log(f"  {name}: {action}")
         done = [r for r in finished.values() if r['model'] == name and r['status'] == STATUS_OK]
-        if any(int(r['yy']) >= settings.STAGE1_TARGET for r in done):
-            log(f"{name}: target yy >= {settings.STAGE1_TARGET} already reached; skipped")
+        if any(percent(float(r['score'])) >= settings.STAGE1_TARGET for r in done):
+            log(f"{name}: STAGE1_TARGET={settings.STAGE1_TARGET} already reached; skipped")
             continue
         log(f"{name}: searching {len(candidates)} learning rate(s)")
         for lr in candidates:
@@ -243,16 +251,15 @@ def run_stage_one(settings, data, models, interrupts, log=print, progress=True):
                                lr, data, settings,
                                os.path.join(settings.TEMP_DIR, 'stage1-trial.onnx'),
                                progress=progress, desc=f"{name} lr={lr_key(lr)}")
-            selected = result.selected(settings.SELECT_ON)
-            worst = worst_metric(selected) if selected else 0.0
+            score = score_of(result, settings)
             pruned = result.status == STATUS_DIVERGED or (
-                result.status == STATUS_OK and worst < settings.AVOID_PARAM)
+                result.status == STATUS_OK and score < settings.AVOID_PARAM)
             row = _row(name, lr, result, settings, key, pruned)
             with interrupts.critical():
                 table.append(row)
                 if pruned:
                     why = ('diverged' if result.status == STATUS_DIVERGED else
-                           f"worst {settings.SELECT_ON} metric {worst:.3f} < AVOID_PARAM {settings.AVOID_PARAM}")
+                           f"{settings.SELECT_METRIC} on {settings.SELECT_ON} {score:.3f} < AVOID_PARAM {settings.AVOID_PARAM}")
                     avoid.add(lr, name, why)
                 if result.status == STATUS_FAILED:
                     _write_error(settings, name, result)
@@ -270,8 +277,9 @@ def run_stage_one(settings, data, models, interrupts, log=print, progress=True):
                               and r['status'] == STATUS_OK and r is not row]
                     if all(best_rank(row) > best_rank(r) for r in rivals):
                         _save_best(settings, name, lr, result, log)
-            if result.status == STATUS_OK and row['yy'] >= settings.STAGE1_TARGET:
-                log(f"  {name}: yy={row['yy']} >= STAGE1_TARGET={settings.STAGE1_TARGET}; next model")
+            if result.status == STATUS_OK and percent(score) >= settings.STAGE1_TARGET:
+                log(f"  {name}: {settings.SELECT_METRIC} {percent(score)} >= STAGE1_TARGET="
+                    f"{settings.STAGE1_TARGET}; next model")
                 break
     summary = summarize(settings, table, key, [m.__name__ for m in models])
     summary.to_csv(os.path.join(settings.MODEL_SAVE_PATH, SUMMARY_CSV), index=False)
@@ -290,6 +298,7 @@ def summarize(settings, table, key, model_names):
         if ok:
             best = max(ok, key=best_rank)     # max keeps the first of equals
             entry.update(best_lr=best['lr'], result=f"{best['xx']}-{best['yy']}",
+                         score=round(float(best['score']), 4),
                          **{f"val_{m}": round(float(best[f'val_{m}']), 4) for m in METRIC_NAMES},
                          **({f"test_{m}": round(float(best[f'test_{m}']), 4) for m in METRIC_NAMES}
                             if best['test_f1'] != '' else {}),

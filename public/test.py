@@ -1,14 +1,21 @@
-"""Evaluation: predictions in batches, the four metrics, and the original's xx/yy digits.
+"""Evaluation: predictions in batches, the metrics, and the original's xx/yy digits.
 
-    probs = predict_proba(model, x, device)          # (N, classes) softmax
-    metrics = binary_metrics(y, probs.argmax(1))     # f1, accuracy, precision, recall
-    xx, yy = score_digits(metrics)                   # int(100*max), int(100*min)
+    probs = predict_proba(model, x, device)                 # (N, classes) softmax
+    metrics = classification_metrics(y, probs, classes)    # f1, accuracy, precision, recall,
+                                                            # abs_sum, auc (binary)
+    xx, yy = score_digits(metrics)                          # int(100*max), int(100*min)
+    score = selection_score(metrics, 'min4')                # what SELECT_METRIC decides on
+
+Binary tasks measure F1/precision/recall of class 1 (AF); multi-class tasks their macro
+averages. abs_sum is seed 003's metric: the mean over samples of sum_i |p_i - y_i|
+(one-hot y), lower is better; ROC AUC is reported for binary tasks.
 """
 import math
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+from sklearn.metrics import (accuracy_score, f1_score, precision_score, recall_score,
+                             roc_auc_score)
 from tqdm import tqdm
 
 METRIC_NAMES = ('f1', 'accuracy', 'precision', 'recall')
@@ -34,6 +41,53 @@ def binary_metrics(y_true, y_pred):
         'precision': float(precision_score(y_true, y_pred, zero_division=0)),
         'recall': float(recall_score(y_true, y_pred, zero_division=0)),
     }
+
+
+def abs_sum(y_true, probs):
+    """Seed 003's metric: mean over samples of sum_i |p_i - onehot(y)_i| (0 best, 2 worst)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    onehot = np.zeros_like(probs)
+    onehot[np.arange(len(probs)), np.asarray(y_true)] = 1.0
+    return float(np.abs(probs - onehot).sum(axis=1).mean()) if len(probs) else float('nan')
+
+
+def classification_metrics(y_true, probs, num_classes=None):
+    """All metrics of class probabilities probs (N, K) against integer labels y_true."""
+    probs = np.asarray(probs)
+    num_classes = num_classes or probs.shape[1]
+    y_pred = probs.argmax(1)
+    if num_classes == 2:
+        metrics = binary_metrics(y_true, y_pred)
+        both = len(np.unique(y_true)) == 2
+        metrics['auc'] = float(roc_auc_score(y_true, probs[:, 1])) if both else float('nan')
+    else:
+        labels = list(range(num_classes))
+        metrics = {
+            'f1': float(f1_score(y_true, y_pred, labels=labels, average='macro', zero_division=0)),
+            'accuracy': float(accuracy_score(y_true, y_pred)),
+            'precision': float(precision_score(y_true, y_pred, labels=labels, average='macro',
+                                               zero_division=0)),
+            'recall': float(recall_score(y_true, y_pred, labels=labels, average='macro',
+                                         zero_division=0)),
+        }
+    metrics['abs_sum'] = abs_sum(y_true, probs)
+    return metrics
+
+
+def selection_score(metrics, select_metric):
+    """The score in [0, 1] (higher is better) that SELECT_METRIC makes decide: 'min4' is the
+    original's worst of F1/accuracy/precision/recall; 'abs_sum' becomes 1 - abs_sum/2."""
+    if select_metric == 'min4':
+        return worst_metric(metrics)
+    if select_metric == 'abs_sum':
+        return 1.0 - metrics['abs_sum'] / 2.0
+    value = metrics[select_metric]
+    return 0.0 if value != value else value      # an undefined AUC never wins
+
+
+def percent(value):
+    """int(100*value), float-safe: the scale of STAGE1_TARGET and METRIC_TARGET."""
+    return _percent_digits(value)
 
 
 def _percent_digits(value):

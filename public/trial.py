@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from public.dataset import load_folder, split_by_subject
+from public.dataset import (DataError, encode_labels, load_data, num_classes,
+                            split_by_subject)
 from public.export import check_onnx, export_onnx, onnx_latency_ms
-from public.test import binary_metrics, predict_proba, score_digits
+from public.test import classification_metrics, predict_proba, score_digits
 from public.training import (STOP_DIVERGED, Interrupted, TrialData, seed_everything,
                              train_model)
 
@@ -52,9 +53,10 @@ def prepare_data(settings, progress=True):
     device = choose_device(settings.DEVICE)
     if settings.NUM_THREADS:
         torch.set_num_threads(settings.NUM_THREADS)
-    train = load_folder(settings.DATA_DIR, settings.INPUT_SIZE, settings.CACHE_DIR,
-                        settings.SKIP_BAD_FILES, progress=progress)
-    y = train.labels(settings.POSITIVE_LABELS)
+    train = load_data(settings.DATA_DIR, settings, progress=progress)
+    if not train.has_labels:
+        raise DataError(f"{settings.DATA_DIR}: training data has no labels")
+    y = encode_labels(train, settings, settings.DATA_DIR)
     train_idx, val_idx = split_by_subject(train.subjects, y, settings.VAL_FRACTION, settings.SEED)
     x = train.x           # may be a read-only memory map of the cache; indexing copies
     trial = TrialData(x_train=torch.from_numpy(x[train_idx]).to(device),
@@ -65,26 +67,47 @@ def prepare_data(settings, progress=True):
              f"({'from cache' if train.from_cache else 'parsed'}), "
              f"{len(np.unique(train.subjects[train_idx]))} subjects train / "
              f"{len(np.unique(train.subjects[val_idx]))} validate; "
-             f"{len(train_idx)} / {len(val_idx)} segments, AF {y[train_idx].mean():.0%} / {y[val_idx].mean():.0%}"]
-    if train.skipped:
-        lines.append(f"skipped {len(train.skipped)} bad file(s) in {settings.DATA_DIR}, "
-                     f"first: {train.skipped[0][1]}")
+             f"{len(train_idx)} / {len(val_idx)} segments, {x.shape[1]} lead(s), "
+             f"{_class_mix(y[train_idx], settings)} / {_class_mix(y[val_idx], settings)}"]
+    lines += _warnings(train, settings.DATA_DIR)
     x_test, y_test = torch.zeros((0,) + tuple(x.shape[1:])), np.zeros(0, np.int64)
     if settings.TEST_DIR:
-        test = load_folder(settings.TEST_DIR, settings.INPUT_SIZE, settings.CACHE_DIR,
-                           settings.SKIP_BAD_FILES, progress=progress)
+        test = load_data(settings.TEST_DIR, settings, progress=progress)
         if test.x.shape[1] != x.shape[1]:
-            raise RuntimeError(f"{settings.TEST_DIR}: segments have {test.x.shape[1]} leads, "
-                               f"the training folder's have {x.shape[1]}")
-        x_test, y_test = torch.from_numpy(np.array(test.x)), test.labels(settings.POSITIVE_LABELS)
-        lines.append(f"test folder {settings.TEST_DIR}: {len(test)} segments, "
-                     f"{len(np.unique(test.subjects))} subjects, AF {y_test.mean():.0%}"
-                     + (f"; skipped {len(test.skipped)} bad file(s)" if test.skipped else ''))
+            raise DataError(f"{settings.TEST_DIR}: segments have {test.x.shape[1]} leads, "
+                            f"the training data's have {x.shape[1]}")
+        if not test.has_labels:
+            raise DataError(f"{settings.TEST_DIR}: test data has no labels, so it cannot be "
+                            f"evaluated; set TEST_DIR='' and use predict.py for unlabelled data")
+        x_test = torch.from_numpy(np.array(test.x))
+        y_test = encode_labels(test, settings, settings.TEST_DIR)
+        lines.append(f"test data {settings.TEST_DIR}: {len(test)} segments, "
+                     f"{len(np.unique(test.subjects))} subjects, {_class_mix(y_test, settings)}")
+        lines += _warnings(test, settings.TEST_DIR)
     lines.append(f"device: {device}")
     return PreparedData(trial=trial, x_test=x_test, y_test=y_test,
                         onnx_sample=np.asarray(train.x[val_idx[:32]]), in_channels=x.shape[1],
-                        input_size=settings.INPUT_SIZE, num_classes=2, device=device,
-                        summary='\n'.join(lines))
+                        input_size=settings.INPUT_SIZE, num_classes=num_classes(settings),
+                        device=device, summary='\n'.join(lines))
+
+
+def _class_mix(y, settings):
+    if not settings.CLASSES:
+        return f"AF {y.mean():.0%}" if len(y) else 'empty'
+    counts = np.bincount(y, minlength=len(settings.CLASSES))
+    return 'classes ' + ' '.join(f"{c}:{n}" for c, n in zip(settings.CLASSES, counts))
+
+
+def _warnings(segments, source):
+    lines = []
+    if segments.skipped:
+        lines.append(f"warning: skipped {len(segments.skipped)} bad file(s) in {source} "
+                     f"(SKIP_BAD_FILES=True); first: {segments.skipped[0][1]}")
+    if segments.excluded:
+        lines.append(f"warning: excluded {len(segments.excluded)} segment(s) of {source} shorter "
+                     f"than INPUT_SIZE - PAD_TOLERANCE; first: {segments.excluded[0][0]} "
+                     f"({segments.excluded[0][1]})")
+    return lines
 
 
 @dataclass
@@ -132,12 +155,14 @@ def run_trial(build_model, lr, data, settings, onnx_path, stop_flag=None, progre
         result.epochs, result.best_epoch = outcome.epochs, outcome.best_epoch
         result.stop_reason, result.state_dict = outcome.stop_reason, outcome.state_dict
         result.model = model
-        val_pred = predict_proba(model, data.trial.x_val, data.device).argmax(1)
-        result.val_metrics = binary_metrics(data.trial.y_val.cpu().numpy(), val_pred)
+        val_probs = predict_proba(model, data.trial.x_val, data.device)
+        result.val_metrics = classification_metrics(data.trial.y_val.cpu().numpy(), val_probs,
+                                                    data.num_classes)
         if len(data.x_test):
-            test_pred = predict_proba(model, data.x_test, data.device, progress=progress,
-                                      desc='test').argmax(1)
-            result.test_metrics = binary_metrics(data.y_test, test_pred)
+            test_probs = predict_proba(model, data.x_test, data.device, progress=progress,
+                                       desc='test')
+            result.test_metrics = classification_metrics(data.y_test, test_probs,
+                                                         data.num_classes)
         if outcome.stop_reason == STOP_DIVERGED:
             result.status = STATUS_DIVERGED
             result.error = 'loss became NaN/inf'
