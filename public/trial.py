@@ -57,6 +57,14 @@ def prepare_data(settings, progress=True):
     if not train.has_labels:
         raise DataError(f"{settings.DATA_DIR}: training data has no labels")
     y = encode_labels(train, settings, settings.DATA_DIR)
+    missing = sorted(set(range(num_classes(settings))) - set(np.unique(y).tolist()))
+    if missing:
+        found = sorted(set(train.rhythms.tolist()))
+        rule = (f"CLASSES={settings.CLASSES!r}" if settings.CLASSES
+                else f"POSITIVE_LABELS={settings.POSITIVE_LABELS!r} (class 1) vs the rest (class 0)")
+        raise DataError(f"{settings.DATA_DIR}: class(es) {missing} have no training segment "
+                        f"under {rule}; labels found: {found[:20]}. Set POSITIVE_LABELS to the "
+                        f"positive label (e.g. ('1',)) or CLASSES to the labels in order")
     train_idx, val_idx = split_by_subject(train.subjects, y, settings.VAL_FRACTION, settings.SEED)
     x = train.x           # may be a read-only memory map of the cache; indexing copies
     trial = TrialData(x_train=torch.from_numpy(x[train_idx]).to(device),

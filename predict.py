@@ -1,0 +1,167 @@
+"""Predict with an exported ATML model: class probabilities for every segment of a data set.
+
+    python predict.py multi-result/AFNet/97-95/saved.onnx ttdata/test
+    python predict.py saved.onnx testA.csv --out submission.csv --snap
+    python predict.py saved.onnx ecg.npz --batch 256
+
+MODEL is an ONNX file with input [N, C, L, 1] and logits [N, K] (what ATML exports). DATA
+is a folder of .txt segments, a .csv (id, heartbeat_signals[, label]) or a .npy/.npz file
+(see public/dataset.py and public/formats.py); the segment length defaults to the model's
+input length L, and a segment of another length is an error unless --pad-tolerance lets
+a slightly short one be zero-padded. Labels in DATA, if any, are ignored.
+
+The output CSV has one row per segment, `id,label_0,...,label_{K-1}`: the softmax of the
+logits (id = the file name for a folder, the id column of a CSV, the id array or the row
+index of a .npy/.npz). --snap rounds confident probabilities as seed 003 did for the
+abs-sum metric: p < 0.1 -> 0, p > 0.9 -> 1 (rows then no longer sum to exactly 1).
+Errors (a missing model, data that does not fit it) print `error: ...` and exit with 2.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+
+FORMATS = ('auto', 'txt', 'csv', 'numpy')
+SNAP_LOW, SNAP_HIGH = 0.1, 0.9
+
+
+class PredictError(Exception):
+    """A problem with the command line, the model or the data: printed, exit status 2."""
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog='predict.py', description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('model', help='ONNX model file (input [N, C, L, 1], output logits)')
+    parser.add_argument('data', help='data folder of .txt segments, a .csv, or a .npy/.npz')
+    parser.add_argument('--out', default='predictions.csv',
+                        help='output CSV (default: %(default)s)')
+    parser.add_argument('--snap', action='store_true',
+                        help=f'set p < {SNAP_LOW} to 0 and p > {SNAP_HIGH} to 1 (seed 003)')
+    parser.add_argument('--input-size', type=int, default=None,
+                        help="segment length; default: the model's input length")
+    parser.add_argument('--pad-tolerance', type=int, default=0,
+                        help='segments shorter by at most this many samples are zero-padded '
+                             '(default: %(default)s)')
+    parser.add_argument('--format', choices=FORMATS, default='auto',
+                        help='data format (default: %(default)s: from the path)')
+    parser.add_argument('--batch', type=int, default=1024,
+                        help='segments per onnxruntime call (default: %(default)s)')
+    args = parser.parse_args(argv)
+    for name in ('input_size', 'batch'):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.pad_tolerance < 0:
+        parser.error(f"--pad-tolerance must be >= 0, got {args.pad_tolerance}")
+    return args
+
+
+def load_session(path):
+    """(onnxruntime session, input name, in_channels, input length or None if dynamic)."""
+    import onnxruntime as ort
+    if not os.path.isfile(path):
+        raise PredictError(f"{path}: model file does not exist")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+    except Exception as exc:   # onnxruntime raises its own exception types for bad files
+        raise PredictError(f"{path}: cannot be loaded by onnxruntime: {exc}") from None
+    model_input = session.get_inputs()[0]
+    shape = model_input.shape
+    if len(shape) != 4 or (isinstance(shape[3], int) and shape[3] != 1):
+        raise PredictError(f"{path}: model input {model_input.name!r} has shape {shape}; "
+                           f"ATML models take [N, C, L, 1]")
+    channels = shape[1] if isinstance(shape[1], int) else None
+    length = shape[2] if isinstance(shape[2], int) else None
+    return session, model_input.name, channels, length
+
+
+def load_segments(path, fmt, input_size, pad_tolerance):
+    """Segments of the data path (any ATML format), every one fitted to input_size."""
+    from public import formats
+    from public.dataset import LengthPolicy, detect_format, load_folder
+    policy = LengthPolicy(input_size, pad_tolerance)
+    fmt = detect_format(path) if fmt == 'auto' else fmt
+    if fmt == 'txt':
+        return load_folder(path, input_size, progress=False, length_policy=policy)
+    if fmt == 'csv':
+        return formats.load_csv(path, policy)
+    return formats.load_numpy(path, policy)
+
+
+def softmax(logits):
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def snap(probabilities):
+    """Seed 003's post-processing: p < 0.1 -> 0, p > 0.9 -> 1, the rest unchanged."""
+    snapped = probabilities.copy()
+    snapped[snapped < SNAP_LOW] = 0.0
+    snapped[snapped > SNAP_HIGH] = 1.0
+    return snapped
+
+
+def predict(session, input_name, x, batch):
+    """Probabilities (N, K) of segments x (N, C, L), batch by batch."""
+    x = np.asarray(x, dtype=np.float32)
+    logits = [session.run(None, {input_name: x[i:i + batch, :, :, None]})[0]
+              for i in range(0, len(x), batch)]
+    return softmax(np.concatenate(logits).astype(np.float64))
+
+
+def write_csv(path, ids, probabilities):
+    table = pd.DataFrame(probabilities,
+                         columns=[f"label_{k}" for k in range(probabilities.shape[1])])
+    table.insert(0, 'id', ids)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, path)      # a crash never leaves a half-written prediction file
+
+
+def run(args):
+    from public.dataset import DataError
+    session, input_name, channels, length = load_session(args.model)
+    if args.input_size and length and args.input_size != length:
+        raise PredictError(f"{args.model}: the model takes segments of {length} samples, but "
+                           f"--input-size is {args.input_size}")
+    input_size = args.input_size or length
+    if input_size is None:
+        raise PredictError(f"{args.model}: the model's input length is dynamic; give "
+                           f"--input-size")
+    try:
+        segments = load_segments(args.data, args.format, input_size, args.pad_tolerance)
+    except DataError as exc:
+        raise PredictError(str(exc)) from None
+    leads = segments.x.shape[1]
+    if channels is not None and leads != channels:
+        raise PredictError(f"{args.model}: the model takes {channels} lead(s) (input "
+                           f"[N, {channels}, {input_size}, 1]), but {args.data} has {leads}")
+    probabilities = predict(session, input_name, segments.x, args.batch)
+    if args.snap:
+        probabilities = snap(probabilities)
+    write_csv(args.out, segments.names, probabilities)
+    print(f"wrote {len(probabilities)} rows ({probabilities.shape[1]} classes"
+          f"{', snapped' if args.snap else ''}) to {args.out}")
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run(args)
+    except PredictError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

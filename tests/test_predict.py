@@ -1,0 +1,183 @@
+"""Tests of predict.py: probabilities CSV from an exported model over every data format.
+
+The models are untrained seed models exported with public.export.export_onnx, a small
+HeartbeatCNN (1 lead x 205 samples, 4 classes) and an SEResNet1d (8 leads x 5000), and, for
+--snap, a fake whose logits follow the signal's mean, so that its probabilities range from
+confident to undecided. One end-to-end run goes through a subprocess; the other cases call
+predict.main().
+"""
+import importlib
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import predict
+import public
+import public.registry as registry
+from conftest import ROOT
+from public.export import export_onnx
+from test_formats import tianchi_data, write_lead_folder, write_tianchi
+
+
+@pytest.fixture(scope='module')
+def seed_models():
+    """public.seed_models, imported for this module only (registry restored afterwards)."""
+    before = dict(registry._REGISTRY)
+    fresh = 'public.seed_models' not in sys.modules
+    module = importlib.import_module('public.seed_models')
+    yield module
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(before)
+    if fresh:        # a later import must run (and register) again
+        sys.modules.pop('public.seed_models', None)
+        vars(public).pop('seed_models', None)
+
+
+@pytest.fixture(scope='module')
+def heartbeat(seed_models, tmp_path_factory):
+    """A 4-class HeartbeatCNN exported to ONNX, a labelled and an unlabelled Tianchi CSV."""
+    root = tmp_path_factory.mktemp('predict-heartbeat')
+    torch.manual_seed(0)
+    model = seed_models.HeartbeatCNN(input_size=205, in_channels=1, num_classes=4,
+                                     fc_hidden=64).eval()
+    export_onnx(model, str(root / 'model.onnx'), in_channels=1, input_size=205, opset=18)
+    signals, labels = tianchi_data(n=40, seed=3)
+    write_tianchi(root / 'train.csv', signals, labels)
+    test_signals, _ = tianchi_data(n=17, seed=4)
+    write_tianchi(root / 'testA.csv', test_signals, ids=range(100000, 100017))
+    return root, model, test_signals
+
+
+def _run(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / 'predict.py'), *map(str, args)],
+                          cwd=str(cwd), capture_output=True, text=True, timeout=120)
+
+
+def test_predict_csv_end_to_end(heartbeat, tmp_path):
+    root, model, test_signals = heartbeat
+    out = tmp_path / 'predictions.csv'
+    proc = _run(root / 'model.onnx', root / 'testA.csv', '--out', out, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote 17 rows (4 classes) to {out}" in proc.stdout
+    table = pd.read_csv(out)
+    assert list(table.columns) == ['id', 'label_0', 'label_1', 'label_2', 'label_3']
+    assert table['id'].tolist() == list(range(100000, 100017))
+    probabilities = table.iloc[:, 1:].to_numpy()
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-6)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(test_signals)[:, None, :, None])
+    np.testing.assert_allclose(probabilities, torch.softmax(logits, 1).numpy(), atol=1e-4)
+
+
+class MeanLogits(nn.Module):
+    """Logits = mean of the signal x (8, 0, -8, 0): confident for means near +-1, even at 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor([8.0, 0.0, -8.0, 0.0]))
+
+    def forward(self, x):
+        return x.mean(dim=(1, 2, 3))[:, None] * self.weight
+
+
+def test_snap_gives_zero_one_or_middle_values(heartbeat, tmp_path):
+    root, _, _ = heartbeat
+    export_onnx(MeanLogits(), str(tmp_path / 'mean.onnx'), in_channels=1, input_size=205, opset=18)
+    means = np.linspace(-1, 1, 21)
+    signals = (means[:, None] + 0.01 * np.random.default_rng(5).standard_normal((21, 205)))
+    write_tianchi(tmp_path / 'means.csv', signals, labels=np.arange(21) % 4)
+    plain, snapped = tmp_path / 'plain.csv', tmp_path / 'snapped.csv'
+    for out, extra in ((plain, []), (snapped, ['--snap'])):
+        assert predict.main([str(tmp_path / 'mean.onnx'), str(tmp_path / 'means.csv'),
+                             '--out', str(out), *extra]) == 0
+    values = pd.read_csv(snapped).iloc[:, 1:].to_numpy()
+    assert len(values) == 21                                   # labels in the file are ignored
+    assert np.all((values == 0) | (values == 1) | ((values >= 0.1) & (values <= 0.9)))
+    assert (values == 0).any() and (values == 1).any() and ((values > 0) & (values < 1)).any()
+    unsnapped = pd.read_csv(plain).iloc[:, 1:].to_numpy()
+    np.testing.assert_array_equal(values, predict.snap(unsnapped))
+    assert values[0].tolist() == [0, 0, 1, 0] and values[-1].tolist() == [1, 0, 0, 0]
+    np.testing.assert_allclose(unsnapped[10], 0.25, atol=0.02)        # mean 0: undecided
+
+
+@pytest.mark.parametrize('p, snapped', [(0.0, 0.0), (0.0999, 0.0), (0.1, 0.1), (0.5, 0.5),
+                                        (0.9, 0.9), (0.9001, 1.0), (1.0, 1.0)])
+def test_snap_boundaries(p, snapped):
+    assert predict.snap(np.array([[p]]))[0, 0] == snapped
+
+
+def test_predict_numpy_ids_are_indices_or_the_id_array(heartbeat, tmp_path):
+    root, _, test_signals = heartbeat
+    np.save(tmp_path / 'x.npy', test_signals[:5])
+    np.savez(tmp_path / 'x.npz', x=test_signals[:3, None, :], id=np.array(['a', 'b', 'c']))
+    for name, ids in (('x.npy', [0, 1, 2, 3, 4]), ('x.npz', ['a', 'b', 'c'])):
+        out = tmp_path / f'{name}.csv'
+        assert predict.main([str(root / 'model.onnx'), str(tmp_path / name),
+                             '--out', str(out), '--batch', '2']) == 0
+        table = pd.read_csv(out)
+        assert table['id'].tolist() == ids
+        np.testing.assert_allclose(table.iloc[:, 1:].sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_predict_eight_lead_folder_pads_short_segments(seed_models, tmp_path, capsys):
+    torch.manual_seed(0)
+    model = seed_models.SEResNet1d(input_size=5000, in_channels=8, num_classes=2).eval()
+    export_onnx(model, str(tmp_path / 'se.onnx'), in_channels=8, input_size=5000, opset=18)
+    written = write_lead_folder(tmp_path / 'ecg', [5000, 4990, 5000])
+    out = tmp_path / 'ecg.csv'
+    args = [str(tmp_path / 'se.onnx'), str(tmp_path / 'ecg'), '--out', str(out)]
+    assert predict.main(args) == 2                           # 4990 samples: not without padding
+    assert 'has 4990 samples, but INPUT_SIZE=5000' in capsys.readouterr().err
+    assert predict.main(args + ['--pad-tolerance', '50']) == 0
+    table = pd.read_csv(out)
+    assert table['id'].tolist() == sorted(written)           # file names, in name order
+    assert list(table.columns) == ['id', 'label_0', 'label_1']
+    np.testing.assert_allclose(table.iloc[:, 1:].sum(axis=1), 1.0, atol=1e-6)
+
+
+def _error(capsys, *args):
+    assert predict.main([str(a) for a in args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ''
+    return captured.err
+
+
+def test_missing_model_is_an_error(heartbeat, tmp_path, capsys):
+    root, _, _ = heartbeat
+    err = _error(capsys, tmp_path / 'nope.onnx', root / 'testA.csv')
+    assert err.startswith('error: ') and 'nope.onnx: model file does not exist' in err
+
+
+def test_unloadable_model_is_an_error(heartbeat, tmp_path, capsys):
+    root, _, _ = heartbeat
+    (tmp_path / 'junk.onnx').write_bytes(b'not a model')
+    assert 'junk.onnx: cannot be loaded by onnxruntime' in _error(
+        capsys, tmp_path / 'junk.onnx', root / 'testA.csv')
+
+
+def test_leads_that_do_not_match_the_model_are_an_error(heartbeat, tmp_path, capsys):
+    root, _, _ = heartbeat
+    np.savez(tmp_path / 'eight.npz', x=np.zeros((2, 8, 205), dtype=np.float32))
+    err = _error(capsys, root / 'model.onnx', tmp_path / 'eight.npz', '--out', tmp_path / 'o.csv')
+    assert "takes 1 lead(s) (input [N, 1, 205, 1]), but" in err and 'eight.npz has 8' in err
+    assert not (tmp_path / 'o.csv').exists()
+
+
+def test_input_size_that_does_not_match_the_model_is_an_error(heartbeat, capsys):
+    root, _, _ = heartbeat
+    err = _error(capsys, root / 'model.onnx', root / 'testA.csv', '--input-size', 1250)
+    assert 'the model takes segments of 205 samples, but --input-size is 1250' in err
+
+
+def test_data_errors_are_reported_not_raised(heartbeat, tmp_path, capsys):
+    root, _, _ = heartbeat
+    (tmp_path / 'short.csv').write_text('id,heartbeat_signals\n0,"1,2,3"\n')
+    err = _error(capsys, root / 'model.onnx', tmp_path / 'short.csv')
+    assert 'short.csv: row 1 (id 0): has 3 samples, but INPUT_SIZE=205' in err
+    err = _error(capsys, root / 'model.onnx', tmp_path / 'data.bin')
+    assert 'data.bin: data path does not exist' in err
