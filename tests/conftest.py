@@ -1,0 +1,162 @@
+"""Shared fixtures of the ATML test suite: a small real data set, settings and CLI helpers.
+
+Speed matters (the whole suite runs in a few minutes on 2 CPU cores), so:
+- `small_data` copies 8 subjects x 12 segments of ttdata/train and 2 subjects x 8 of
+  ttdata/test once per session (1250 samples each, the demo's real format);
+- `make_settings(...)` gives validated settings with 1 epoch, one learning rate and every
+  output path inside the test's tmp_path;
+- `prepared` is the parsed and split small data set, shared by in-process trials;
+- `TinyNet` is a real, very small model for tests of the search bookkeeping.
+"""
+import collections
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from public.config import load_settings  # noqa: E402
+
+# One torch thread, like params.py's NUM_THREADS default: on a shared 2-core machine more
+# threads make these tiny convnets many times slower, not faster.
+torch.set_num_threads(1)
+
+PARAMS = ROOT / 'params.py'
+INPUT_SIZE = 1250
+
+# Settings that keep a trial to a fraction of a second on the small data set.
+FAST = dict(NUM_EPOCHS=1, LR_MIN=0.003, LR_MAX=0.003, STEP=0.0005, LATENCY_RUNS=2,
+            DEVICE='cpu', NUM_THREADS=1, BATCH_SIZE=32, AVOID_PARAM=0.0, STAGE1_TARGET=100)
+
+
+def write_segment(path, values=None, text=None):
+    """Write one segment file: `values` one per line (rows of several values = leads)."""
+    if text is None:
+        values = np.asarray(values)
+        if values.ndim == 1:
+            text = ''.join(f"{v:.4f}\n" for v in values)
+        else:
+            text = ''.join(' '.join(f"{v:.4f}" for v in row) + '\n' for row in values)
+    Path(path).write_text(text)
+    return Path(path)
+
+
+def _copy_subset(src, dst, subjects, per_rhythm):
+    groups = collections.defaultdict(list)
+    for name in sorted(os.listdir(src)):
+        subject, rhythm, _ = name.split('-')
+        groups[(subject, rhythm)].append(name)
+    chosen = sorted({s for s, _ in groups})[:subjects]
+    dst.mkdir(parents=True)
+    for subject in chosen:
+        for rhythm in ('AFIB', 'N'):
+            for name in groups[(subject, rhythm)][:per_rhythm]:
+                shutil.copy(os.path.join(src, name), dst / name)
+    return dst
+
+
+@pytest.fixture(scope='session')
+def small_data(tmp_path_factory):
+    """8 train subjects x (6 AFIB + 6 N) and 2 test subjects x (4 + 4), from ttdata/."""
+    root = tmp_path_factory.mktemp('small-data')
+    train = _copy_subset(ROOT / 'ttdata' / 'train', root / 'train', subjects=8, per_rhythm=6)
+    test = _copy_subset(ROOT / 'ttdata' / 'test', root / 'test', subjects=2, per_rhythm=4)
+    return SimpleNamespace(root=root, train=train, test=test, cache=root / 'cache')
+
+
+def settings_values(tmp_path, data, **overrides):
+    """{NAME: value} overrides: small data, fast training, every output inside tmp_path."""
+    values = dict(DATA_DIR=str(data.train), TEST_DIR=str(data.test), CACHE_DIR=str(data.cache),
+                  MODEL_SAVE_PATH=str(tmp_path / 'multi-result'), TEMP_DIR=str(tmp_path / 'temp'),
+                  AVOID_FILE_PATH=str(tmp_path / 'avoid.txt'),
+                  FINAL_RESULT_DIR=str(tmp_path / 'final'), **FAST)
+    values.update(overrides)
+    return values
+
+
+@pytest.fixture
+def make_settings(tmp_path, small_data):
+    """make_settings(**overrides) -> validated settings (through load_settings' overrides)."""
+    def make(**overrides):
+        values = settings_values(tmp_path, small_data, **overrides)
+        return load_settings([f"{k}={v!r}" for k, v in values.items()], params_path=str(PARAMS))
+    return make
+
+
+@pytest.fixture(scope='session')
+def prepared(small_data, tmp_path_factory):
+    """The small data set parsed, split by subject and on the CPU (shared, read-only)."""
+    from public.trial import prepare_data
+    out = tmp_path_factory.mktemp('prepared')
+    values = settings_values(out, small_data)
+    settings = load_settings([f"{k}={v!r}" for k, v in values.items()], params_path=str(PARAMS))
+    return prepare_data(settings, progress=False)
+
+
+class TinyNet(nn.Module):
+    """A real but very small classifier (input (N, C, L, 1)) for search bookkeeping tests."""
+
+    def __init__(self, input_size=1250, in_channels=1, num_classes=2):
+        super().__init__()
+        self.conv = nn.Conv1d(in_channels, 4, 9, stride=4)
+        self.bn = nn.BatchNorm1d(4)
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x.squeeze(-1)))).mean(dim=2))
+
+
+class TinyNetB(TinyNet):
+    """A second model name, to check that scoped avoid.txt entries stay with their model."""
+
+
+# ----------------------------------------------------------------------------- CLI helpers
+
+def write_params(folder, **values):
+    """Copy the project's params.py into folder and append `NAME = value` overrides."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = PARAMS.read_text() + '\n# ---- test overrides\n'
+    text += ''.join(f"{k} = {v!r}\n" for k, v in values.items())
+    path = folder / 'params.py'
+    path.write_text(text)
+    return path
+
+
+def run_script(script, cwd, *args, params=None, timeout=240):
+    """Run python <ROOT>/<script> --params <cwd>/params.py ARGS in cwd; CompletedProcess."""
+    params = params or Path(cwd) / 'params.py'
+    return subprocess.run([sys.executable, str(ROOT / script), '--params', str(params), *args],
+                          cwd=str(cwd), capture_output=True, text=True, timeout=timeout,
+                          env=_script_env())
+
+
+def start_script(script, cwd, *args, params=None):
+    """Start the script (for SIGINT tests); stdout+stderr go to cwd/run.log."""
+    params = params or Path(cwd) / 'params.py'
+    log = open(Path(cwd) / 'run.log', 'w')
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), '--params', str(params), *args],
+                            cwd=str(cwd), stdout=log, stderr=subprocess.STDOUT, env=_script_env())
+    proc.log_file = log
+    return proc
+
+
+def _script_env():
+    env = dict(os.environ)
+    env['PYTHONUNBUFFERED'] = '1'
+    env.pop('CUDA_VISIBLE_DEVICES', None)
+    return env
+
+
+def output(proc):
+    return proc.stdout + proc.stderr

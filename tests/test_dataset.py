@@ -1,0 +1,357 @@
+"""Tests of public/dataset.py: the original file format, bad files, the parse cache, the split."""
+import os
+import re
+import time
+
+import numpy as np
+import pytest
+
+from conftest import write_segment
+from public.dataset import (DataError, LengthPolicy, load_folder, parse_filename,
+                            split_by_subject)
+
+L = 16   # synthetic segments are short: the rules do not depend on the length
+
+
+def _values(seed, length=L, leads=1):
+    rng = np.random.default_rng(seed)
+    v = rng.normal(size=(length, leads)).round(4)
+    return v[:, 0] if leads == 1 else v
+
+
+def _folder(tmp_path, names=('S1-AFIB-0.txt', 'S1-N-1.txt', 'S2-AFIB-0.txt', 'S2--3.txt')):
+    folder = tmp_path / 'data'
+    folder.mkdir()
+    for i, name in enumerate(names):
+        write_segment(folder / name, _values(i))
+    return folder
+
+
+@pytest.mark.parametrize('name,subject,rhythm', [
+    ('S12-AFIB-31.txt', 'S12', 'AFIB'),
+    ('S47--0.txt', 'S47', ''),
+    ('S1-N-0.txt', 'S1', 'N'),
+    ('Sabc-SBR-x7.txt', 'Sabc', 'SBR'),
+])
+def test_file_names_of_the_original_format_parse(name, subject, rhythm):
+    assert parse_filename(name) == (subject, rhythm)
+
+
+@pytest.mark.parametrize('name', ['12-AFIB-1.txt', 'S1-AFIB.txt', 'S1-AFIB-1.csv',
+                                  'S1-A-B-1.txt', 'S1-AFIB-.txt', 'notes.txt'])
+def test_bad_file_names_are_rejected_with_the_pattern(name):
+    with pytest.raises(DataError, match=rf"^{name}: file name does not follow the pattern S<subject>"):
+        parse_filename(name)
+
+
+def test_load_folder_reads_values_names_subjects_and_labels(tmp_path):
+    folder = _folder(tmp_path)
+    seg = load_folder(str(folder), L, progress=False)
+    assert seg.x.shape == (4, 1, L) and seg.x.dtype == np.float32
+    assert list(seg.names) == sorted(os.listdir(folder))
+    for i, name in enumerate(seg.names):
+        expected = np.loadtxt(folder / name, dtype=np.float64).astype(np.float32)
+        np.testing.assert_array_equal(seg.x[i, 0], expected)
+    assert list(seg.subjects) == ['S1', 'S1', 'S2', 'S2']
+    assert list(seg.rhythms) == ['AFIB', 'N', '', 'AFIB']
+    assert list(seg.labels(('AFIB',))) == [1, 0, 0, 1]
+    assert list(seg.labels(('AFIB', 'N'))) == [1, 1, 0, 1]
+    assert seg.skipped == [] and not seg.from_cache
+
+
+def test_demo_data_folder_loads_at_1250_samples(small_data):
+    seg = load_folder(str(small_data.train), 1250, progress=False)
+    assert seg.x.shape == (96, 1, 1250)
+    assert len(np.unique(seg.subjects)) == 8
+    assert seg.labels(('AFIB',)).sum() == 48
+    first = sorted(os.listdir(small_data.train))[0]
+    np.testing.assert_array_equal(seg.x[0, 0], np.loadtxt(small_data.train / first).astype(np.float32))
+
+
+def test_several_columns_are_several_leads(tmp_path):
+    folder = tmp_path / 'data'
+    folder.mkdir()
+    for i in range(3):
+        write_segment(folder / f'S{i}-N-0.txt', _values(i, leads=3))
+    seg = load_folder(str(folder), L, progress=False)
+    assert seg.x.shape == (3, 3, L)
+    np.testing.assert_array_equal(seg.x[1], _values(1, leads=3).T.astype(np.float32))
+
+
+@pytest.mark.parametrize('text', [
+    ''.join(f'{v:.4f}\r\n' for v in _values(0)),            # Windows line endings
+    ''.join(f'  {v:.4f}  \n' for v in _values(0)) + '\n\n',   # padding, trailing blank lines
+    ''.join(f'{v:.4f}\n' for v in _values(0)).rstrip('\n'),  # no final newline
+])
+def test_harmless_formatting_variants_are_accepted(tmp_path, text):
+    folder = tmp_path / 'data'
+    folder.mkdir()
+    write_segment(folder / 'S1-N-0.txt', text=text)
+    write_segment(folder / 'S2-N-0.txt', _values(0))
+    seg = load_folder(str(folder), L, progress=False)
+    np.testing.assert_array_equal(seg.x[0], seg.x[1])
+
+
+def _lines(values):
+    return [f'{v:.4f}' for v in values]
+
+
+# Bad files: (file name, content, message) -- the message names the file and what is wrong.
+BAD_FILES = [
+    ('S9-N-0.txt', _lines(_values(9))[:4] + ['abc'] + _lines(_values(9))[5:],
+     r"S9-N-0\.txt: line 5: 'abc' is not a number"),
+    ('S9-N-0.txt', _lines(_values(9))[:2] + ['nan'] + _lines(_values(9))[3:],
+     r"S9-N-0\.txt: line 3: 'nan' is not a finite number"),
+    ('S9-N-0.txt', _lines(_values(9))[:-1],
+     r'S9-N-0\.txt: has 15 samples, but INPUT_SIZE=16'),
+    ('S9-N-0.txt', _lines(_values(9)) + ['1.0'],
+     r'S9-N-0\.txt: has 17 samples, but INPUT_SIZE=16'),
+    ('S9-N-0.txt', [], r'S9-N-0\.txt: file is empty'),
+    ('S9-N-0.txt', ['  ', ''], r'S9-N-0\.txt: file is empty'),
+    ('S9-N-0.txt', _lines(_values(9))[:2] + [''] + _lines(_values(9))[3:],
+     r'S9-N-0\.txt: line 3 is empty'),
+    ('S9-N-0.txt', ['1.0'] + ['1.0 2.0'] + ['1.0'] * 14,
+     r'S9-N-0\.txt: line 2 has 2 values, earlier lines have 1'),
+    ('S9_N_0.txt', _lines(_values(9)), r'S9_N_0\.txt: file name does not follow the pattern'),
+]
+BAD_IDS = ['non-numeric', 'nan', 'short', 'long', 'empty', 'blank', 'blank-line',
+           'ragged-columns', 'bad-name']
+
+
+@pytest.mark.parametrize('name,lines,message', BAD_FILES, ids=BAD_IDS)
+def test_bad_file_is_a_clear_error_naming_file_and_rule(tmp_path, name, lines, message):
+    folder = _folder(tmp_path)
+    (folder / name).write_text('\n'.join(lines) + ('\n' if lines else ''))
+    with pytest.raises(DataError, match=message) as info:
+        load_folder(str(folder), L, progress=False)
+    assert str(folder) in str(info.value)
+
+
+@pytest.mark.parametrize('name,lines,message', BAD_FILES, ids=BAD_IDS)
+def test_bad_file_is_skipped_and_counted_when_asked(tmp_path, name, lines, message):
+    folder = _folder(tmp_path)
+    (folder / name).write_text('\n'.join(lines) + ('\n' if lines else ''))
+    seg = load_folder(str(folder), L, skip_bad=True, progress=False)
+    assert len(seg) == 4 and name not in seg.names
+    assert [s[0] for s in seg.skipped] == [name]
+    assert re.search(message, seg.skipped[0][1])
+
+
+def test_files_with_different_lead_counts_are_an_error(tmp_path):
+    folder = _folder(tmp_path)
+    write_segment(folder / 'S9-N-0.txt', _values(9, leads=2))
+    with pytest.raises(DataError, match=r'different numbers of leads \(\[1, 2\]\)'):
+        load_folder(str(folder), L, progress=False)
+
+
+def test_missing_and_empty_folders_are_named(tmp_path):
+    with pytest.raises(DataError, match=r'nowhere: data folder does not exist'):
+        load_folder(str(tmp_path / 'nowhere'), L, progress=False)
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    (empty / '.hidden').write_text('1\n')
+    (empty / 'sub').mkdir()
+    with pytest.raises(DataError, match=r'empty: data folder is empty'):
+        load_folder(str(empty), L, progress=False)
+
+
+def test_all_files_bad_is_an_error_even_when_skipping(tmp_path):
+    folder = tmp_path / 'data'
+    folder.mkdir()
+    write_segment(folder / 'S1-N-0.txt', text='x\n')
+    write_segment(folder / 'S2-N-0.txt', text='')
+    with pytest.raises(DataError, match=r'no usable segment \(all 2 files are bad'):
+        load_folder(str(folder), L, skip_bad=True, progress=False)
+
+
+# ----------------------------------------------------------------------------- length policy
+
+# (length, pad tolerance, shorter, longer) -> 'same' | 'padded' | 'cropped' | None | error text
+LENGTHS = [
+    (16, 0, 'error', 'error', 'same'),
+    (14, 2, 'error', 'error', 'padded'),                  # the tolerance's edge: padded
+    (13, 2, 'error', 'error', r'has 13 samples, but INPUT_SIZE=16.*PAD_TOLERANCE=2'),
+    (13, 2, 'exclude', 'error', None),                     # just past it: excluded
+    (15, 0, 'exclude', 'error', None),
+    (17, 0, 'error', 'error', r"has 17 samples, but INPUT_SIZE=16; longer segments are an error"),
+    (17, 0, 'error', 'crop', 'cropped'),
+    (40, 5, 'exclude', 'crop', 'cropped'),
+]
+
+
+@pytest.mark.parametrize('length,tolerance,shorter,longer,expected', LENGTHS)
+def test_length_policy(length, tolerance, shorter, longer, expected):
+    policy = LengthPolicy(L, tolerance, shorter, longer)
+    array = (np.arange(length * 2, dtype=np.float32) + 1).reshape(length, 2)
+    if expected not in ('same', 'padded', 'cropped', None):
+        with pytest.raises(DataError, match=rf'^seg\.txt: {expected}'):
+            policy.fit(array, 'seg.txt')
+        return
+    out = policy.fit(array, 'seg.txt')
+    if expected is None:
+        assert out is None
+        return
+    assert out.shape == (L, 2)
+    np.testing.assert_array_equal(out[:min(length, L)], array[:L])
+    assert (out[length:] == 0).all()
+
+
+def test_load_folder_pads_and_excludes_by_policy(tmp_path):
+    folder = _folder(tmp_path)
+    write_segment(folder / 'S5-N-0.txt', _values(5)[:-1])          # 15: padded
+    write_segment(folder / 'S6-N-0.txt', _values(6)[:-3])          # 13: excluded
+    policy = LengthPolicy(L, pad_tolerance=1, shorter='exclude')
+    seg = load_folder(str(folder), L, str(tmp_path / 'cache'), length_policy=policy,
+                      progress=False)
+    assert len(seg) == 5 and 'S6-N-0.txt' not in seg.names
+    assert [e[0] for e in seg.excluded] == ['S6-N-0.txt']
+    row = list(seg.names).index('S5-N-0.txt')
+    assert seg.x[row, 0, -1] == 0 and seg.x[row, 0, -2] == np.float32(_values(5)[-2])
+    again = load_folder(str(folder), L, str(tmp_path / 'cache'), length_policy=policy,
+                        progress=False)
+    assert again.from_cache and [e[0] for e in again.excluded] == ['S6-N-0.txt']
+    with pytest.raises(DataError, match=r'S[56]-N-0\.txt: has 1[35] samples'):
+        load_folder(str(folder), L, str(tmp_path / 'cache'), progress=False)
+
+
+# ----------------------------------------------------------------------------- cache
+
+def test_second_load_comes_from_the_cache(tmp_path):
+    folder, cache = _folder(tmp_path), tmp_path / 'cache'
+    first = load_folder(str(folder), L, str(cache), progress=False)
+    second = load_folder(str(folder), L, str(cache), progress=False)
+    assert not first.from_cache and second.from_cache
+    np.testing.assert_array_equal(first.x, second.x)
+    assert list(first.names) == list(second.names)
+    assert list(first.rhythms) == list(second.rhythms)
+    assert os.listdir(cache)
+
+
+def _edit_same_size(folder, name, new_first):
+    path = folder / name
+    lines = path.read_text().splitlines()
+    assert len(new_first) == len(lines[0])
+    lines[0] = new_first
+    st = os.stat(path)
+    path.write_text('\n'.join(lines) + '\n')
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+    assert os.path.getsize(path) == st.st_size
+
+
+def _edit_other_size(folder, name, new_first):
+    path = folder / name
+    lines = path.read_text().splitlines()
+    lines[0] = new_first
+    path.write_text('\n'.join(lines) + '\n')
+
+
+@pytest.mark.parametrize('change', ['add', 'remove', 'edit-same-size', 'edit-other-size'])
+def test_a_changed_folder_is_reparsed_never_stale(tmp_path, change):
+    folder, cache = _folder(tmp_path), tmp_path / 'cache'
+    load_folder(str(folder), L, str(cache), progress=False)
+    name = 'S1-N-1.txt'
+    old_value = load_folder(str(folder), L, str(cache), progress=False).x[1, 0, 0]
+    if change == 'add':
+        write_segment(folder / 'S3-AFIB-9.txt', _values(99))
+    elif change == 'remove':
+        os.remove(folder / name)
+    elif change == 'edit-same-size':
+        first = (folder / name).read_text().splitlines()[0]
+        new = '9' * len(first) if not first.startswith('-') else '-' + '9' * (len(first) - 1)
+        _edit_same_size(folder, name, new)
+    else:
+        _edit_other_size(folder, name, '12345.5')
+    seg = load_folder(str(folder), L, str(cache), progress=False)
+    assert not seg.from_cache
+    fresh = load_folder(str(folder), L, None, progress=False)      # no cache: the truth
+    assert list(seg.names) == list(fresh.names)
+    np.testing.assert_array_equal(seg.x, fresh.x)
+    if change == 'add':
+        assert len(seg) == 5 and 'S3-AFIB-9.txt' in seg.names
+    elif change == 'remove':
+        assert len(seg) == 3 and name not in seg.names
+    else:
+        assert seg.x[1, 0, 0] != old_value
+    again = load_folder(str(folder), L, str(cache), progress=False)
+    assert again.from_cache
+    np.testing.assert_array_equal(again.x, fresh.x)
+    assert len(os.listdir(cache)) == 2, 'one cache entry (array + meta) per folder'
+
+
+def test_a_corrupt_cache_is_ignored_and_rebuilt(tmp_path):
+    folder, cache = _folder(tmp_path), tmp_path / 'cache'
+    truth = load_folder(str(folder), L, str(cache), progress=False)
+    for f in os.listdir(cache):
+        (cache / f).write_bytes(b'garbage')
+    seg = load_folder(str(folder), L, str(cache), progress=False)
+    assert not seg.from_cache
+    np.testing.assert_array_equal(seg.x, truth.x)
+
+
+def test_cache_is_keyed_by_input_size(tmp_path):
+    folder, cache = _folder(tmp_path), tmp_path / 'cache'
+    load_folder(str(folder), L, str(cache), progress=False)
+    with pytest.raises(DataError, match='has 16 samples, but INPUT_SIZE=8'):
+        load_folder(str(folder), 8, str(cache), progress=False)
+
+
+def test_skipped_files_are_remembered_by_the_cache(tmp_path):
+    folder, cache = _folder(tmp_path), tmp_path / 'cache'
+    write_segment(folder / 'S9-N-0.txt', text='x\n' * L)
+    first = load_folder(str(folder), L, str(cache), skip_bad=True, progress=False)
+    second = load_folder(str(folder), L, str(cache), skip_bad=True, progress=False)
+    assert second.from_cache
+    assert [s[0] for s in first.skipped] == [s[0] for s in second.skipped] == ['S9-N-0.txt']
+    with pytest.raises(DataError, match='S9-N-0.txt'):
+        load_folder(str(folder), L, str(cache), skip_bad=False, progress=False)
+
+
+def test_parallel_parsing_of_many_files_matches_serial(tmp_path):
+    folder = tmp_path / 'many'
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(1203, 8)).round(3)
+    for i, v in enumerate(values):
+        (folder / f'S{i % 7}-{"AFIB" if i % 3 else "N"}-{i}.txt').write_text(
+            ''.join(f'{a:.3f}\n' for a in v))
+    start = time.perf_counter()
+    serial = load_folder(str(folder), 8, workers=1, progress=False)
+    parallel = load_folder(str(folder), 8, workers=2, progress=False)
+    assert time.perf_counter() - start < 60
+    assert len(parallel) == 1203
+    np.testing.assert_array_equal(serial.x, parallel.x)
+    assert list(serial.names) == list(parallel.names)
+    (folder / 'S1-N-1202.txt').write_text('1\n' * 7 + 'oops\n')
+    with pytest.raises(DataError, match=r"S1-N-1202\.txt: line 8: 'oops' is not a number"):
+        load_folder(str(folder), 8, workers=2, progress=False)
+
+
+# ----------------------------------------------------------------------------- split
+
+def test_split_keeps_every_subject_on_one_side(small_data):
+    seg = load_folder(str(small_data.train), 1250, progress=False)
+    y = seg.labels(('AFIB',))
+    train_idx, val_idx = split_by_subject(seg.subjects, y, 0.2, seed=42)
+    assert sorted(np.concatenate([train_idx, val_idx])) == list(range(len(seg)))
+    assert not set(seg.subjects[train_idx]) & set(seg.subjects[val_idx])
+    assert set(y[train_idx]) == set(y[val_idx]) == {0, 1}
+    again = split_by_subject(seg.subjects, y, 0.2, seed=42)
+    np.testing.assert_array_equal(again[1], val_idx)
+
+
+@pytest.mark.parametrize('n_subjects,fraction,n_val', [
+    (10, 0.2, 2), (10, 0.05, 1), (10, 0.99, 9), (2, 0.2, 1), (2, 0.9, 1), (5, 0.5, 2),
+])
+def test_split_validation_subject_count(n_subjects, fraction, n_val):
+    subjects = np.repeat([f'S{i}' for i in range(n_subjects)], 4)
+    labels = np.tile([0, 1, 0, 1], n_subjects)
+    train_idx, val_idx = split_by_subject(subjects, labels, fraction, seed=1)
+    assert len(np.unique(subjects[val_idx])) == n_val
+    assert len(np.unique(subjects[train_idx])) == n_subjects - n_val
+    assert not set(subjects[train_idx]) & set(subjects[val_idx])
+
+
+def test_split_needs_two_subjects():
+    with pytest.raises(DataError, match=r'has 1 subject\(s\); a subject-wise validation split '
+                                        r'needs at least 2'):
+        split_by_subject(np.array(['S1'] * 4), np.array([0, 1, 0, 1]), 0.2, seed=0)

@@ -1,0 +1,186 @@
+"""Tests of public/results.py: the append-only CSV tables and atomically replaced folders."""
+import json
+import os
+
+import pandas as pd
+import pytest
+
+from public.results import ResultsTable, recover_folders, replace_folder
+
+COLUMNS = ['model', 'lr', 'status', 'wall_s', 'error']
+
+
+def _row(i, **kw):
+    return {'model': f'M{i}', 'lr': repr(0.001 * (i + 1)), 'status': 'ok', 'wall_s': 1.5 * i,
+            'error': '', **kw}
+
+
+def test_rows_are_appended_and_pandas_readable(tmp_path):
+    table = ResultsTable(str(tmp_path / 'sub' / 'results.csv'), COLUMNS)
+    assert table.rows() == []
+    for i in range(3):
+        table.append(_row(i))
+    table.append(_row(3, error='ValueError: a, "quoted" message'))
+    frame = pd.read_csv(table.path)
+    assert list(frame.columns) == COLUMNS
+    assert list(frame['model']) == ['M0', 'M1', 'M2', 'M3']
+    assert frame['error'].iloc[3] == 'ValueError: a, "quoted" message'
+    rows = table.rows()
+    assert len(rows) == 4 and rows[1]['lr'] == '0.002' and rows[2]['wall_s'] == '3'
+    assert open(table.path).read().count('model,lr') == 1      # one header
+
+
+def test_unknown_column_is_refused(tmp_path):
+    table = ResultsTable(str(tmp_path / 'r.csv'), COLUMNS)
+    with pytest.raises(KeyError, match=r"unknown column\(s\) \['colour'\]"):
+        table.append(_row(0, colour='red'))
+    assert not os.path.exists(table.path)
+
+
+def test_a_torn_last_line_is_ignored_and_the_next_row_survives(tmp_path):
+    table = ResultsTable(str(tmp_path / 'r.csv'), COLUMNS)
+    table.append(_row(0))
+    table.append(_row(1))
+    with open(table.path, 'a') as f:
+        f.write('M9,0.00')                       # killed mid-write: no newline
+    assert [r['model'] for r in table.rows()] == ['M0', 'M1']
+    table.append(_row(2))
+    assert [r['model'] for r in table.rows()] == ['M0', 'M1', 'M2']
+    frame = pd.read_csv(table.path)
+    assert list(frame.dropna(subset=['status'])['model']) == ['M0', 'M1', 'M2']
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: public/results.py ResultsTable.append never checks "
+                   "the existing file's header: after an upgrade adds columns (e.g. score, "
+                   "select_metric, *_auc, *_abs_sum), new rows are written under the old header, "
+                   "rows() drops them as 'torn', so resume never sees finished trials")
+def test_a_table_with_an_older_header_is_not_silently_corrupted(tmp_path):
+    path = str(tmp_path / 'r.csv')
+    ResultsTable(path, COLUMNS[:-1]).append({k: v for k, v in _row(0).items() if k != 'error'})
+    table = ResultsTable(path, COLUMNS)
+    try:
+        table.append(_row(1))
+    except (KeyError, ValueError) as exc:           # a clear refusal naming the file is fine
+        assert 'r.csv' in str(exc)
+        return
+    assert [r['model'] for r in table.rows()] == ['M0', 'M1']
+    assert pd.read_csv(path).loc[1, 'status'] == 'ok'
+
+
+def test_frame_has_the_declared_columns(tmp_path):
+    table = ResultsTable(str(tmp_path / 'r.csv'), COLUMNS)
+    table.append({'model': 'A', 'status': 'ok'})
+    frame = table.frame()
+    assert list(frame.columns) == COLUMNS and frame.loc[0, 'model'] == 'A'
+
+
+# ----------------------------------------------------------------------------- folders
+
+def _make_result(parent, name, content):
+    folder = parent / name
+    folder.mkdir(parents=True)
+    (folder / 'saved.pth').write_text(content)
+    (folder / 'result.json').write_text(json.dumps({'folder': name}))
+    return folder
+
+
+def _writer(content):
+    def build(folder):
+        with open(os.path.join(folder, 'saved.pth'), 'w') as f:
+            f.write(content)
+        with open(os.path.join(folder, 'result.json'), 'w') as f:
+            json.dump({'folder': 'x'}, f)
+    return build
+
+
+def test_replace_folder_creates_and_replaces_the_same_name(tmp_path):
+    final = replace_folder(str(tmp_path), '90-80', _writer('first'))
+    assert final == str(tmp_path / '90-80')
+    replace_folder(str(tmp_path), '90-80', _writer('second'))
+    assert sorted(os.listdir(tmp_path)) == ['90-80']
+    assert sorted(os.listdir(tmp_path / '90-80')) == ['result.json', 'saved.pth']
+    assert (tmp_path / '90-80' / 'saved.pth').read_text() == 'second'
+
+
+def test_a_new_best_with_another_name_removes_the_previous_best(tmp_path):
+    _make_result(tmp_path, '90-80', 'old')
+    (tmp_path / 'results.csv').write_text('keep me')
+    replace_folder(str(tmp_path), '95-91', _writer('new'), replaces=['90-80'])
+    assert sorted(os.listdir(tmp_path)) == ['95-91', 'results.csv']
+    assert (tmp_path / '95-91' / 'saved.pth').read_text() == 'new'
+
+
+def test_a_build_that_fails_leaves_the_old_folder_intact(tmp_path):
+    _make_result(tmp_path, '90-80', 'old')
+
+    def build(folder):
+        with open(os.path.join(folder, 'saved.pth'), 'w') as f:
+            f.write('half')
+        raise OSError('disk full')
+    with pytest.raises(OSError, match='disk full'):
+        replace_folder(str(tmp_path), '95-91', build, replaces=['90-80'])
+    assert os.listdir(tmp_path) == ['90-80'], 'no .tmp-* or .old-* left behind'
+    assert (tmp_path / '90-80' / 'saved.pth').read_text() == 'old'
+
+
+def test_an_interrupt_during_build_leaves_the_old_folder_intact(tmp_path):
+    _make_result(tmp_path, '90-80', 'old')
+
+    def build(folder):
+        raise KeyboardInterrupt()
+    with pytest.raises(KeyboardInterrupt):
+        replace_folder(str(tmp_path), '90-80', build)
+    assert os.listdir(tmp_path) == ['90-80']
+    assert (tmp_path / '90-80' / 'saved.pth').read_text() == 'old'
+
+
+def _crash_state(tmp_path, new_complete):
+    """What a crash inside replace_folder('95-91', replaces=['90-80']) leaves: the old best
+    moved aside, the new one built under a temporary name (complete or not)."""
+    old = _make_result(tmp_path, '90-80', 'old')
+    os.rename(old, tmp_path / '.old-abcd1234-0')
+    tmp = tmp_path / '.tmp-abcd1234'
+    tmp.mkdir()
+    (tmp / 'saved.pth').write_text('new')
+    if new_complete:
+        (tmp / '.complete').write_text('95-91')
+
+
+def test_recover_promotes_a_complete_new_folder(tmp_path):
+    _crash_state(tmp_path, new_complete=True)
+    actions = recover_folders(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ['95-91']
+    assert os.listdir(tmp_path / '95-91') == ['saved.pth']
+    assert (tmp_path / '95-91' / 'saved.pth').read_text() == 'new'
+    assert any('completed interrupted write of 95-91' in a for a in actions)
+
+
+def test_recover_removes_an_incomplete_new_folder_and_restores_the_old(tmp_path):
+    _crash_state(tmp_path, new_complete=False)
+    actions = recover_folders(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ['90-80']
+    assert (tmp_path / '90-80' / 'saved.pth').read_text() == 'old'
+    assert any('removed incomplete' in a for a in actions)
+    assert any('restored 90-80' in a for a in actions)
+
+
+def test_recover_on_a_clean_or_missing_folder_does_nothing(tmp_path):
+    assert recover_folders(str(tmp_path / 'absent')) == []
+    _make_result(tmp_path, '90-80', 'old')
+    assert recover_folders(str(tmp_path)) == []
+    assert os.listdir(tmp_path) == ['90-80']
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: public/results.py ResultsTable: a row torn inside a "
+                   "quoted field (the `error` column is quoted when it holds a comma) leaves an "
+                   "open quote; rows appended after it are swallowed into that field (lost to "
+                   "resume) and pandas.read_csv fails with 'EOF inside string'")
+def test_a_torn_quoted_field_does_not_swallow_later_rows(tmp_path):
+    table = ResultsTable(str(tmp_path / 'r.csv'), COLUMNS)
+    table.append(_row(0))
+    with open(table.path, 'a') as f:
+        f.write('M9,0.01,failed,2.0,"ValueError: a, b')       # killed inside the quoted error
+    table.append(_row(2))
+    table.append(_row(3))
+    assert [r['model'] for r in table.rows()] == ['M0', 'M2', 'M3']
+    assert list(pd.read_csv(table.path).dropna(subset=['status'])['model'])[-2:] == ['M2', 'M3']
