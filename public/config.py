@@ -201,6 +201,9 @@ def load_settings(argv=(), params_path=None):
     for name in overrides:
         if name not in _RULES:
             raise _unknown(name, 'command line')
+        for alias, canonical in _ALIASES.items():
+            if canonical == name:          # an override replaces the file's misspelt alias too
+                values.pop(alias, None)
     values.update(overrides)
     settings = validate(values, source)
     settings.PARAMS_PATH = os.path.abspath(params_path)

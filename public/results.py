@@ -45,15 +45,22 @@ class ResultsTable:
         self.columns = list(columns)
 
     def rows(self):
-        """Rows written so far; a line torn by a crash mid-write is ignored."""
+        """Rows written so far. Each row is one physical line (cells never hold newlines),
+        parsed on its own, so a line torn by a crash mid-write (even inside a quoted cell)
+        is dropped alone and never swallows the rows after it."""
         if not os.path.exists(self.path):
             return []
         with open(self.path, newline='') as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None:
-                return []
-            return [dict(zip(header, r)) for r in reader if len(r) == len(header)]
+            lines = f.read().splitlines()
+        if not lines:
+            return []
+        header = _parse_line(lines[0])
+        rows = []
+        for line in lines[1:]:
+            cells = _parse_line(line)
+            if cells is not None and len(cells) == len(header):
+                rows.append(dict(zip(header, cells)))
+        return rows
 
     def append(self, row):
         unknown = set(row) - set(self.columns)
@@ -62,27 +69,56 @@ class ResultsTable:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
         if not new:
-            self._end_with_newline()
+            self._drop_torn_tail()
+            self._migrate_header()
         with open(self.path, 'a', newline='') as f:
-            writer = csv.DictWriter(f, self.columns, extrasaction='raise')
+            writer = csv.DictWriter(f, self.columns, extrasaction='raise', lineterminator='\n')
             if new:
                 writer.writeheader()
             writer.writerow({c: _cell(row.get(c, '')) for c in self.columns})
             f.flush()
             os.fsync(f.fileno())
 
-    def _end_with_newline(self):
-        # A kill mid-write can leave a torn last line; start the new row on a fresh line.
+    def _drop_torn_tail(self):
+        # A kill mid-write leaves a last line without its newline: an incomplete row (its
+        # trial is rerun). Cut it off so the next row starts clean.
         with open(self.path, 'rb+') as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b'\n':
-                f.write(b'\n')
+            data = f.read()
+            if data and not data.endswith(b'\n'):
+                f.truncate(data.rfind(b'\n') + 1)
+
+    def _migrate_header(self):
+        # A table written by an older ATML has fewer columns: rewrite it under the current
+        # header (missing cells empty), atomically, so its rows stay readable for resume.
+        with open(self.path, newline='') as f:
+            header = _parse_line(f.readline().rstrip('\r\n'))
+        if header == self.columns:
+            return
+        rows = self.rows()
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, 'w', newline='') as f:
+            writer = csv.DictWriter(f, self.columns, extrasaction='ignore', lineterminator='\n')
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({c: r.get(c, '') for c in self.columns})
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def frame(self):
         return pd.DataFrame(self.rows(), columns=self.columns)
 
 
+def _parse_line(line):
+    try:
+        return next(csv.reader([line], strict=True))
+    except (csv.Error, StopIteration):
+        return None
+
+
 def _cell(value):
+    if isinstance(value, str):
+        return value.replace('\r', ' ').replace('\n', ' ')
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, (dict, list)):

@@ -28,7 +28,8 @@ from public.results import STAGE2_COLUMNS, ResultsTable, replace_folder, write_r
 from public.search import _TRIAL_SETTINGS, best_rank
 from public.test import (METRIC_NAMES, classification_metrics, percent, score_digits,
                          selection_score)
-from public.trial import STATUS_FAILED, STATUS_OK, run_trial
+from public.results import recover_folders
+from public.trial import STATUS_DIVERGED, STATUS_FAILED, STATUS_OK, run_trial
 
 STAGE2_CSV = 'stage2_results.csv'
 STATUS_OVER_SIZE = 'over-size'
@@ -191,6 +192,12 @@ def _calibration(data, count=256):
     return x[torch.as_tensor(idx)].cpu().numpy()
 
 
+def _deliverable_fits(row, budget, settings):
+    """Whether the file that would be delivered (INT8 when quantizing) fits the budget now."""
+    size = row.get('int8_bytes') if settings.QUANTIZE_INT8 else row.get('onnx_bytes')
+    return bool(size) and budget.fits(int(size))
+
+
 def _meets_metric(row, settings):
     return (row['status'] == STATUS_OK and row['score'] != ''
             and 100 * float(row['score']) >= settings.METRIC_TARGET - 1e-9)
@@ -217,6 +224,9 @@ def _publish(settings, candidate_dir, row, met, log):
 def run_stage_two(settings, data, interrupts, log=print, progress=True, trainer=run_trial):
     """The stage-two search; returns (result folder or None, met: bool, rows)."""
     os.makedirs(settings.TEMP_DIR, exist_ok=True)
+    for folder in (settings.TEMP_DIR, settings.FINAL_RESULT_DIR):
+        for action in recover_folders(folder):      # a crash mid-write in an earlier run
+            log(f"  {folder}: {action}")
     budget = SizeBudget(settings.SIZE_TARGET_KB)
     candidates = plan_candidates(settings, data.input_size, data.in_channels, data.num_classes,
                                  calibration_x=_calibration(data) if settings.QUANTIZE_INT8 else None)
@@ -235,20 +245,26 @@ def run_stage_two(settings, data, interrupts, log=print, progress=True, trainer=
     if earlier:
         log(f"Resuming from {table.path}: {len(earlier)} candidate(s) already recorded")
     import public.ss_model as ss_model
+    with interrupts.critical():                     # the plan's verdicts, recorded up front
+        for k in candidates:
+            if (not budget.fits(k.predicted_bytes)
+                    and earlier.get(k.name, {}).get('status') != STATUS_OVER_SIZE):
+                table.append(_row(k, settings, key, status=STATUS_OVER_SIZE))
     winner = None
     for k in candidates:
         if not budget.fits(k.predicted_bytes):
-            if k.name not in earlier:
-                with interrupts.critical():
-                    table.append(_row(k, settings, key, status=STATUS_OVER_SIZE))
             continue
         candidate_dir = os.path.join(settings.TEMP_DIR, k.name)
-        if k.name in earlier and os.path.isdir(candidate_dir):
-            row = earlier[k.name]
-            if _meets_metric(row, settings):
-                winner = (candidate_dir, row)
-                log(f"  {k.name}: finished earlier and meets the metric target")
-                break
+        previous = earlier.get(k.name, {})
+        if previous.get('status') == STATUS_DIVERGED:
+            log(f"  {k.name}: diverged in an earlier run; not retrained")
+            continue
+        if previous.get('status') == STATUS_OK and os.path.isdir(candidate_dir):
+            if _meets_metric(previous, settings):
+                if _deliverable_fits(previous, budget, settings):
+                    winner = (candidate_dir, previous)
+                    log(f"  {k.name}: finished earlier and meets the metric target")
+                    break
             continue
         result = trainer(lambda: build_candidate_model(ss_model, k.config), settings.LEARNING_RATE,
                          data, settings, os.path.join(settings.TEMP_DIR, 'stage2-trial.onnx'),
@@ -278,7 +294,8 @@ def run_stage_two(settings, data, interrupts, log=print, progress=True, trainer=
     if winner:
         log(f"{winner[1]['candidate']} meets both targets: the smallest such model.")
         return _publish(settings, *winner, True, log), True, rows
-    trained = [r for r in rows if r['status'] == STATUS_OK]
+    trained = [r for r in rows if r['status'] == STATUS_OK and _deliverable_fits(r, budget, settings)
+               and os.path.isdir(os.path.join(settings.TEMP_DIR, r['candidate']))]
     if not trained:
         log("No candidate meets both targets, and none under the size cap trained successfully "
             f"(SIZE_TARGET_KB={settings.SIZE_TARGET_KB}: raise it or lower CHANNEL_SCALES / FC_SCALES).")

@@ -99,7 +99,14 @@ class AvoidList:
         return any(m == model and math.isclose(e, lr, rel_tol=1e-9) for e, m, _ in self.entries)
 
     def add(self, lr, model, note=''):
-        """Append a scoped entry (the search's own)."""
+        """Append a scoped entry (the search's own), on a line of its own."""
+        if os.path.exists(self.path) and os.path.getsize(self.path):
+            with open(self.path, 'rb') as f:
+                f.seek(-1, os.SEEK_END)
+                needs_newline = f.read(1) != b'\n'
+            if needs_newline:
+                with open(self.path, 'a') as f:
+                    f.write('\n')
         with open(self.path, 'a') as f:
             f.write(f"{lr!r} {model}" + (f"  # {note}" if note else '') + '\n')
             f.flush()
@@ -151,6 +158,10 @@ def _archive(settings, log):
     stamp = time.strftime('%Y%m%d-%H%M%S')
     root = settings.MODEL_SAVE_PATH.rstrip('/\\')
     archive = f"{root}-archive-{stamp}"
+    count = 1
+    while os.path.exists(archive):         # two fresh starts within one second
+        count += 1
+        archive = f"{root}-archive-{stamp}-{count}"
     if os.path.isdir(root) and os.listdir(root):
         shutil.move(root, archive)
         if os.path.exists(settings.AVOID_FILE_PATH):

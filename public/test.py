@@ -58,8 +58,8 @@ def classification_metrics(y_true, probs, num_classes=None):
     y_pred = probs.argmax(1)
     if num_classes == 2:
         metrics = binary_metrics(y_true, y_pred)
-        both = len(np.unique(y_true)) == 2
-        metrics['auc'] = float(roc_auc_score(y_true, probs[:, 1])) if both else float('nan')
+        defined = len(np.unique(y_true)) == 2 and np.isfinite(probs).all()
+        metrics['auc'] = float(roc_auc_score(y_true, probs[:, 1])) if defined else float('nan')
     else:
         labels = list(range(num_classes))
         metrics = {

@@ -42,7 +42,9 @@ class PreparedData:
 
 def choose_device(name):
     if name == 'cuda' and not torch.cuda.is_available():
-        raise RuntimeError("DEVICE='cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+        from public.config import SettingsError
+        raise SettingsError("params.py: DEVICE='cuda' but torch sees no CUDA device on this "
+                            "machine; use DEVICE='auto' or 'cpu'")
     if name == 'auto':
         name = 'cuda' if torch.cuda.is_available() else 'cpu'
     return torch.device(name)
@@ -57,6 +59,7 @@ def prepare_data(settings, progress=True):
     if not train.has_labels:
         raise DataError(f"{settings.DATA_DIR}: training data has no labels")
     y = encode_labels(train, settings, settings.DATA_DIR)
+    train_idx, val_idx = split_by_subject(train.subjects, y, settings.VAL_FRACTION, settings.SEED)
     missing = sorted(set(range(num_classes(settings))) - set(np.unique(y).tolist()))
     if missing:
         found = sorted(set(train.rhythms.tolist()))
@@ -65,7 +68,6 @@ def prepare_data(settings, progress=True):
         raise DataError(f"{settings.DATA_DIR}: class(es) {missing} have no training segment "
                         f"under {rule}; labels found: {found[:20]}. Set POSITIVE_LABELS to the "
                         f"positive label (e.g. ('1',)) or CLASSES to the labels in order")
-    train_idx, val_idx = split_by_subject(train.subjects, y, settings.VAL_FRACTION, settings.SEED)
     x = train.x           # may be a read-only memory map of the cache; indexing copies
     trial = TrialData(x_train=torch.from_numpy(x[train_idx]).to(device),
                       y_train=torch.from_numpy(y[train_idx]).to(device),

@@ -276,9 +276,6 @@ def test_stage_two_publishes_the_smallest_model_meeting_the_targets(stage_two, s
         assert 'c1-f1 meets both targets' in run.stdout and 'meets both targets' in text
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: public/scaling.py run_stage_two stops at the first "
-                   "candidate meeting the target before reaching the (larger) over-size ones, so "
-                   "temp/stage2_results.csv does not list them as 'over-size'")
 def test_stage_two_table_lists_over_size_candidates(stage_two):
     project, run = stage_two
     assert run.returncode == 0
@@ -384,11 +381,7 @@ BAD_INPUTS = {
     'test-folder-leads': ('train_multi.py', _case_test_leads,
                           r'test2: segments have 2 leads, the training data.s have 1'),
 }
-XFAIL = {
-    'cuda-without-gpu': "BUG: public/trial.py choose_device raises RuntimeError for DEVICE='cuda' "
-                        "without CUDA, after settings validation; public/cli.py main lets it "
-                        "escape as a traceback (exit 1) instead of 'error: ...' and exit 2",
-}
+XFAIL = {}
 
 
 def _case_folder(root, small_data, case_id):

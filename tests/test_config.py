@@ -205,9 +205,6 @@ def test_both_spellings_with_different_values_in_one_file_are_rejected(tmp_path)
         load_settings([], params_path=str(path))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: public/config.py load_settings: with an original-"
-                   "style params.py (LEARING_RATE) a LEARNING_RATE=... override is reported as "
-                   "'both ... are set; keep one' instead of overriding the file's value")
 def test_override_of_learning_rate_wins_over_old_spelling_in_file(tmp_path):
     s = load_settings(['LEARNING_RATE=0.006'], params_path=str(_params_with_old_spelling(tmp_path)))
     assert s.LEARNING_RATE == 0.006

@@ -50,10 +50,6 @@ def test_a_torn_last_line_is_ignored_and_the_next_row_survives(tmp_path):
     assert list(frame.dropna(subset=['status'])['model']) == ['M0', 'M1', 'M2']
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: public/results.py ResultsTable.append never checks "
-                   "the existing file's header: after an upgrade adds columns (e.g. score, "
-                   "select_metric, *_auc, *_abs_sum), new rows are written under the old header, "
-                   "rows() drops them as 'torn', so resume never sees finished trials")
 def test_a_table_with_an_older_header_is_not_silently_corrupted(tmp_path):
     path = str(tmp_path / 'r.csv')
     ResultsTable(path, COLUMNS[:-1]).append({k: v for k, v in _row(0).items() if k != 'error'})
@@ -171,10 +167,6 @@ def test_recover_on_a_clean_or_missing_folder_does_nothing(tmp_path):
     assert os.listdir(tmp_path) == ['90-80']
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: public/results.py ResultsTable: a row torn inside a "
-                   "quoted field (the `error` column is quoted when it holds a comma) leaves an "
-                   "open quote; rows appended after it are swallowed into that field (lost to "
-                   "resume) and pandas.read_csv fails with 'EOF inside string'")
 def test_a_torn_quoted_field_does_not_swallow_later_rows(tmp_path):
     table = ResultsTable(str(tmp_path / 'r.csv'), COLUMNS)
     table.append(_row(0))

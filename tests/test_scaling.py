@@ -197,10 +197,6 @@ def test_stage_two_search_order_and_stop(plan, prepared, make_settings, outcomes
                    ).load_state_dict(state)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: public/scaling.py run_stage_two records an "
-                   "over-size candidate only when the loop reaches it; over-size candidates are "
-                   "the largest, so when a smaller one meets the target they never appear in "
-                   "temp/stage2_results.csv")
 def test_over_size_candidates_are_recorded_even_when_the_search_stops_early(plan, prepared,
                                                                           make_settings):
     settings = make_settings(METRIC_TARGET=90, SIZE_TARGET_KB=_cap_kb(plan, 3), **SCALES)
@@ -231,9 +227,6 @@ def test_a_rerun_does_not_retrain_finished_candidates(plan, prepared, make_setti
     assert 'finished earlier: not retrained' in log and 'Resuming from' in log
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: public/scaling.py run_stage_two: a 'diverged' "
-                   "candidate has no temp/ folder, so every rerun trains it again (finished "
-                   "candidates must not be retrained)")
 def test_a_rerun_does_not_retrain_a_diverged_candidate(plan, prepared, make_settings):
     settings = make_settings(METRIC_TARGET=90, SIZE_TARGET_KB=_cap_kb(plan, 3), **SCALES)
     _stage_two(settings, prepared, FakeTrainer({plan[0].name: 'diverged'}))
@@ -243,9 +236,6 @@ def test_a_rerun_does_not_retrain_a_diverged_candidate(plan, prepared, make_sett
     assert [r['candidate'] for r in rows].count(plan[0].name) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: public/scaling.py run_stage_two: when nothing meets "
-                   "the targets, 'best under the size cap' is chosen among ALL earlier trained "
-                   "rows, including candidates over the current SIZE_TARGET_KB")
 def test_fallback_best_respects_the_current_size_cap(plan, prepared, make_settings):
     big = make_settings(METRIC_TARGET=90, SIZE_TARGET_KB=1000, **SCALES)
     _stage_two(big, prepared, FakeTrainer({plan[3].name: 0.85}))   # largest is the best

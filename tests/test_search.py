@@ -117,8 +117,6 @@ def test_remove_scoped_keeps_the_users_lines(tmp_path):
     assert [(e[0], e[1]) for e in avoid.entries] == [(0.0045, None), (0.004, None)]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: public/search.py AvoidList.add appends without "
-                   "first ending an unterminated last line, gluing its entry onto the user's line")
 @pytest.mark.parametrize('user_text', ['0.0045', '# my notes'])
 def test_add_after_a_last_line_without_newline(tmp_path, user_text):
     avoid = _avoid(tmp_path, user_text)              # hand-edited file, no final newline
@@ -237,9 +235,6 @@ class NanNet(TinyNet):
         return super().forward(x) * float('nan')
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: public/test.py classification_metrics raises on the "
-                   "NaN probabilities of a diverged model (roc_auc_score), so run_trial reports "
-                   "'failed': the rate is not pruned into avoid.txt and is retried on every resume")
 def test_a_diverged_trial_prunes_its_rate_and_is_not_retried(prepared, make_settings):
     settings = make_settings(**GRID)
     _search(settings, prepared, [NanNet])

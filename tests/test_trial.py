@@ -83,10 +83,6 @@ def test_a_model_that_fails_is_a_failed_trial_not_an_exception(prepared, make_se
     assert 'Traceback' in result.error
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: public/test.py classification_metrics calls "
-                   "roc_auc_score on the NaN probabilities of a diverged model ('Input contains "
-                   "NaN'), so public/trial.py run_trial records the trial as 'failed', not "
-                   "'diverged'")
 def test_a_diverging_trial_is_recorded_as_diverged(prepared, make_settings, tmp_path):
     class NanNet(TinyNet):
         def forward(self, x):
