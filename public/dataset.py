@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 FILENAME_PATTERN = re.compile(r'^(?P<subject>S[^-]*)-(?P<rhythm>[^-]*)-(?P<index>[^-]+)\.txt$')
 FILENAME_RULE = "S<subject>-<RHYTHM>-<index>.txt (e.g. S12-AFIB-31.txt, S47--0.txt)"
-_CACHE_VERSION = 4
+_CACHE_VERSION = 5
 _CHUNK = 1000
 
 
@@ -207,44 +207,51 @@ def _listing(folder):
     return names, _stat_many(folder, names)
 
 
-def _cache_paths(cache_dir, folder, names, stats, policy, skip_bad):
-    folder_key = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:12]
-    content = hashlib.sha1(repr((_CACHE_VERSION, policy, skip_bad)).encode())
-    content.update('\0'.join(names).encode())
-    content.update(np.asarray(stats, dtype=np.int64).tobytes())
-    stem = os.path.join(cache_dir, f"{folder_key}-{content.hexdigest()[:16]}")
-    return folder_key, stem + '.npy', stem + '.meta.npz'
+def cache_entry(cache_dir, source, key):
+    """(prefix, stem) of the cache entry of `source` (a folder or file) under `key` (bytes
+    or str that change whenever the parsed result would). One entry per source is kept."""
+    prefix = hashlib.sha1(os.path.abspath(source).encode()).hexdigest()[:12]
+    digest = hashlib.sha1(key if isinstance(key, bytes) else key.encode()).hexdigest()[:16]
+    return prefix, os.path.join(cache_dir, f"{prefix}-{digest}")
 
 
-def _load_cache(x_path, meta_path):
+def load_cached(stem):
+    """The Segments stored at stem, or None (absent, incomplete or unreadable entry)."""
     try:
-        meta = np.load(meta_path, allow_pickle=False)
-        x = np.load(x_path, mmap_mode='r')
-        skipped = list(zip(meta['skipped_names'].tolist(), meta['skipped_reasons'].tolist()))
-        excluded = list(zip(meta['excluded_names'].tolist(), meta['excluded_reasons'].tolist()))
-        return x, meta['names'], meta['subjects'], meta['rhythms'], skipped, excluded
+        meta = np.load(stem + '.meta.npz', allow_pickle=False)
+        x = np.load(stem + '.npy', mmap_mode='r')
+        pairs = {k: list(zip(meta[f"{k}_names"].tolist(), meta[f"{k}_reasons"].tolist()))
+                 for k in ('skipped', 'excluded')}
+        return Segments(x=x, names=meta['names'], subjects=meta['subjects'],
+                        rhythms=meta['rhythms'], skipped=pairs['skipped'],
+                        excluded=pairs['excluded'], has_labels=bool(meta['has_labels']),
+                        from_cache=True)
     except (OSError, ValueError, KeyError):
         return None
 
 
-def _save_cache(cache_dir, folder_key, x_path, meta_path, x, names, subjects, rhythms, skipped,
-                excluded):
+def save_cached(cache_dir, prefix, stem, segments):
+    """Store segments at stem (x as .npy, the rest in .meta.npz), replacing the source's
+    older entries. The meta file is written last: its presence marks a whole entry."""
     os.makedirs(cache_dir, exist_ok=True)
-    for old in os.listdir(cache_dir):            # one cache entry per folder: drop stale ones
-        if old.startswith(folder_key + '-'):
+    for old in os.listdir(cache_dir):
+        if old.startswith(prefix + '-'):
             os.remove(os.path.join(cache_dir, old))
-    tmp = f"{x_path}.{os.getpid()}.tmp"
+    tmp = f"{stem}.{os.getpid()}.tmp"
     with open(tmp, 'wb') as f:
-        np.save(f, x)
-    os.replace(tmp, x_path)
-    tmp = f"{meta_path}.{os.getpid()}.tmp"
+        np.save(f, segments.x)
+    os.replace(tmp, stem + '.npy')
+    pairs = {}
+    for kind in ('skipped', 'excluded'):
+        entries = getattr(segments, kind)
+        pairs[f"{kind}_names"] = np.asarray([e[0] for e in entries], dtype=str)
+        pairs[f"{kind}_reasons"] = np.asarray([e[1] for e in entries], dtype=str)
     with open(tmp, 'wb') as f:
-        np.savez(f, names=np.asarray(names, dtype=str), subjects=subjects, rhythms=rhythms,
-                 skipped_names=np.asarray([s[0] for s in skipped], dtype=str),
-                 skipped_reasons=np.asarray([s[1] for s in skipped], dtype=str),
-                 excluded_names=np.asarray([s[0] for s in excluded], dtype=str),
-                 excluded_reasons=np.asarray([s[1] for s in excluded], dtype=str))
-    os.replace(tmp, meta_path)                   # written last: its presence marks a whole entry
+        np.savez(f, names=np.asarray(segments.names, dtype=str),
+                 subjects=np.asarray(segments.subjects, dtype=str),
+                 rhythms=np.asarray(segments.rhythms, dtype=str),
+                 has_labels=segments.has_labels, **pairs)
+    os.replace(tmp, stem + '.meta.npz')
 
 
 def _parse_folder(folder, names, policy, skip_bad, workers, progress):
@@ -285,13 +292,11 @@ def load_folder(folder, input_size, cache_dir=None, skip_bad=False, workers=None
     policy = length_policy or LengthPolicy(input_size)
     all_names, stats = _listing(folder)
     if cache_dir:
-        folder_key, x_path, meta_path = _cache_paths(cache_dir, folder, all_names, stats,
-                                                     policy, skip_bad)
-        cached = _load_cache(x_path, meta_path)
+        key = (repr((_CACHE_VERSION, policy, skip_bad)) + '\0'.join(all_names)).encode()
+        prefix, stem = cache_entry(cache_dir, folder, key + np.asarray(stats, np.int64).tobytes())
+        cached = load_cached(stem)
         if cached is not None:       # the listing is unchanged, so its names were checked
-            x, names, subjects, rhythms, skipped, excluded = cached
-            return Segments(x=x, subjects=subjects, rhythms=rhythms, names=names,
-                            skipped=skipped, from_cache=True, excluded=excluded)
+            return cached
     names, skipped = [], []
     for name in all_names:
         try:
@@ -310,11 +315,11 @@ def load_folder(folder, input_size, cache_dir=None, skip_bad=False, workers=None
     kept = np.asarray(kept, dtype=str)
     subjects = np.asarray([m[0] for m in meta], dtype=str)
     rhythms = np.asarray([m[1] for m in meta], dtype=str)
+    segments = Segments(x=x, subjects=subjects, rhythms=rhythms, names=kept, skipped=skipped,
+                        from_cache=False, excluded=excluded)
     if cache_dir:
-        _save_cache(cache_dir, folder_key, x_path, meta_path, x, kept, subjects, rhythms,
-                    skipped, excluded)
-    return Segments(x=x, subjects=subjects, rhythms=rhythms, names=kept, skipped=skipped,
-                    from_cache=False, excluded=excluded)
+        save_cached(cache_dir, prefix, stem, segments)
+    return segments
 
 
 def split_by_subject(subjects, labels, val_fraction, seed):

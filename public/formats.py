@@ -29,16 +29,15 @@ reads the signal strings of a chunk of rows at once); a chunk it cannot read cle
 parsed again row by row, which finds and names the first bad value. A parsed CSV is cached
 in cache_dir, keyed on the file's path, size and modification time and the length policy.
 """
-import hashlib
 import io
 import os
 
 import numpy as np
 import pandas as pd
 
-from public.dataset import DataError, Segments
+from public.dataset import DataError, Segments, cache_entry, load_cached, save_cached
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 _CHUNK_ROWS = 20000     # rows parsed per pandas call: bounds the joined text held in memory
 
 
@@ -51,8 +50,9 @@ def load_csv(path, policy, cache_dir=None, id_column='id', signal_column='heartb
     stat = _stat(path)
     columns = (id_column, signal_column, label_column, subject_column)
     if cache_dir:
-        prefix, x_path, meta_path = _cache_paths(cache_dir, path, stat, policy, columns)
-        cached = _load_cache(x_path, meta_path)
+        prefix, stem = cache_entry(cache_dir, path, repr(
+            (_CACHE_VERSION, stat.st_size, stat.st_mtime_ns, policy, columns)))
+        cached = load_cached(stem)
         if cached is not None:
             return cached
     table = _read_table(path)
@@ -84,7 +84,7 @@ def load_csv(path, policy, cache_dir=None, id_column='id', signal_column='heartb
                         subjects=subjects[keep], names=ids[keep], excluded=excluded,
                         has_labels=has_labels)
     if cache_dir:
-        _save_cache(cache_dir, prefix, x_path, meta_path, segments)
+        save_cached(cache_dir, prefix, stem, segments)
     return segments
 
 
@@ -233,45 +233,6 @@ def _fit_groups(groups, n_rows, policy, where, names):
         x[rows] = fitted.T
         keep[rows] = True
     return x, keep, [(name, reason) for _, name, reason in sorted(excluded)]
-
-
-# ----------------------------------------------------------------------------- CSV cache
-
-def _cache_paths(cache_dir, path, stat, policy, columns):
-    prefix = 'csv-' + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
-    key = repr((_CACHE_VERSION, stat.st_size, stat.st_mtime_ns, policy, columns))
-    stem = os.path.join(cache_dir, f"{prefix}-{hashlib.sha1(key.encode()).hexdigest()[:16]}")
-    return prefix, stem + '.npy', stem + '.meta.npz'
-
-
-def _load_cache(x_path, meta_path):
-    try:
-        meta = np.load(meta_path, allow_pickle=False)
-        x = np.load(x_path, mmap_mode='r')
-        excluded = list(zip(meta['excluded_names'].tolist(), meta['excluded_reasons'].tolist()))
-        return Segments(x=x, rhythms=meta['rhythms'], subjects=meta['subjects'],
-                        names=meta['names'], excluded=excluded, from_cache=True,
-                        has_labels=bool(meta['has_labels']))
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def _save_cache(cache_dir, prefix, x_path, meta_path, segments):
-    os.makedirs(cache_dir, exist_ok=True)
-    for old in os.listdir(cache_dir):            # one entry per file: drop stale ones
-        if old.startswith(prefix + '-'):
-            os.remove(os.path.join(cache_dir, old))
-    tmp = f"{x_path}.{os.getpid()}.tmp"
-    with open(tmp, 'wb') as f:
-        np.save(f, segments.x)
-    os.replace(tmp, x_path)
-    tmp = f"{meta_path}.{os.getpid()}.tmp"
-    with open(tmp, 'wb') as f:
-        np.savez(f, names=segments.names, subjects=segments.subjects, rhythms=segments.rhythms,
-                 has_labels=segments.has_labels,
-                 excluded_names=np.asarray([e[0] for e in segments.excluded], dtype=str),
-                 excluded_reasons=np.asarray([e[1] for e in segments.excluded], dtype=str))
-    os.replace(tmp, meta_path)                   # written last: its presence marks a whole entry
 
 
 # ----------------------------------------------------------------------------- NumPy
