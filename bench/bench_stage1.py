@@ -154,15 +154,26 @@ def bench_epoch(n, repeats, batches, threads):
     tiny_val = TrialData(x, y, x[:64], y[:64])
     for batch in batches:
         settings.BATCH_SIZE = batch
-        t0, r0 = median_time(lambda: bare_epoch(OriginalAFNet(), x4, y, batch), repeats)
-        report(f"batch {batch}: bare loop, original Conv2d AFNet", t0, r0)
-        t1, r1 = median_time(lambda: bare_epoch(AFNet(), x4, y, batch), repeats)
-        report(f"batch {batch}: bare loop, ATML Conv1d AFNet", t1, r1)
-        t2, r2 = median_time(lambda: train_model(AFNet(), tiny_val, 0.002, settings,
-                                                 torch.device('cpu'), progress=False), repeats)
-        report(f"batch {batch}: ATML train_model (1 epoch + 64-seg val)", t2, r2)
+        variants = {
+            'bare loop, original Conv2d AFNet': lambda: bare_epoch(OriginalAFNet(), x4, y, batch),
+            'bare loop, ATML Conv1d AFNet': lambda: bare_epoch(AFNet(), x4, y, batch),
+            'ATML train_model (1 epoch + 64-seg val)':
+                lambda: train_model(AFNet(), tiny_val, 0.002, settings, torch.device('cpu'),
+                                    progress=False),
+        }
+        times = {name: [] for name in variants}
+        names = list(variants)
+        for r in range(repeats):       # interleaved, order rotated: no variant always runs last
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                start = time.perf_counter()
+                variants[name]()
+                times[name].append(time.perf_counter() - start)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        for name in names:
+            report(f"batch {batch}: {name}", med[name], times[name])
+        t0, t1, t2 = (med[n] for n in names)
         print(f"   framework overhead vs bare Conv1d loop: {100 * (t2 / t1 - 1):+.1f} %; "
-              f"vs original Conv2d loop: {t0 / t2:.2f}x faster")
+              f"vs original Conv2d loop: {t0 / t2:.2f}x faster", flush=True)
 
 
 # --------------------------------------------------------------------------- trial
