@@ -8,6 +8,8 @@ onnxruntime execution provider runs. For models this small the QuantizeLinear /
 DequantizeLinear nodes and their scales are a visible share of the file, so ATML measures
 the INT8 file rather than assuming it is 4x smaller (README, Stage two figures).
 """
+import contextlib
+import logging
 import os
 import tempfile
 
@@ -49,11 +51,25 @@ def _compact_names(model):
     return model
 
 
+@contextlib.contextmanager
+def _quiet_root_logger():
+    # onnxruntime.quantization logs a root-logger WARNING per BatchNorm weight ("Axis 1 is
+    # out-of-range ... rank 1": per-channel does not apply to 1-D tensors, which it then
+    # quantizes per tensor, as intended). Hundreds of lines per run would bury the log.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def quantize_int8(float_path, int8_path, calibration_x):
     """Write the INT8 model of float_path to int8_path; return its size in bytes."""
     import onnx
     input_name = onnx.load(float_path, load_external_data=False).graph.input[0].name
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _quiet_root_logger():
         prepared = os.path.join(tmp, 'prepared.onnx')
         quant_pre_process(float_path, prepared, skip_symbolic_shape=True)
         quantize_static(prepared, int8_path, _Segments(input_name, calibration_x),
