@@ -160,3 +160,23 @@ def _script_env():
 
 def output(proc):
     return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope='module')
+def seed_models():
+    """public.seed_models, imported for one test module only (registry restored afterwards),
+    so the registry-wide tests see exactly public/model.py's models."""
+    import importlib
+    import sys
+
+    import public
+    import public.registry as registry
+    before = dict(registry._REGISTRY)
+    fresh = 'public.seed_models' not in sys.modules
+    module = importlib.import_module('public.seed_models')
+    yield module
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(before)
+    if fresh:        # a later import must run (and register) again
+        sys.modules.pop('public.seed_models', None)
+        vars(public).pop('seed_models', None)

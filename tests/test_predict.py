@@ -6,7 +6,6 @@ HeartbeatCNN (1 lead x 205 samples, 4 classes) and an SEResNet1d (8 leads x 5000
 confident to undecided. One end-to-end run goes through a subprocess; the other cases call
 predict.main().
 """
-import importlib
 import subprocess
 import sys
 
@@ -18,24 +17,11 @@ from torch import nn
 
 import predict
 import public
-import public.registry as registry
 from conftest import ROOT
 from public.export import export_onnx
 from test_formats import tianchi_data, write_lead_folder, write_tianchi
 
 
-@pytest.fixture(scope='module')
-def seed_models():
-    """public.seed_models, imported for this module only (registry restored afterwards)."""
-    before = dict(registry._REGISTRY)
-    fresh = 'public.seed_models' not in sys.modules
-    module = importlib.import_module('public.seed_models')
-    yield module
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(before)
-    if fresh:        # a later import must run (and register) again
-        sys.modules.pop('public.seed_models', None)
-        vars(public).pop('seed_models', None)
 
 
 @pytest.fixture(scope='module')

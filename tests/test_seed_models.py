@@ -8,8 +8,6 @@ gradient, and an ONNX export that onnxruntime runs with outputs matching PyTorch
 Importing public.seed_models registers its models; the `seed_models` fixture undoes that
 afterwards, because other test modules check the registry's exact contents.
 """
-import importlib
-import sys
 
 import numpy as np
 import pytest
@@ -20,18 +18,6 @@ import public.registry as registry
 from public.export import check_onnx, export_onnx
 
 
-@pytest.fixture(scope='module')
-def seed_models():
-    """public.seed_models, imported for this module only (registry restored afterwards)."""
-    before = dict(registry._REGISTRY)
-    fresh = 'public.seed_models' not in sys.modules
-    module = importlib.import_module('public.seed_models')
-    yield module
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(before)
-    if fresh:        # a later import must run (and register) again
-        sys.modules.pop('public.seed_models', None)
-        vars(public).pop('seed_models', None)
 
 
 # (model name, in_channels, input_size, num_classes): the seeds' data shapes
