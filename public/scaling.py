@@ -321,7 +321,10 @@ def _save_candidate(settings, candidate, result, candidate_dir):
                            lr=settings.LEARNING_RATE, model_name='ss_model.AFNet',
                            onnx_bytes=result.onnx_bytes, settings=settings,
                            extra_lines=[f"Channel scaling factor: {candidate.channel_scale}",
-                                        f"FC scaling factor: {candidate.fc_scale}"],
+                                        f"FC scaling factor: {candidate.fc_scale}"]
+                           + ([f"INT8 ONNX file size: {size_kb(result.int8['bytes'])} KB "
+                               f"(saved.int8.onnx, the deliverable: QUANTIZE_INT8=True)"]
+                              if result.int8 else []),
                            info={'channel_scale': candidate.channel_scale,
                                  'fc_scale': candidate.fc_scale, 'config': candidate.config,
                                  'latency_ms': result.latency_ms, 'params': result.params,
