@@ -17,6 +17,7 @@ LONGER = 'error'                 # segments longer than INPUT_SIZE: 'error' or '
 POSITIVE_LABELS = ('AFIB',)      # binary task: rhythms labelled 1 (AF); every other rhythm, empty included, is 0
 CLASSES = ()                     # multi-class task: class names/integers in label order, e.g. (0, 1, 2, 3); () = binary
 VAL_FRACTION = 0.2               # fraction of training subjects held out for validation, in (0, 1)
+VAL_FOLDS = ()                   # predefined folds instead: validate on these values of the data's 'fold' column/array (PTB-XL: (9,)); () = by subject
 SKIP_BAD_FILES = False           # False: a bad data file stops the run; True: it is skipped and counted
 CACHE_DIR = '.atml-cache'        # parsed data folders are cached here (invalidated when a folder changes)
 

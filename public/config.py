@@ -51,6 +51,9 @@ _RULES = {
                 and all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in v)
                 and len({str(c) for c in v}) == len(v)),
     'VAL_FRACTION': ('a number in (0, 1)', lambda v: _is_number(v) and 0 < v < 1),
+    'VAL_FOLDS': ('a list/tuple of fold values (str or int); () = split by subject',
+                  lambda v: _is_seq(v) and all(isinstance(f, (str, int)) and not isinstance(f, bool)
+                                               for f in v)),
     'SKIP_BAD_FILES': ('True or False', lambda v: isinstance(v, bool)),
     'CACHE_DIR': ('a non-empty path string', lambda v: _is_str(v) and v != ''),
     'LR_MIN': ('a number > 0', lambda v: _is_number(v) and v > 0),
@@ -161,6 +164,7 @@ def validate(values, source='params.py'):
     settings.POSITIVE_LABELS = tuple(settings.POSITIVE_LABELS)
     settings.CLASSES = tuple(settings.CLASSES)
     settings.MODELS = tuple(settings.MODELS)
+    settings.VAL_FOLDS = tuple(settings.VAL_FOLDS)
     settings.CHANNEL_SCALES = tuple(settings.CHANNEL_SCALES)
     settings.FC_SCALES = tuple(settings.FC_SCALES)
     return settings

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 FILENAME_PATTERN = re.compile(r'^(?P<subject>S[^-]*)-(?P<rhythm>[^-]*)-(?P<index>[^-]+)\.txt$')
 FILENAME_RULE = "S<subject>-<RHYTHM>-<index>.txt (e.g. S12-AFIB-31.txt, S47--0.txt)"
-_CACHE_VERSION = 5
+_CACHE_VERSION = 6
 _CHUNK = 1000
 
 
@@ -77,6 +77,7 @@ class Segments:
     from_cache: bool = False
     excluded: list = field(default_factory=list)  # (name, reason) of too-short segments
     has_labels: bool = True
+    folds: np.ndarray = None                       # predefined folds (str), when the source has them
 
     def labels(self, positive_labels):
         """Binary labels: 1 where the rhythm is one of positive_labels."""
@@ -219,6 +220,7 @@ def load_cached(stem):
         return Segments(x=x, names=meta['names'], subjects=meta['subjects'],
                         rhythms=meta['rhythms'], skipped=pairs['skipped'],
                         excluded=pairs['excluded'], has_labels=bool(meta['has_labels']),
+                        folds=meta['folds'] if bool(meta['has_folds']) else None,
                         from_cache=True)
     except (OSError, ValueError, KeyError):
         return None
@@ -244,7 +246,9 @@ def save_cached(cache_dir, prefix, stem, segments):
         np.savez(f, names=np.asarray(segments.names, dtype=str),
                  subjects=np.asarray(segments.subjects, dtype=str),
                  rhythms=np.asarray(segments.rhythms, dtype=str),
-                 has_labels=segments.has_labels, **pairs)
+                 has_labels=segments.has_labels, has_folds=segments.folds is not None,
+                 folds=np.asarray(segments.folds if segments.folds is not None else [], dtype=str),
+                 **pairs)
     os.replace(tmp, stem + '.meta.npz')
 
 
@@ -314,6 +318,20 @@ def load_folder(folder, input_size, cache_dir=None, skip_bad=False, workers=None
     if cache_dir:
         save_cached(cache_dir, prefix, stem, segments)
     return segments
+
+
+def split_by_folds(folds, val_folds, source):
+    """(train_idx, val_idx) from predefined folds: validation = segments whose fold is in
+    val_folds (PTB-XL's recommended split uses strat_fold 9 and 10)."""
+    if folds is None:
+        raise DataError(f"{source}: VAL_FOLDS is set but the data has no fold column/array "
+                        f"(a CSV 'fold' column or an .npz 'fold' array)")
+    val_mask = np.isin(folds, [str(f) for f in val_folds])
+    if val_mask.all() or not val_mask.any():
+        raise DataError(f"{source}: VAL_FOLDS={tuple(val_folds)!r} leaves "
+                        f"{'no training' if val_mask.all() else 'no validation'} segment; folds "
+                        f"present: {sorted(set(folds.tolist()))[:20]}")
+    return np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
 
 
 def split_by_subject(subjects, labels, val_fraction, seed):

@@ -7,7 +7,8 @@ cropped, or an error raised, exactly as for a folder of .txt files.
 
 CSV (the Tianchi heartbeat format, seed 003): a header row; one segment per row; its
 samples comma-separated in ONE quoted field; an optional integer label; an optional
-subject column for subject-wise validation splits (without it each row is its own subject).
+subject column for subject-wise validation splits (without it each row is its own subject),
+and an optional `fold` column of predefined folds (PTB-XL's strat_fold; see VAL_FOLDS).
 A test file has no label column, or an empty one (has_labels is False, rhythms are all '').
 
     id,heartbeat_signals,label
@@ -17,7 +18,7 @@ A test file has no label column, or an empty one (has_labels is False, rhythms a
     segments = load_csv('train.csv', LengthPolicy(205), cache_dir='.atml-cache')
 
 NumPy: `.npz` with array `x` of shape (N, L) or (N, C, L), and optionally `y` (N,) labels
-(integers or strings), `subject` (N,) and `id` (N,); a `.npy` file holds `x` alone
+(integers or strings), `subject` (N,), `fold` (N,) and `id` (N,); a `.npy` file holds `x` alone
 (unlabelled; ids are the row indices).
 
     np.savez('ptbxl.npz', x=signals, y=labels, subject=patient_ids)
@@ -48,7 +49,7 @@ def load_csv(path, policy, cache_dir=None, id_column='id', signal_column='heartb
     """Segments of a CSV file (see the module docstring); x is (N, 1, input_size)."""
     path = os.fspath(path)
     stat = _stat(path)
-    columns = (id_column, signal_column, label_column, subject_column)
+    columns = (id_column, signal_column, label_column, subject_column, 'fold')
     if cache_dir:
         prefix, stem = cache_entry(cache_dir, path, repr(
             (_CACHE_VERSION, stat.st_size, stat.st_mtime_ns, policy, columns)))
@@ -73,6 +74,10 @@ def load_csv(path, policy, cache_dir=None, id_column='id', signal_column='heartb
         subjects = table[subject_column].str.strip().to_numpy(dtype=str)
         _no_empty(path, subjects, ids, subject_column,
                   "every row needs a subject when the column is present")
+    folds = None
+    if 'fold' in table.columns:              # predefined folds (PTB-XL's strat_fold), VAL_FOLDS
+        folds = table['fold'].astype(str).str.strip().to_numpy(dtype=str)
+        _no_empty(path, folds, ids, 'fold', "every row needs a fold when the column is present")
     groups = _parse_signals(path, table[signal_column], ids, signal_column)
     x, keep, excluded = _fit_groups(groups, len(ids), policy, lambda i: _where(path, i, ids[i]),
                                     ids)
@@ -82,7 +87,7 @@ def load_csv(path, policy, cache_dir=None, id_column='id', signal_column='heartb
                         f"(first: id {excluded[0][0]}, {excluded[0][1]})")
     segments = Segments(x=np.ascontiguousarray(x[keep][:, None, :]), rhythms=rhythms[keep],
                         subjects=subjects[keep], names=ids[keep], excluded=excluded,
-                        has_labels=has_labels)
+                        has_labels=has_labels, folds=None if folds is None else folds[keep])
     if cache_dir:
         save_cached(cache_dir, prefix, stem, segments)
     return segments
@@ -267,6 +272,7 @@ def load_numpy(path, policy):
     rhythms = _label_text(path, arrays['y']) if has_labels else np.full(n, '', dtype=str)
     subjects = _array_column(path, arrays, 'subject', n)
     subjects = ids if subjects is None else subjects
+    folds = _array_column(path, arrays, 'fold', n)
     length = x.shape[2]
     if length != policy.input_size:
         # Every segment has the same length, so the policy decides once for all of them.
@@ -278,7 +284,7 @@ def load_numpy(path, policy):
                             f"{policy.pad_tolerance}")
         x = fitted.reshape(policy.input_size, n, x.shape[1]).transpose(1, 2, 0)
     return Segments(x=np.ascontiguousarray(x), rhythms=rhythms, subjects=subjects, names=ids,
-                    has_labels=has_labels)
+                    has_labels=has_labels, folds=folds)
 
 
 def _read_arrays(path):

@@ -35,7 +35,7 @@ _MODEL_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_.]*$')
 
 # Settings whose change makes earlier trials incomparable (they are then not reused).
 _TRIAL_SETTINGS = ('DATA_DIR', 'TEST_DIR', 'DATA_FORMAT', 'INPUT_SIZE', 'PAD_TOLERANCE',
-                   'SHORTER', 'LONGER', 'POSITIVE_LABELS', 'CLASSES', 'VAL_FRACTION',
+                   'SHORTER', 'LONGER', 'POSITIVE_LABELS', 'CLASSES', 'VAL_FRACTION', 'VAL_FOLDS',
                    'SKIP_BAD_FILES', 'NUM_EPOCHS', 'BATCH_SIZE', 'PATIENCE', 'OVERFIT_GAP',
                    'WEIGHT_DECAY', 'SEED', 'SELECT_ON', 'SELECT_METRIC', 'ONNX_OPSET')
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from public.dataset import (DataError, encode_labels, load_data, num_classes,
-                            split_by_subject)
+                            split_by_folds, split_by_subject)
 from public.export import check_onnx, export_onnx, onnx_latency_ms
 from public.test import classification_metrics, predict_proba, score_digits
 from public.training import (STOP_DIVERGED, Interrupted, TrialData, seed_everything,
@@ -59,7 +59,11 @@ def prepare_data(settings, progress=True):
     if not train.has_labels:
         raise DataError(f"{settings.DATA_DIR}: training data has no labels")
     y = encode_labels(train, settings, settings.DATA_DIR)
-    train_idx, val_idx = split_by_subject(train.subjects, y, settings.VAL_FRACTION, settings.SEED)
+    if settings.VAL_FOLDS:
+        train_idx, val_idx = split_by_folds(train.folds, settings.VAL_FOLDS, settings.DATA_DIR)
+    else:
+        train_idx, val_idx = split_by_subject(train.subjects, y, settings.VAL_FRACTION,
+                                              settings.SEED)
     missing = sorted(set(range(num_classes(settings))) - set(np.unique(y).tolist()))
     if missing:
         found = sorted(set(train.rhythms.tolist()))

@@ -127,3 +127,46 @@ def test_unlabelled_test_csv_is_refused_for_evaluation(tianchi, tmp_path):
                'INPUT_SIZE=205', 'CLASSES=(0, 1, 2, 3)', "MODELS=('OptimizedAFNet',)")
     assert run.returncode == 2
     assert 'testA.csv: test data has no labels' in run.stdout
+
+
+def _fold_settings(tmp_path, data, **extra):
+    from public.config import load_settings
+    values = dict(DATA_DIR=str(data), TEST_DIR='', INPUT_SIZE=100, CACHE_DIR=str(tmp_path / 'c'),
+                  **extra)
+    return load_settings([f"{k}={v!r}" for k, v in values.items()],
+                         params_path=os.path.join(ROOT, 'params.py'))
+
+
+@pytest.mark.parametrize('kind', ['npz', 'csv'])
+def test_predefined_folds_drive_the_validation_split(tmp_path, kind):
+    """PTB-XL style: VAL_FOLDS picks validation by the data's fold column, not by subject."""
+    from public.trial import prepare_data
+    rng = np.random.default_rng(2)
+    n = 60
+    x = rng.standard_normal((n, 100)).astype(np.float32)
+    y = np.arange(n) % 2
+    fold = np.arange(n) % 10 + 1
+    if kind == 'npz':
+        path = tmp_path / 'ptbxl.npz'
+        np.savez(path, x=x, y=y, fold=fold, subject=np.arange(n) // 3)
+    else:
+        path = tmp_path / 'ptbxl.csv'
+        pd.DataFrame({'id': np.arange(n), 'fold': fold, 'label': y,
+                      'heartbeat_signals': [','.join(f"{v:.4f}" for v in row) for row in x]}
+                     ).to_csv(path, index=False)
+    data = prepare_data(_fold_settings(tmp_path, path, VAL_FOLDS=(9, 10),
+                                       POSITIVE_LABELS=('1',)), progress=False)
+    assert len(data.trial.x_val) == 12 and len(data.trial.x_train) == 48
+    with pytest.raises(Exception, match=r"VAL_FOLDS=\(11,\) leaves no validation"):
+        prepare_data(_fold_settings(tmp_path, path, VAL_FOLDS=(11,), POSITIVE_LABELS=('1',)),
+                     progress=False)
+
+
+def test_val_folds_without_fold_data_is_a_clear_error(tmp_path):
+    from public.dataset import DataError
+    from public.trial import prepare_data
+    path = tmp_path / 'nofold.npz'
+    np.savez(path, x=np.zeros((8, 100), np.float32), y=np.arange(8) % 2)
+    with pytest.raises(DataError, match='VAL_FOLDS is set but the data has no fold'):
+        prepare_data(_fold_settings(tmp_path, path, VAL_FOLDS=(9,), POSITIVE_LABELS=('1',)),
+                     progress=False)
