@@ -162,8 +162,11 @@ def _archive(settings, log):
     while os.path.exists(archive):         # two fresh starts within one second
         count += 1
         archive = f"{root}-archive-{stamp}-{count}"
-    if os.path.isdir(root) and os.listdir(root):
-        shutil.move(root, archive)
+    entries = [e for e in os.listdir(root) if not e.startswith('.')] if os.path.isdir(root) else []
+    if entries:               # the folder itself stays (it is part of the project layout)
+        os.makedirs(archive)
+        for entry in entries:
+            shutil.move(os.path.join(root, entry), os.path.join(archive, entry))
         if os.path.exists(settings.AVOID_FILE_PATH):
             shutil.copy(settings.AVOID_FILE_PATH, os.path.join(archive, 'avoid.txt'))
         log(f"RESUME=False: earlier results moved to {archive}")
