@@ -93,9 +93,6 @@ _RULES = {
     'FINAL_RESULT_DIR': ('a non-empty path string', lambda v: _is_str(v) and v != ''),
 }
 
-# Settings a params.py may leave out, with the value used then (newer than the original).
-_OPTIONAL = {}
-
 # The original ATML spelt LEARNING_RATE as LEARING_RATE; old params.py files keep working.
 _ALIASES = {'LEARING_RATE': 'LEARNING_RATE'}
 
@@ -152,8 +149,6 @@ def validate(values, source='params.py'):
     for name in values:
         if name not in _RULES:
             raise _unknown(name, source)
-    for name, default in _OPTIONAL.items():
-        values.setdefault(name, default)
     missing = [n for n in _RULES if n not in values]
     if missing:
         raise SettingsError(f"{source}: missing setting(s) {', '.join(missing)}")

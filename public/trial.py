@@ -19,7 +19,7 @@ import torch
 from public.dataset import (DataError, encode_labels, load_data, num_classes,
                             split_by_folds, split_by_subject)
 from public.export import check_onnx, export_onnx, onnx_latency_ms
-from public.test import classification_metrics, predict_proba, score_digits
+from public.test import classification_metrics, predict_proba
 from public.training import (STOP_DIVERGED, Interrupted, TrialData, seed_everything,
                              train_model)
 
@@ -196,7 +196,3 @@ def run_trial(build_model, lr, data, settings, onnx_path, stop_flag=None, progre
     result.wall_s = time.perf_counter() - start
     return result
 
-
-def digits_of(result, select_on):
-    metrics = result.selected(select_on)
-    return score_digits(metrics) if metrics else (0, 0)

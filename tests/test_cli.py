@@ -182,19 +182,24 @@ def _interrupt(proc):
     return rc
 
 
-def test_sigint_stops_stage_one_and_a_rerun_resumes(tmp_path, small_data):
-    project = _project(tmp_path, small_data, NUM_EPOCHS=1, LR_MIN=0.001, LR_MAX=0.003,
-                       STEP=0.0005, AVOID_PARAM=1.0)
-    results = project / 'multi-result' / 'results.csv'
-    proc = start_script('train_multi.py', project)
+def _interrupt_after_first_row(script, project, table):
+    """Start script, SIGINT it once `table` has a row; (exit code, its log)."""
+    proc = start_script(script, project)
     try:
-        assert _wait_for_rows(results, proc), (project / 'run.log').read_text()[-3000:]
+        assert _wait_for_rows(table, proc), (project / 'run.log').read_text()[-3000:]
         rc = _interrupt(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    log = (project / 'run.log').read_text()
+    return rc, (project / 'run.log').read_text()
+
+
+def test_sigint_stops_stage_one_and_a_rerun_resumes(tmp_path, small_data):
+    project = _project(tmp_path, small_data, NUM_EPOCHS=1, LR_MIN=0.001, LR_MAX=0.003,
+                       STEP=0.0005, AVOID_PARAM=1.0)
+    results = project / 'multi-result' / 'results.csv'
+    rc, log = _interrupt_after_first_row('train_multi.py', project, results)
     assert rc == 130, log[-3000:]
     assert 'Interrupted' in log and 'resume' in log
     before = _csv_rows(results)
@@ -222,15 +227,7 @@ def test_sigint_stops_stage_two_and_a_rerun_does_not_retrain(tmp_path, small_dat
     project = _project(tmp_path, small_data, NUM_EPOCHS=1, CHANNEL_SCALES=(1, 2),
                        FC_SCALES=(1, 2), SIZE_TARGET_KB=1000, METRIC_TARGET=100)
     table = project / 'temp' / 'stage2_results.csv'
-    proc = start_script('train_final.py', project)
-    try:
-        assert _wait_for_rows(table, proc), (project / 'run.log').read_text()[-3000:]
-        rc = _interrupt(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    log = (project / 'run.log').read_text()
+    rc, log = _interrupt_after_first_row('train_final.py', project, table)
     assert rc == 130, log[-3000:]
     assert 'resume' in log
     done = list(_csv_rows(table)['candidate'])
