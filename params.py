@@ -59,3 +59,7 @@ SIZE_TARGET_KB = 60              # ONNX file size cap in KB (1 KB = 1024 bytes)
 QUANTIZE_INT8 = False            # True: also build an INT8 ONNX (onnxruntime static quantization); its size and metrics decide
 TEMP_DIR = 'temp'                # stage-two work in progress
 FINAL_RESULT_DIR = '.'           # the stage-two result folder <xx>-<yy>/ is written here (project root, as the original)
+
+# ----------------------------------------------------------------------------- parallel search (Ray)
+WORKERS = 'auto'                 # concurrent trials: 'auto' = every CPU core Ray sees; 1 = serial, in-process, no Ray
+RAY_ADDRESS = ''                 # '' = a private local Ray instance; 'auto' or 'host:port' = a running cluster (env RAY_ADDRESS works too)

@@ -16,16 +16,26 @@ from public.cli import log, main, threads_note
 
 
 def run(settings, interrupts):
+    from public.dispatch import make_executor
+    from public.results import RunLock, check_writable
     from public.scaling import run_stage_two
     from public.trial import prepare_data
-    log(f"ATML stage two; {threads_note(settings)}")
-    data = prepare_data(settings)
-    log(data.summary)
-    folder, met, rows = run_stage_two(settings, data, interrupts, log=log)
+    check_writable(settings.TEMP_DIR, 'TEMP_DIR')
+    check_writable(settings.FINAL_RESULT_DIR, 'FINAL_RESULT_DIR')
+    with RunLock(settings.TEMP_DIR, 'train_final.py'):
+        log(f"ATML stage two; {threads_note(settings)}")
+        data = prepare_data(settings)
+        log(data.summary)
+        with make_executor(settings, data, log) as executor:
+            folder, met, rows = run_stage_two(settings, data, interrupts, log=log,
+                                              executor=executor)
     columns = ['candidate', 'predicted_bytes', 'status', 'xx', 'yy', 'meets_metric', 'onnx_kb',
                'latency_ms', 'wall_s']
-    with pd.option_context('display.width', 200):
-        log("\nStage-two candidates:\n" + pd.DataFrame(rows, columns=columns).to_string(index=False))
+    table = pd.DataFrame(rows, columns=columns)
+    table = table.assign(_size=pd.to_numeric(table['predicted_bytes'])).sort_values(
+        '_size', kind='stable').drop(columns='_size')          # by size, over-size rows last
+    with pd.option_context('display.width', 100):
+        log("\nStage-two candidates (smallest first):\n" + table.to_string(index=False))
 
 
 if __name__ == '__main__':

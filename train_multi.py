@@ -4,6 +4,7 @@ ONNX and record everything in multi-result/.
 
     python train_multi.py                 # settings from params.py
     python train_multi.py NUM_EPOCHS=5    # override a setting for this run
+    python train_multi.py WORKERS=1       # one trial at a time, in-process (no Ray)
 
 Ctrl+C (or SIGTERM) stops cleanly; run it again to resume where it stopped.
 """
@@ -16,33 +17,57 @@ from public.cli import log, main, threads_note
 
 
 def selected_models(settings):
-    """MODELS by name (any registered model, seed models included), or public/model.py's."""
-    from public.model import model_classes
+    """MODELS by name (any registered model, seed models included), or every model that
+    public/model.py registers, in definition order (read now: a model appended below the
+    file's last line is searched too)."""
+    import public.model  # noqa: F401  (registers its models)
+    from public.registry import get_model_class, model_classes
     if not settings.MODELS:
-        return model_classes
+        return [m for m in model_classes() if m.__module__ == 'public.model']
     import public.seed_models  # noqa: F401  (registers the seed systems' models)
     from public.config import SettingsError
-    from public.registry import get_model_class
     try:
         return [get_model_class(name) for name in settings.MODELS]
     except KeyError as exc:
         raise SettingsError(f"params.py: MODELS={settings.MODELS!r}: {exc.args[0]}") from None
 
 
+def check_avoid_file(settings, model_names):
+    """Read avoid.txt before any data is loaded: a malformed line stops the run now; a line
+    naming a model nobody registered is reported (it prunes nothing)."""
+    from public.registry import model_classes
+    from public.search import AvoidList
+    avoid = AvoidList(settings.AVOID_FILE_PATH, settings.STEP)
+    known = set(model_names) | {m.__name__ for m in model_classes()}
+    for number, name, close in avoid.unknown_models(known):
+        log(f"warning: {settings.AVOID_FILE_PATH}: line {number} names model {name!r}, which is "
+            f"not registered{f' (did you mean {close}?)' if close else ''}; it prunes nothing")
+
+
 def run(settings, interrupts):
+    from public.dispatch import make_executor
+    from public.results import RunLock, check_writable
     from public.search import run_stage_one
     from public.trial import prepare_data
     model_classes = selected_models(settings)
-    log(f"ATML stage one: {len(model_classes)} model(s): "
-        f"{', '.join(m.__name__ for m in model_classes)}; {threads_note(settings)}")
-    data = prepare_data(settings)
-    log(data.summary)
-    summary = run_stage_one(settings, data, model_classes, interrupts, log=log)
-    with pd.option_context('display.width', 200, 'display.max_columns', 30):
+    check_writable(settings.MODEL_SAVE_PATH, 'MODEL_SAVE_PATH')
+    check_writable(settings.TEMP_DIR, 'TEMP_DIR')
+    with RunLock(settings.MODEL_SAVE_PATH, 'train_multi.py'):
+        check_avoid_file(settings, [m.__name__ for m in model_classes])
+        log(f"ATML stage one: {len(model_classes)} model(s): "
+            f"{', '.join(m.__name__ for m in model_classes)}; {threads_note(settings)}")
+        data = prepare_data(settings)
+        log(data.summary)
+        with make_executor(settings, data, log) as executor:
+            summary = run_stage_one(settings, data, model_classes, interrupts, log=log,
+                                    executor=executor)
+    show = [c for c in ('model', 'trials', 'pruned', 'failed', 'best_lr', 'result', 'score',
+                        'test_f1', 'onnx_kb', 'latency_ms', 'wall_s') if c in summary.columns]
+    with pd.option_context('display.width', 100, 'display.max_columns', 30):
         log("\nSummary (best trial per model; metrics on the "
-            f"{settings.SELECT_ON} split decide):\n" + summary.to_string(index=False))
-    log(f"\nAll trials: {os.path.join(settings.MODEL_SAVE_PATH, 'results.csv')}; summary: "
-        f"{os.path.join(settings.MODEL_SAVE_PATH, 'summary.csv')}")
+            f"{settings.SELECT_ON} split decide):\n" + summary[show].to_string(index=False))
+    log(f"\nAll trials: {os.path.join(settings.MODEL_SAVE_PATH, 'results.csv')}; summary with "
+        f"every column: {os.path.join(settings.MODEL_SAVE_PATH, 'summary.csv')}")
 
 
 if __name__ == '__main__':

@@ -5,8 +5,9 @@ import time
 
 import torch
 
-from public.config import SettingsError, load_settings
+from public.config import load_settings
 from public.dataset import DataError
+from public.errors import ATMLError
 from public.interrupts import GracefulInterrupts
 
 
@@ -25,18 +26,11 @@ def main(run, argv=None, name='ATML'):
     start = time.time()
     try:
         settings = load_settings(argv)
-        from public.search import AvoidFileError      # imported late: keeps --help fast
         with GracefulInterrupts() as interrupts:
             run(settings, interrupts)
-    except (SettingsError, DataError) as exc:
+    except (ATMLError, DataError) as exc:
         log(f"error: {exc}")
         return 2
-    except Exception as exc:
-        from public.search import AvoidFileError
-        if isinstance(exc, AvoidFileError):
-            log(f"error: {exc}")
-            return 2
-        raise
     except KeyboardInterrupt as exc:
         log(f"\nInterrupted ({exc or 'SIGINT'}) after {time.time() - start:.0f} s. Finished "
             f"trials are saved; run the same command again to resume.")
@@ -46,7 +40,8 @@ def main(run, argv=None, name='ATML'):
 
 
 def threads_note(settings):
-    """Apply NUM_THREADS (0 keeps torch's default) and describe the CPU budget."""
-    if settings.NUM_THREADS:
-        torch.set_num_threads(settings.NUM_THREADS)
-    return f"{os.cpu_count()} CPU core(s), torch threads {torch.get_num_threads()}"
+    """Describe the CPU budget (prepare_data applies NUM_THREADS; each worker does too)."""
+    threads = settings.NUM_THREADS or torch.get_num_threads()
+    workers = ('serial (WORKERS=1)' if settings.WORKERS == 1 else
+               f"WORKERS={settings.WORKERS!r} concurrent trials")
+    return f"{os.cpu_count()} CPU core(s), {workers}, {threads} torch thread(s) per trial"

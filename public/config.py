@@ -15,8 +15,7 @@ import os
 from types import SimpleNamespace
 
 
-class SettingsError(ValueError):
-    """A setting breaks its rule. The message names the setting, the rule and the value."""
+from public.errors import SettingsError  # noqa: F401  (re-exported: public.config.SettingsError)
 
 
 def _is_number(v):
@@ -35,26 +34,35 @@ def _is_seq(v):
     return isinstance(v, (list, tuple))
 
 
-# name -> (rule as the message states it, predicate). Order is the order of checking.
+KEY, KEY2 = 'key', 'key2'     # tags of the rules table (see below)
+MAX_GRID = 10_000             # learning rates a stage-one grid may hold
+
+
+# name -> (rule as the message states it, predicate[, KEY]). Order is the order of checking.
+# KEY marks a setting that changes what a trial computes (its data, training or scoring):
+# the settings key of a results row is derived from the KEY settings (trial_settings()),
+# so a run with another value of one of them never reuses that row. KEY2 marks settings
+# that change only stage two's trials. tests/test_config.py fails for an unmarked setting
+# that is not listed there as not changing a trial.
 _RULES = {
-    'DATA_DIR': ('a non-empty path string', lambda v: _is_str(v) and v != ''),
-    'TEST_DIR': ("a path string ('' for no test set)", _is_str),
-    'DATA_FORMAT': ("one of 'auto', 'txt', 'csv', 'numpy'", lambda v: v in ('auto', 'txt', 'csv', 'numpy')),
-    'INPUT_SIZE': ('an int >= 16', lambda v: _is_int(v) and v >= 16),
-    'PAD_TOLERANCE': ('an int >= 0', lambda v: _is_int(v) and v >= 0),
-    'SHORTER': ("one of 'error', 'exclude'", lambda v: v in ('error', 'exclude')),
-    'LONGER': ("one of 'error', 'crop'", lambda v: v in ('error', 'crop')),
+    'DATA_DIR': ('a non-empty path string', lambda v: _is_str(v) and v != '', KEY),
+    'TEST_DIR': ("a path string ('' for no test set)", _is_str, KEY),
+    'DATA_FORMAT': ("one of 'auto', 'txt', 'csv', 'numpy'", lambda v: v in ('auto', 'txt', 'csv', 'numpy'), KEY),
+    'INPUT_SIZE': ('an int >= 16', lambda v: _is_int(v) and v >= 16, KEY),
+    'PAD_TOLERANCE': ('an int >= 0', lambda v: _is_int(v) and v >= 0, KEY),
+    'SHORTER': ("one of 'error', 'exclude'", lambda v: v in ('error', 'exclude'), KEY),
+    'LONGER': ("one of 'error', 'crop'", lambda v: v in ('error', 'crop'), KEY),
     'POSITIVE_LABELS': ('a non-empty list/tuple of rhythm strings',
-                        lambda v: _is_seq(v) and len(v) > 0 and all(_is_str(s) for s in v)),
+                        lambda v: _is_seq(v) and len(v) > 0 and all(_is_str(s) for s in v), KEY),
     'CLASSES': ('a list/tuple of distinct class names (str) or ints: () for binary, else >= 2',
                 lambda v: _is_seq(v) and (len(v) == 0 or len(v) >= 2)
                 and all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in v)
-                and len({str(c) for c in v}) == len(v)),
-    'VAL_FRACTION': ('a number in (0, 1)', lambda v: _is_number(v) and 0 < v < 1),
+                and len({str(c) for c in v}) == len(v), KEY),
+    'VAL_FRACTION': ('a number in (0, 1)', lambda v: _is_number(v) and 0 < v < 1, KEY),
     'VAL_FOLDS': ('a list/tuple of fold values (str or int); () = split by subject',
                   lambda v: _is_seq(v) and all(isinstance(f, (str, int)) and not isinstance(f, bool)
-                                               for f in v)),
-    'SKIP_BAD_FILES': ('True or False', lambda v: isinstance(v, bool)),
+                                               for f in v), KEY),
+    'SKIP_BAD_FILES': ('True or False', lambda v: isinstance(v, bool), KEY),
     'CACHE_DIR': ('a non-empty path string', lambda v: _is_str(v) and v != ''),
     'LR_MIN': ('a number > 0', lambda v: _is_number(v) and v > 0),
     'LR_MAX': ('a number > 0', lambda v: _is_number(v) and v > 0),
@@ -62,43 +70,53 @@ _RULES = {
     'AVOID_FILE_PATH': ('a non-empty path string', lambda v: _is_str(v) and v != ''),
     'AVOID_PARAM': ('a number in [0, 1]', lambda v: _is_number(v) and 0 <= v <= 1),
     'STAGE1_TARGET': ('an int in [0, 100]', lambda v: _is_int(v) and 0 <= v <= 100),
-    'SELECT_ON': ("one of 'val', 'test'", lambda v: v in ('val', 'test')),
+    'SELECT_ON': ("one of 'val', 'test'", lambda v: v in ('val', 'test'), KEY),
     'SELECT_METRIC': ("one of 'min4', 'f1', 'accuracy', 'auc', 'abs_sum'",
-                      lambda v: v in ('min4', 'f1', 'accuracy', 'auc', 'abs_sum')),
+                      lambda v: v in ('min4', 'f1', 'accuracy', 'auc', 'abs_sum'), KEY),
     'MODELS': ('a list/tuple of registered model names (() = all of public/model.py)',
                lambda v: _is_seq(v) and all(_is_str(m) for m in v)),
     'MODEL_SAVE_PATH': ('a non-empty path string', lambda v: _is_str(v) and v != ''),
     'RESUME': ('True or False', lambda v: isinstance(v, bool)),
-    'NUM_EPOCHS': ('an int >= 1', lambda v: _is_int(v) and v >= 1),
-    'BATCH_SIZE': ('an int >= 2 (BatchNorm needs 2 samples)', lambda v: _is_int(v) and v >= 2),
-    'PATIENCE': ('an int >= 1', lambda v: _is_int(v) and v >= 1),
-    'OVERFIT_GAP': ('a number >= 0', lambda v: _is_number(v) and v >= 0),
-    'WEIGHT_DECAY': ('a number >= 0', lambda v: _is_number(v) and v >= 0),
-    'SEED': ('an int >= 0', lambda v: _is_int(v) and v >= 0),
+    'NUM_EPOCHS': ('an int >= 1', lambda v: _is_int(v) and v >= 1, KEY),
+    'BATCH_SIZE': ('an int >= 2 (BatchNorm needs 2 samples)', lambda v: _is_int(v) and v >= 2, KEY),
+    'PATIENCE': ('an int >= 1', lambda v: _is_int(v) and v >= 1, KEY),
+    'OVERFIT_GAP': ('a number >= 0', lambda v: _is_number(v) and v >= 0, KEY),
+    'WEIGHT_DECAY': ('a number >= 0', lambda v: _is_number(v) and v >= 0, KEY),
+    'SEED': ('an int >= 0', lambda v: _is_int(v) and v >= 0, KEY),
     'DEVICE': ("one of 'auto', 'cpu', 'cuda'", lambda v: v in ('auto', 'cpu', 'cuda')),
     'NUM_THREADS': ('an int >= 0', lambda v: _is_int(v) and v >= 0),
     'NUM_WORKERS': ('an int >= 0', lambda v: _is_int(v) and v >= 0),
     'PREFETCH_FACTOR': ('an int >= 1', lambda v: _is_int(v) and v >= 1),
-    'ONNX_OPSET': ('an int in [18, 23]', lambda v: _is_int(v) and 18 <= v <= 23),
+    'ONNX_OPSET': ('an int in [18, 23]', lambda v: _is_int(v) and 18 <= v <= 23, KEY),
     'LATENCY_RUNS': ('an int >= 1', lambda v: _is_int(v) and v >= 1),
-    'LEARNING_RATE': ('a number > 0', lambda v: _is_number(v) and v > 0),
+    'LEARNING_RATE': ('a number > 0', lambda v: _is_number(v) and v > 0, KEY2),
     'CHANNEL_SCALES': ('a non-empty list/tuple of ints >= 1',
                        lambda v: _is_seq(v) and len(v) > 0 and all(_is_int(s) and s >= 1 for s in v)),
     'FC_SCALES': ('a non-empty list/tuple of ints >= 1',
                   lambda v: _is_seq(v) and len(v) > 0 and all(_is_int(s) and s >= 1 for s in v)),
     'METRIC_TARGET': ('a number in (0, 100]', lambda v: _is_number(v) and 0 < v <= 100),
     'SIZE_TARGET_KB': ('a number > 0', lambda v: _is_number(v) and v > 0),
-    'QUANTIZE_INT8': ('True or False', lambda v: isinstance(v, bool)),
+    'QUANTIZE_INT8': ('True or False', lambda v: isinstance(v, bool), KEY2),
     'TEMP_DIR': ('a non-empty path string', lambda v: _is_str(v) and v != ''),
     'FINAL_RESULT_DIR': ('a non-empty path string', lambda v: _is_str(v) and v != ''),
+    'WORKERS': ("'auto' (every CPU core Ray sees) or an int >= 1 (1 = serial, in-process, no Ray)",
+                lambda v: v == 'auto' or (_is_int(v) and v >= 1)),
+    'RAY_ADDRESS': ("'' (a private local Ray instance), 'auto' or 'host:port' of a running cluster",
+                    lambda v: _is_str(v) and (v in ('', 'auto') or (':' in v and ' ' not in v))),
 }
 
 # The original ATML spelt LEARNING_RATE as LEARING_RATE; old params.py files keep working.
 _ALIASES = {'LEARING_RATE': 'LEARNING_RATE'}
 
 
+def trial_settings(stage=1):
+    """The settings that make two trials the same trial (KEY; stage 2 adds KEY2)."""
+    tags = (KEY,) if stage == 1 else (KEY, KEY2)
+    return tuple(n for n, entry in _RULES.items() if len(entry) > 2 and entry[2] in tags)
+
+
 def _check_value(name, value, source):
-    rule, ok = _RULES[name]
+    rule, ok = _RULES[name][:2]
     if not ok(value):
         raise SettingsError(f"{source}: {name} must be {rule}, got {name}={value!r}")
 
@@ -107,6 +125,14 @@ def _cross_checks(s, source):
     if s.LR_MIN > s.LR_MAX:
         raise SettingsError(f"{source}: LR_MIN must be <= LR_MAX, got LR_MIN={s.LR_MIN!r} "
                             f"and LR_MAX={s.LR_MAX!r}")
+    count = int((s.LR_MAX - s.LR_MIN) / s.STEP + 1e-9) + 1
+    if count > MAX_GRID:
+        raise SettingsError(f"{source}: the learning-rate grid LR_MIN={s.LR_MIN!r} .. LR_MAX="
+                            f"{s.LR_MAX!r} step STEP={s.STEP!r} has {count:,} values; at most "
+                            f"{MAX_GRID:,} are allowed (raise STEP or narrow the range)")
+    if s.TEST_DIR and os.path.abspath(s.TEST_DIR) == os.path.abspath(s.DATA_DIR):
+        raise SettingsError(f"{source}: TEST_DIR must be another folder than DATA_DIR (test "
+                            f"metrics on training data mean nothing), got both {s.DATA_DIR!r}")
     if s.SELECT_ON == 'test' and not s.TEST_DIR:
         raise SettingsError(f"{source}: SELECT_ON='test' needs a test set, got TEST_DIR=''")
     if s.SELECT_METRIC == 'auc' and s.CLASSES and len(s.CLASSES) > 2:
@@ -137,8 +163,9 @@ def _module_settings(path):
     return {k: v for k, v in vars(module).items() if k.isupper() and not k.startswith('_')}
 
 
-def validate(values, source='params.py'):
-    """Check a {NAME: value} dict against the rules; return it as a namespace."""
+def validate(values, source='params.py', overridden=()):
+    """Check a {NAME: value} dict against the rules; return it as a namespace. A bad value
+    of a setting in `overridden` is reported as coming from the command line."""
     values = dict(values)
     for alias, name in _ALIASES.items():
         if alias in values:
@@ -153,7 +180,7 @@ def validate(values, source='params.py'):
     if missing:
         raise SettingsError(f"{source}: missing setting(s) {', '.join(missing)}")
     for name in _RULES:
-        _check_value(name, values[name], source)
+        _check_value(name, values[name], 'command line' if name in overridden else source)
     settings = SimpleNamespace(**{n: values[n] for n in _RULES})
     _cross_checks(settings, source)
     settings.POSITIVE_LABELS = tuple(settings.POSITIVE_LABELS)
@@ -204,7 +231,7 @@ def load_settings(argv=(), params_path=None):
             if canonical == name:          # an override replaces the file's misspelt alias too
                 values.pop(alias, None)
     values.update(overrides)
-    settings = validate(values, source)
+    settings = validate(values, source, overridden=set(overrides))
     settings.PARAMS_PATH = os.path.abspath(params_path)
     settings.OVERRIDES = overrides
     return settings

@@ -20,8 +20,7 @@ import onnxruntime as ort
 import torch
 
 
-class ExportError(RuntimeError):
-    """Export produced no usable self-contained ONNX file, or its outputs differ from PyTorch."""
+from public.errors import ExportError  # noqa: E402,F401  (re-exported)
 
 
 def export_onnx(model, path, in_channels, input_size, opset):

@@ -10,26 +10,23 @@ smallest first with the stage-one trial procedure, so the first that meets METRI
 the smallest model that meets both. Every candidate's files live in temp/c<C>-f<F>/; the
 winner is copied atomically to <FINAL_RESULT_DIR>/<xx>-<yy>/.
 """
+import functools
 import hashlib
 import inspect
-import json
 import os
 import shutil
-import time
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-
-from public.config import SettingsError, settings_dict
-from public.export import export_onnx, onnx_predict, size_kb
+from public.errors import SettingsError
+from public.executor import Job
+from public.export import export_onnx, size_kb
 from public.quantize import quantize_int8
-from public.results import STAGE2_COLUMNS, ResultsTable, replace_folder, write_result_files
-from public.search import _TRIAL_SETTINGS, best_rank
-from public.test import (METRIC_NAMES, classification_metrics, percent, score_digits,
-                         selection_score)
-from public.results import recover_folders
-from public.trial import STATUS_DIVERGED, STATUS_FAILED, STATUS_OK, run_trial
+from public.results import (STAGE2_COLUMNS, ResultsTable, atml_made, best_rank, clean_scratch,
+                            read_info, recover_folders, replace_folder, settings_key,
+                            trial_row, write_info, write_result_files)
+from public.test import score_digits, selection_score
+from public.trial import (STATUS_DIVERGED, STATUS_FAILED, STATUS_OK, TrialResult, TrialSpec,
+                          calibration_sample)
 
 STAGE2_CSV = 'stage2_results.csv'
 STATUS_OVER_SIZE = 'over-size'
@@ -67,6 +64,11 @@ def _ss_model():
 
 def build_candidate_model(ss_model, config):
     return ss_model.AFNet(config)
+
+
+def build_from_config(config):
+    """A fresh stage-two model (picklable as functools.partial, for workers)."""
+    return build_candidate_model(_ss_model(), config)
 
 
 def _like_trained(model, seed=0):
@@ -128,68 +130,10 @@ def plan_candidates(settings, input_size, in_channels, num_classes=2, probe_dir=
 
 
 def stage_two_key(settings):
-    values = settings_dict(settings)
-    keyed = {k: values[k] for k in _TRIAL_SETTINGS + ('LEARNING_RATE', 'QUANTIZE_INT8')}
+    """Stage one's trial settings, LEARNING_RATE, QUANTIZE_INT8 and public/ss_model.py itself."""
     import public.ss_model as ss_model
-    keyed['ss_model'] = hashlib.sha1(inspect.getsource(ss_model).encode()).hexdigest()
-    blob = json.dumps(keyed, sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:10]
-
-
-def _row(candidate, settings, key, result=None, status=None, meets=False):
-    row = dict(candidate=candidate.name, channel_scale=candidate.channel_scale,
-               fc_scale=candidate.fc_scale, predicted_bytes=candidate.predicted_bytes,
-               lr=repr(settings.LEARNING_RATE), seed=settings.SEED, settings_key=key,
-               select_on=settings.SELECT_ON, finished_at=time.strftime('%Y-%m-%dT%H:%M:%S'),
-               status=status or result.status, meets_metric=meets,
-               select_metric=settings.SELECT_METRIC)
-    if result is not None:
-        selected = result.selected(settings.SELECT_ON)
-        xx, yy = score_digits(selected) if selected else ('', '')
-        row.update(stop_reason=result.stop_reason, epochs=result.epochs,
-                   best_epoch=result.best_epoch, xx=xx, yy=yy,
-                   score=selection_score(selected, settings.SELECT_METRIC) if selected else '',
-                   onnx_kb=size_kb(result.onnx_bytes) if result.onnx_bytes else '',
-                   onnx_bytes=result.onnx_bytes or '', latency_ms=result.latency_ms,
-                   params=result.params, wall_s=result.wall_s,
-                   error=result.error.splitlines()[0] if result.error else '')
-        for split, metrics in (('val', result.val_metrics), ('test', result.test_metrics)):
-            for m in METRIC_NAMES + ('auc', 'abs_sum'):
-                row[f"{split}_{m}"] = metrics.get(m, '') if metrics else ''
-        int8 = getattr(result, 'int8', None)
-        if int8:
-            # With QUANTIZE_INT8 the INT8 model is the deliverable: its metrics and size decide.
-            xx, yy = score_digits(int8[settings.SELECT_ON])
-            row.update(xx=xx, yy=yy, int8_bytes=int8['bytes'], onnx_kb=size_kb(int8['bytes']),
-                       score=selection_score(int8[settings.SELECT_ON], settings.SELECT_METRIC),
-                       int8_metrics={'val': int8['val'], 'test': int8['test']})
-    return row
-
-
-def _add_int8(result, data, settings):
-    """Quantize the trained candidate's ONNX and measure the INT8 model with onnxruntime."""
-    float_path = os.path.join(settings.TEMP_DIR, 'stage2-trial.onnx')
-    int8_path = os.path.join(settings.TEMP_DIR, 'stage2-trial.int8.onnx')
-    size = quantize_int8(float_path, int8_path, _calibration(data))
-    measured = {'bytes': size}
-    for split, x, y in (('val', data.trial.x_val, data.trial.y_val.cpu().numpy()),
-                        ('test', data.x_test, data.y_test)):
-        if len(x):
-            logits = onnx_predict(int8_path, x.cpu().numpy())
-            probs = np.exp(logits - logits.max(1, keepdims=True))
-            measured[split] = classification_metrics(y, probs / probs.sum(1, keepdims=True),
-                                                     data.num_classes)
-        else:
-            measured[split] = {}
-    result.int8 = measured
-    return result
-
-
-def _calibration(data, count=256):
-    # A seeded sample of training segments fixes the activation ranges.
-    x = data.trial.x_train
-    idx = np.random.default_rng(0).permutation(len(x))[:count]
-    return x[torch.as_tensor(idx)].cpu().numpy()
+    return settings_key(settings, stage=2, extra={
+        'ss_model': hashlib.sha1(inspect.getsource(ss_model).encode()).hexdigest()})
 
 
 def _deliverable_fits(row, budget, settings):
@@ -203,139 +147,222 @@ def _meets_metric(row, settings):
             and 100 * float(row['score']) >= settings.METRIC_TARGET - 1e-9)
 
 
-def _publish(settings, candidate_dir, row, met, log):
-    """Copy a candidate's folder to <FINAL_RESULT_DIR>/<xx>-<yy>/ atomically."""
-    name = f"{row['xx']}-{row['yy']}"
+def _row(candidate, settings, key, result=None, status=None):
+    fields = dict(candidate=candidate.name, channel_scale=candidate.channel_scale,
+                  fc_scale=candidate.fc_scale, predicted_bytes=candidate.predicted_bytes,
+                  lr=repr(settings.LEARNING_RATE), meets_metric=False)
+    if result is None:
+        return dict(fields, status=status, seed=settings.SEED, settings_key=key,
+                    select_on=settings.SELECT_ON, select_metric=settings.SELECT_METRIC)
+    row = trial_row(result, settings, key, **fields)
+    if result.int8:
+        # With QUANTIZE_INT8 the INT8 model is the deliverable: its metrics and size decide.
+        xx, yy = score_digits(result.int8[settings.SELECT_ON])
+        row.update(xx=xx, yy=yy, int8_bytes=result.int8['bytes'],
+                   onnx_kb=size_kb(result.int8['bytes']),
+                   score=selection_score(result.int8[settings.SELECT_ON], settings.SELECT_METRIC),
+                   int8_metrics={'val': result.int8['val'], 'test': result.int8['test']})
+    return row
 
-    def build(folder):
-        for f in os.listdir(candidate_dir):
-            shutil.copy2(os.path.join(candidate_dir, f), os.path.join(folder, f))
-        with open(os.path.join(folder, 'evaluation_metrics.txt'), 'a') as f:
-            f.write(f"\nStage two: {'meets' if met else 'does NOT meet'} both targets "
-                    f"(METRIC_TARGET={settings.METRIC_TARGET}, SIZE_TARGET_KB={settings.SIZE_TARGET_KB})\n")
-        stage_table = os.path.join(settings.TEMP_DIR, STAGE2_CSV)
-        if os.path.exists(stage_table):
-            shutil.copy2(stage_table, os.path.join(folder, STAGE2_CSV))
-    final = replace_folder(settings.FINAL_RESULT_DIR, name, build)
-    log(f"Result: {final}/")
-    return final
+
+def _run_job(spec, data):
+    from public.trial import run_job
+    return run_job(spec, data)
 
 
-def run_stage_two(settings, data, interrupts, log=print, progress=True, trainer=run_trial):
-    """The stage-two search; returns (result folder or None, met: bool, rows)."""
-    os.makedirs(settings.TEMP_DIR, exist_ok=True)
-    for folder in (settings.TEMP_DIR, settings.FINAL_RESULT_DIR):
-        for action in recover_folders(folder):      # a crash mid-write in an earlier run
-            log(f"  {folder}: {action}")
-    budget = SizeBudget(settings.SIZE_TARGET_KB)
-    candidates = plan_candidates(settings, data.input_size, data.in_channels, data.num_classes,
-                                 calibration_x=_calibration(data) if settings.QUANTIZE_INT8 else None)
-    table = ResultsTable(os.path.join(settings.TEMP_DIR, STAGE2_CSV), STAGE2_COLUMNS)
-    key = stage_two_key(settings)
-    earlier = {r['candidate']: r for r in table.rows()
-               if r['settings_key'] == key and r['status'] != STATUS_FAILED}
-    log(f"Stage two plan: {len(candidates)} candidate(s) at LEARNING_RATE={settings.LEARNING_RATE}; "
-        f"targets: min metric >= {settings.METRIC_TARGET} %, ONNX <= {settings.SIZE_TARGET_KB} KB "
-        f"({budget.limit_bytes} bytes)")
-    for k in candidates:
-        fate = 'train' if budget.fits(k.predicted_bytes) else 'over size budget: never trained'
-        done = ' (finished earlier: not retrained)' if k.name in earlier and fate == 'train' else ''
-        log(f"  {k.name:>8}  channels {k.config.get('channels', '?')}, fc {k.config.get('fc_hidden', '?')}: "
-            f"{k.predicted_bytes} bytes ({size_kb(k.predicted_bytes)} KB)  {fate}{done}")
-    if earlier:
-        log(f"Resuming from {table.path}: {len(earlier)} candidate(s) already recorded")
-    import public.ss_model as ss_model
-    with interrupts.critical():                     # the plan's verdicts, recorded up front
-        for k in candidates:
-            if (not budget.fits(k.predicted_bytes)
-                    and earlier.get(k.name, {}).get('status') != STATUS_OVER_SIZE):
-                table.append(_row(k, settings, key, status=STATUS_OVER_SIZE))
-    winner = None
-    for k in candidates:
-        if not budget.fits(k.predicted_bytes):
-            continue
-        candidate_dir = os.path.join(settings.TEMP_DIR, k.name)
-        previous = earlier.get(k.name, {})
-        if previous.get('status') == STATUS_DIVERGED:
-            log(f"  {k.name}: diverged in an earlier run; not retrained")
-            continue
-        if previous.get('status') == STATUS_OK and os.path.isdir(candidate_dir):
-            if _meets_metric(previous, settings):
-                if _deliverable_fits(previous, budget, settings):
-                    winner = (candidate_dir, previous)
-                    log(f"  {k.name}: finished earlier and meets the metric target")
-                    break
-            continue
-        result = trainer(lambda: build_candidate_model(ss_model, k.config), settings.LEARNING_RATE,
-                         data, settings, os.path.join(settings.TEMP_DIR, 'stage2-trial.onnx'),
-                         progress=progress, desc=f"{k.name}")
-        if result.status == STATUS_OK and settings.QUANTIZE_INT8:
-            try:
-                _add_int8(result, data, settings)
-            except Exception as exc:
-                result.status, result.error = STATUS_FAILED, f"INT8 quantization failed: {exc}"
+class StageTwo:
+    """Stage two's decisions, for the dispatch loop (public/dispatch.py).
+
+    Candidates are dispatched smallest first. The answer is the smallest candidate that
+    meets both targets: it is decided only once every smaller candidate has a recorded
+    outcome, so a larger one finishing first never wins while a smaller one still runs.
+    Once it is decided, queued and running larger candidates are cancelled."""
+
+    def __init__(self, settings, data, log=print, progress=True, trainer=None):
+        self.settings, self.data, self.log = settings, data, log
+        self.progress, self.trainer = progress, trainer
+        self.budget = SizeBudget(settings.SIZE_TARGET_KB)
+        self.table = ResultsTable(os.path.join(settings.TEMP_DIR, STAGE2_CSV), STAGE2_COLUMNS)
+        self.key = stage_two_key(settings)
+
+    def start(self):
+        settings, log = self.settings, self.log
+        lost = self.table.quarantine()
+        if lost:
+            log(f"warning: {self.table.path}: line(s) {', '.join(map(str, lost))} are not rows "
+                f"of this table; moved to {self.table.path}.rejected")
+        for folder in (settings.TEMP_DIR, settings.FINAL_RESULT_DIR):
+            for action in recover_folders(folder):      # a crash mid-write in an earlier run
+                log(f"  {folder}: {action}")
+        clean_scratch(settings.TEMP_DIR)
+        data = self.data
+        self.plan = plan_candidates(settings, data.input_size, data.in_channels, data.num_classes,
+                                    calibration_x=calibration_sample(data) if settings.QUANTIZE_INT8 else None)
+        self.feasible = [k for k in self.plan if self.budget.fits(k.predicted_bytes)]
+        self.outcomes = {}          # candidate name -> its row, once recorded (this key)
+        for r in self.table.rows():
+            if r['settings_key'] != self.key or r['status'] in (STATUS_FAILED, STATUS_OVER_SIZE):
+                continue
+            if r['status'] == STATUS_OK and not os.path.isdir(self._dir(r['candidate'])):
+                continue            # its files are gone: train it again
+            self.outcomes[r['candidate']] = r
+        log(f"Stage two plan: {len(self.plan)} candidate(s) at LEARNING_RATE={settings.LEARNING_RATE}; "
+            f"targets: min metric >= {settings.METRIC_TARGET} %, ONNX <= {settings.SIZE_TARGET_KB} KB "
+            f"({self.budget.limit_bytes} bytes)")
+        for k in self.plan:
+            fate = 'train' if self.budget.fits(k.predicted_bytes) else 'over size budget: never trained'
+            done = ' (finished earlier: not retrained)' if k.name in self.outcomes and fate == 'train' else ''
+            log(f"  {k.name:>8}  channels {k.config.get('channels', '?')}, fc {k.config.get('fc_hidden', '?')}: "
+                f"{k.predicted_bytes} bytes ({size_kb(k.predicted_bytes)} KB)  {fate}{done}")
+        if self.outcomes:
+            log(f"Resuming from {self.table.path}: {len(self.outcomes)} candidate(s) already recorded")
+        recorded = {r['candidate'] for r in self.table.rows()
+                    if r['settings_key'] == self.key and r['status'] == STATUS_OVER_SIZE}
+        for k in self.plan:                       # the plan's verdicts, recorded up front
+            if not self.budget.fits(k.predicted_bytes) and k.name not in recorded:
+                self.table.append(_row(k, settings, self.key, status=STATUS_OVER_SIZE))
+        self.queue = [k for k in self.feasible if k.name not in self.outcomes]
+        for k in self.feasible:
+            if self.outcomes.get(k.name, {}).get('status') == STATUS_DIVERGED:
+                log(f"  {k.name}: diverged in an earlier run; not retrained")
+
+    def _dir(self, name):
+        return os.path.join(self.settings.TEMP_DIR, name)
+
+    def _meets(self, row):
+        return _meets_metric(row, self.settings) and _deliverable_fits(row, self.budget, self.settings)
+
+    def winner(self):
+        """(decided, row of the smallest candidate meeting both targets or None)."""
+        for k in self.feasible:
+            row = self.outcomes.get(k.name)
+            if row is None:
+                return False, None          # a smaller candidate has no outcome yet
+            if self._meets(row):
+                return True, row
+        return True, None
+
+    def _index(self, name):
+        return next(i for i, k in enumerate(self.feasible) if k.name == name)
+
+    def _first_meeting(self):
+        meeting = [self._index(n) for n, r in self.outcomes.items() if self._meets(r)]
+        return min(meeting) if meeting else None
+
+    def next_job(self):
+        first = self._first_meeting()
+        while self.queue:
+            k = self.queue.pop(0)
+            if first is not None and self._index(k.name) > first:
+                self.queue = []             # a smaller candidate already meets both targets
+                return None
+            spec = TrialSpec(key=k.name, lr=self.settings.LEARNING_RATE, settings=self.settings,
+                             build=functools.partial(build_from_config, k.config),
+                             quantize=self.settings.QUANTIZE_INT8, trainer=self.trainer,
+                             progress=self.progress)
+            return Job(key=k.name, fn=_run_job, payload=spec)
+        return None
+
+    def obsolete(self, job):
+        first = self._first_meeting()
+        return first is not None and self._index(job.key) > first
+
+    def record(self, outcome):
+        settings = self.settings
+        k = self.feasible[self._index(outcome.job.key)]
+        result = outcome.result if outcome.ok else TrialResult(status=STATUS_FAILED,
+                                                               error=outcome.error)
+        result.node, result.attempts = outcome.node, outcome.attempts
         if result.status == STATUS_OK and not settings.QUANTIZE_INT8 and result.onnx_bytes != k.predicted_bytes:
-            log(f"  warning: {k.name}: trained ONNX is {result.onnx_bytes} bytes, predicted "
-                f"{k.predicted_bytes}")
-        row = _row(k, settings, key, result)
-        row['meets_metric'] = _meets_metric(row, settings) and (
-            not settings.QUANTIZE_INT8 or budget.fits(int(row['int8_bytes'])))
-        with interrupts.critical():
-            if result.status == STATUS_OK:
-                _save_candidate(settings, k, result, candidate_dir)
-            table.append(row)
-        log(f"  {k.name}: {result.status}, {settings.SELECT_ON} {row.get('xx', '')}-{row.get('yy', '')}, "
-            f"{row.get('onnx_kb', '')} KB, {result.wall_s:.1f} s"
-            + (f" ({row['error']})" if result.error else ''))
-        if row['meets_metric']:
-            winner = (candidate_dir, row)
-            break
-    rows = [r for r in table.rows() if r['settings_key'] == key]
-    if winner:
-        log(f"{winner[1]['candidate']} meets both targets: the smallest such model.")
-        return _publish(settings, *winner, True, log), True, rows
-    trained = [r for r in rows if r['status'] == STATUS_OK and _deliverable_fits(r, budget, settings)
-               and os.path.isdir(os.path.join(settings.TEMP_DIR, r['candidate']))]
-    if not trained:
-        log("No candidate meets both targets, and none under the size cap trained successfully "
-            f"(SIZE_TARGET_KB={settings.SIZE_TARGET_KB}: raise it or lower CHANNEL_SCALES / FC_SCALES).")
-        return None, False, rows
-    best = max(trained, key=best_rank)
-    log(f"No candidate meets both targets. Best under the size cap: {best['candidate']} with "
-        f"{settings.SELECT_METRIC}={100 * float(best['score']):.1f} "
-        f"({100 * float(best['score']) - settings.METRIC_TARGET:+.1f} points from METRIC_TARGET="
-        f"{settings.METRIC_TARGET}), {best['onnx_kb']} KB ({float(best['onnx_kb']) - settings.SIZE_TARGET_KB:+.0f} KB "
-        f"from SIZE_TARGET_KB={settings.SIZE_TARGET_KB}).")
-    return _publish(settings, os.path.join(settings.TEMP_DIR, best['candidate']), best, False, log), False, rows
+            self.log(f"  warning: {k.name}: trained ONNX is {result.onnx_bytes} bytes, predicted "
+                     f"{k.predicted_bytes}")
+        row = _row(k, settings, self.key, result)
+        row['meets_metric'] = self._meets({k2: str(v) for k2, v in row.items()})
+        if result.status == STATUS_OK:
+            _save_candidate(settings, k, result, self._dir(k.name), self.key)   # artifacts first
+        self.table.append(row)                                                # the commit point
+        recorded = [r for r in self.table.rows()
+                    if r['settings_key'] == self.key and r['candidate'] == k.name]
+        self.outcomes[k.name] = recorded[-1]
+        self.log(f"  {k.name}: {result.status}, {settings.SELECT_ON} {row.get('xx', '')}-{row.get('yy', '')}, "
+                 f"{row.get('onnx_kb', '')} KB, {result.wall_s:.1f} s"
+                 + (f" ({row['error']})" if result.error else '')
+                 + (f" on node {result.node}" if result.node not in ('', 'local') else ''))
+
+    def finish(self):
+        """Publish the answer (or the best under the size cap); (folder or None, met, rows)."""
+        settings, log = self.settings, self.log
+        rows = [r for r in self.table.rows() if r['settings_key'] == self.key]
+        decided, winner = self.winner()
+        if winner:
+            log(f"{winner['candidate']} meets both targets: the smallest such model.")
+            return self._publish(winner, True), True, rows
+        trained = [r for r in self.outcomes.values() if r['status'] == STATUS_OK
+                   and _deliverable_fits(r, self.budget, settings)]
+        if not trained:
+            log("No candidate meets both targets, and none under the size cap trained successfully "
+                f"(SIZE_TARGET_KB={settings.SIZE_TARGET_KB}: raise it or lower CHANNEL_SCALES / FC_SCALES).")
+            return None, False, rows
+        best = max(sorted(trained, key=lambda r: self._index(r['candidate'])), key=best_rank)
+        log(f"No candidate meets both targets. Best under the size cap: {best['candidate']} with "
+            f"{settings.SELECT_METRIC}={100 * float(best['score']):.1f} "
+            f"({100 * float(best['score']) - settings.METRIC_TARGET:+.1f} points from METRIC_TARGET="
+            f"{settings.METRIC_TARGET}), {best['onnx_kb']} KB ({float(best['onnx_kb']) - settings.SIZE_TARGET_KB:+.0f} KB "
+            f"from SIZE_TARGET_KB={settings.SIZE_TARGET_KB}).")
+        return self._publish(best, False), False, rows
+
+    def _publish(self, row, met):
+        """Derive <FINAL_RESULT_DIR>/<xx>-<yy>/ from the candidate's folder (atomically); an
+        earlier result folder of this same search under another name is stale: removed."""
+        settings = self.settings
+        name = f"{row['xx']}-{row['yy']}"
+        source = self._dir(row['candidate'])
+        verdict = (f"Stage two: {'meets' if met else 'does NOT meet'} both targets "
+                   f"(METRIC_TARGET={settings.METRIC_TARGET}, SIZE_TARGET_KB={settings.SIZE_TARGET_KB})")
+
+        def build(folder):
+            for f in os.listdir(source):
+                if f not in ('result.json', 'evaluation_metrics.txt', '.atml-owned'):
+                    shutil.copy2(os.path.join(source, f), os.path.join(folder, f))
+            write_info(folder, {**read_info(source), 'folder': name, 'verdict': verdict,
+                                'stage2_key': self.key})
+            if os.path.exists(self.table.path):
+                shutil.copy2(self.table.path, os.path.join(folder, STAGE2_CSV))
+        final = replace_folder(settings.FINAL_RESULT_DIR, name, build)
+        for entry in os.listdir(settings.FINAL_RESULT_DIR):
+            path = os.path.join(settings.FINAL_RESULT_DIR, entry)
+            if entry != name and atml_made(path) and (read_info(path) or {}).get('stage2_key') == self.key:
+                shutil.rmtree(path)
+        self.log(f"Result: {final}/")
+        return final
 
 
-def _save_candidate(settings, candidate, result, candidate_dir):
-    other = result.test_metrics if settings.SELECT_ON == 'val' else result.val_metrics
-    name = os.path.basename(candidate_dir)
+def run_stage_two(settings, data, interrupts, log=print, progress=True, trainer=None,
+                  executor=None):
+    """The stage-two search; returns (result folder or None, met: bool, rows)."""
+    from public.dispatch import run_dispatch
+    from public.executor import SerialExecutor
+    os.makedirs(settings.TEMP_DIR, exist_ok=True)
+    stage = StageTwo(settings, data, log, progress, trainer)
+    with interrupts.critical():
+        stage.start()
+    own = executor is None
+    executor = executor or SerialExecutor(data)
+    try:
+        run_dispatch(stage, executor, interrupts)
+    finally:
+        if own:
+            executor.shutdown()
+    with interrupts.critical():
+        return stage.finish()
 
+
+def _save_candidate(settings, candidate, result, candidate_dir, key):
     def build(folder):
-        write_result_files(folder, name=name, state_dict=result.state_dict,
-                           onnx_path=os.path.join(settings.TEMP_DIR, 'stage2-trial.onnx'),
-                           selected_metrics=result.selected(settings.SELECT_ON),
-                           other_metrics=other, select_on=settings.SELECT_ON,
-                           lr=settings.LEARNING_RATE, model_name='ss_model.AFNet',
-                           onnx_bytes=result.onnx_bytes, settings=settings,
-                           extra_lines=[f"Channel scaling factor: {candidate.channel_scale}",
-                                        f"FC scaling factor: {candidate.fc_scale}"]
-                           + ([f"INT8 ONNX file size: {size_kb(result.int8['bytes'])} KB "
-                               f"(saved.int8.onnx, the deliverable: QUANTIZE_INT8=True)"]
-                              if result.int8 else []),
+        write_result_files(folder, result=result, name=candidate.name, model_name='ss_model.AFNet',
+                           lr=settings.LEARNING_RATE, settings=settings,
+                           onnx_bytes=result.onnx_bytes, int8_onnx=result.int8_onnx,
                            info={'channel_scale': candidate.channel_scale,
                                  'fc_scale': candidate.fc_scale, 'config': candidate.config,
-                                 'latency_ms': result.latency_ms, 'params': result.params,
-                                 'int8': getattr(result, 'int8', None)})
-        if getattr(result, 'int8', None):
-            shutil.copyfile(os.path.join(settings.TEMP_DIR, 'stage2-trial.int8.onnx'),
-                            os.path.join(folder, 'saved.int8.onnx'))
-            with open(os.path.join(folder, 'evaluation_metrics.txt'), 'a') as f:
-                f.write(f"\nINT8 model (saved.int8.onnx, static quantization, QDQ):\n"
-                        f"ONNX file size: {size_kb(result.int8['bytes'])} KB\n"
-                        + '\n'.join(f"{split} split: " + ', '.join(
-                            f"{m} {v:.4f}" for m, v in result.int8[split].items())
-                            for split in ('val', 'test') if result.int8[split]) + '\n')
-    replace_folder(settings.TEMP_DIR, name, build)
+                                 'int8': result.int8, 'settings_key': key})
+    replace_folder(os.path.dirname(candidate_dir), os.path.basename(candidate_dir), build)

@@ -2,16 +2,22 @@
 
     candidates = learning_rate_candidates(0.0015, 0.0050, 0.0005)   # exactly 8 values
     avoid = AvoidList('avoid.txt', step=0.0005)
-    avoid.pruned_by(0.0025, 'AFNet')      # the entry within 2*STEP that prunes it, or None
-    run_stage_one(settings, data)         # the whole search; resumable
+    avoid.pruned_by(0.0025, 'AFNet', key)   # the entry within 2*STEP that prunes it, or None
+    run_stage_one(settings, data, models, interrupts)   # the whole search; resumable
 
 avoid.txt: one learning rate per line, optionally followed by a model name; `#` starts a
-comment. A bare number (what a user writes by hand) prunes that rate and its neighbours
-(within 2*STEP) for every model; the search appends `<lr> <Model>` lines, scoped to the
-model it was searching.
+comment. A line a user writes (a bare number, or `<lr> <Model>`) always applies: a bare
+number to every model, a named one to that model. The search appends its own lines as
+`<lr> <Model>  # atml:<settings key> <why>`: they apply only to searches with the same
+trial settings, and RESUME=False removes only them.
+
+What a stage-one search means under concurrency (StageOne): candidates are dispatched in
+order (model by model, learning rates in grid order); a candidate is checked against
+avoid.txt when it is about to start, so a rate pruned by a finished trial is skipped; a
+trial already running when its rate becomes prunable finishes and is recorded; once a
+model reaches STAGE1_TARGET its other trials are cancelled.
 """
-import hashlib
-import json
+import functools
 import math
 import os
 import re
@@ -21,27 +27,23 @@ from decimal import Decimal
 
 import pandas as pd
 
-from public.config import settings_dict
-from public.export import size_kb
-from public.results import (STAGE1_COLUMNS, ResultsTable, recover_folders, replace_folder,
-                            write_result_files)
-from public.test import METRIC_NAMES, percent, score_digits, selection_score
-from public.trial import STATUS_DIVERGED, STATUS_FAILED, STATUS_OK, run_trial
+from public.errors import AvoidFileError
+from public.executor import Job
+from public.results import (STAGE1_COLUMNS, ResultsTable, atml_made, best_rank, durable,
+                            lr_key, read_info, recover_folders, replace_folder,
+                            settings_key, trial_row, write_atomic, write_info, write_result_files)
+from public.test import percent
+from public.trial import STATUS_DIVERGED, STATUS_FAILED, STATUS_OK, TrialResult, TrialSpec
 
 RESULTS_CSV = 'results.csv'
 SUMMARY_CSV = 'summary.csv'
+STORE = '.store'
 _RESULT_FOLDER = re.compile(r'^\d{1,3}-\d{1,3}$')
 _MODEL_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_.]*$')
+_TAG = re.compile(r'#\s*atml:([0-9a-f]{10})\b')
 
-# Settings whose change makes earlier trials incomparable (they are then not reused).
-_TRIAL_SETTINGS = ('DATA_DIR', 'TEST_DIR', 'DATA_FORMAT', 'INPUT_SIZE', 'PAD_TOLERANCE',
-                   'SHORTER', 'LONGER', 'POSITIVE_LABELS', 'CLASSES', 'VAL_FRACTION', 'VAL_FOLDS',
-                   'SKIP_BAD_FILES', 'NUM_EPOCHS', 'BATCH_SIZE', 'PATIENCE', 'OVERFIT_GAP',
-                   'WEIGHT_DECAY', 'SEED', 'SELECT_ON', 'SELECT_METRIC', 'ONNX_OPSET')
-
-
-class AvoidFileError(ValueError):
-    """A malformed avoid.txt line; the message names the file, line, text and rule."""
+__all__ = ['AvoidFileError', 'AvoidList', 'learning_rate_candidates', 'run_stage_one',
+           'settings_key', 'result_folders', 'summarize', 'best_rank', 'lr_key']
 
 
 def learning_rate_candidates(lr_min, lr_max, step):
@@ -63,16 +65,20 @@ class AvoidList:
     def __init__(self, path, step):
         self.path = path
         self.step = step
-        self.entries = []      # (lr, model name or None for every model, line number)
+        self.entries = []      # (lr, model or None for every model, line number, atml key or None)
         self.reload()
 
     def reload(self):
         self.entries = []
+        if os.path.isdir(self.path):
+            raise AvoidFileError(f"AVOID_FILE_PATH={self.path!r} is a folder; it must name a "
+                                 f"text file (created when missing)")
         if not os.path.exists(self.path):
             return
-        with open(self.path) as f:
+        with open(self.path, errors='replace') as f:
             for number, line in enumerate(f, start=1):
-                text = line.split('#', 1)[0].strip()
+                text, _, comment = line.partition('#')
+                text = text.strip()
                 if not text:
                     continue
                 tokens = text.split()
@@ -85,21 +91,26 @@ class AvoidList:
                     raise AvoidFileError(f"{self.path}: line {number}: {line.strip()!r} is not "
                                          f"a valid entry; expected {self.RULE} with a "
                                          f"learning rate > 0")
-                self.entries.append((lr, tokens[1] if len(tokens) == 2 else None, number))
+                tag = _TAG.search('#' + comment) if comment else None
+                self.entries.append((lr, tokens[1] if len(tokens) == 2 else None, number,
+                                     tag.group(1) if tag else None))
 
-    def pruned_by(self, lr, model):
-        """The (lr, model) entry within 2*STEP of lr that applies to model, or None."""
+    def pruned_by(self, lr, model, key=None):
+        """The (lr, model) entry within 2*STEP of lr that applies to model, or None. Lines the
+        search wrote under other trial settings (another key) do not apply."""
         reach = 2 * self.step * (1 + 1e-9)
-        for entry_lr, entry_model, _ in self.entries:
-            if entry_model in (None, model) and abs(lr - entry_lr) <= reach:
+        for entry_lr, entry_model, _, tag in self.entries:
+            if (entry_model in (None, model) and tag in (None, key)
+                    and abs(lr - entry_lr) <= reach):
                 return entry_lr, entry_model
         return None
 
-    def contains(self, lr, model):
-        return any(m == model and math.isclose(e, lr, rel_tol=1e-9) for e, m, _ in self.entries)
+    def contains(self, lr, model, key=None):
+        return any(m == model and tag in (None, key) and math.isclose(e, lr, rel_tol=1e-9)
+                   for e, m, _, tag in self.entries)
 
-    def add(self, lr, model, note=''):
-        """Append a scoped entry (the search's own), on a line of its own."""
+    def add(self, lr, model, note='', key=None):
+        """Append the search's own entry (tagged with its settings key) on a line of its own."""
         if os.path.exists(self.path) and os.path.getsize(self.path):
             with open(self.path, 'rb') as f:
                 f.seek(-1, os.SEEK_END)
@@ -107,43 +118,34 @@ class AvoidList:
             if needs_newline:
                 with open(self.path, 'a') as f:
                     f.write('\n')
+        comment = ' '.join(p for p in (f"atml:{key}" if key else '', note) if p)
         with open(self.path, 'a') as f:
-            f.write(f"{lr!r} {model}" + (f"  # {note}" if note else '') + '\n')
+            f.write(f"{lr!r} {model}" + (f"  # {comment}" if comment else '') + '\n')
             f.flush()
             os.fsync(f.fileno())
-        self.entries.append((lr, model, None))
+        durable('avoid.txt line')
+        self.entries.append((lr, model, None, key))
 
-    def remove_scoped(self):
-        """Drop every search-written (scoped) line, keep the user's lines; for a fresh start."""
+    def remove_search_lines(self):
+        """Drop the lines the search wrote (tagged `# atml:`), keep the user's; for RESUME=False."""
         if not os.path.exists(self.path):
             return
         with open(self.path) as f:
             lines = f.readlines()
-        keep = [ln for ln in lines if len(ln.split('#', 1)[0].split()) != 2]
-        with open(self.path, 'w') as f:
-            f.writelines(keep)
+        keep = [ln for ln in lines if not _TAG.search(ln)]
+        if keep != lines:
+            write_atomic(self.path, ''.join(keep))
         self.reload()
 
-
-def settings_key(settings):
-    values = settings_dict(settings)
-    blob = json.dumps({k: values[k] for k in _TRIAL_SETTINGS}, sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:10]
-
-
-def lr_key(lr):
-    return repr(float(lr))
-
-
-def best_rank(row):
-    """Sort key of a results row: the SELECT_METRIC score, then yy, then xx."""
-    return (float(row['score']), int(row['yy']), int(row['xx']))
-
-
-def score_of(result, settings):
-    """The selection score of a trial on the SELECT_ON split (0 when it has no metrics)."""
-    selected = result.selected(settings.SELECT_ON)
-    return selection_score(selected, settings.SELECT_METRIC) if selected else 0.0
+    def unknown_models(self, known):
+        """Lines naming a model that is not registered: (line number, name, closest name)."""
+        import difflib
+        out = []
+        for _, model, number, _ in self.entries:
+            if model and model not in known:
+                close = difflib.get_close_matches(model, list(known), n=1)
+                out.append((number, model, close[0] if close else None))
+        return out
 
 
 def result_folders(model_dir):
@@ -154,7 +156,8 @@ def result_folders(model_dir):
                   if _RESULT_FOLDER.match(e) and os.path.isdir(os.path.join(model_dir, e)))
 
 
-def _archive(settings, log):
+def archive_results(settings, log):
+    """RESUME=False: move the earlier search's results aside (kept, never deleted)."""
     stamp = time.strftime('%Y%m%d-%H%M%S')
     root = settings.MODEL_SAVE_PATH.rstrip('/\\')
     archive = f"{root}-archive-{stamp}"
@@ -162,147 +165,271 @@ def _archive(settings, log):
     while os.path.exists(archive):         # two fresh starts within one second
         count += 1
         archive = f"{root}-archive-{stamp}-{count}"
-    entries = [e for e in os.listdir(root) if not e.startswith('.')] if os.path.isdir(root) else []
+    entries = ([e for e in os.listdir(root) if e != '.atml.lock' and
+                (not e.startswith('.') or e == STORE)] if os.path.isdir(root) else [])
     if entries:               # the folder itself stays (it is part of the project layout)
         os.makedirs(archive)
-        for entry in entries:
-            shutil.move(os.path.join(root, entry), os.path.join(archive, entry))
         if os.path.exists(settings.AVOID_FILE_PATH):
             shutil.copy(settings.AVOID_FILE_PATH, os.path.join(archive, 'avoid.txt'))
+        for entry in entries:
+            shutil.move(os.path.join(root, entry), os.path.join(archive, entry))
         log(f"RESUME=False: earlier results moved to {archive}")
-    AvoidList(settings.AVOID_FILE_PATH, settings.STEP).remove_scoped()
+    AvoidList(settings.AVOID_FILE_PATH, settings.STEP).remove_search_lines()
 
 
-def _row(model_name, lr, result, settings, key, pruned):
-    selected = result.selected(settings.SELECT_ON)
-    xx, yy = score_digits(selected) if selected else ('', '')
-    row = dict(model=model_name, lr=lr_key(lr) if lr is not None else '', status=result.status,
-               stop_reason=result.stop_reason, epochs=result.epochs, best_epoch=result.best_epoch,
-               select_on=settings.SELECT_ON, select_metric=settings.SELECT_METRIC,
-               score=score_of(result, settings) if selected else '', xx=xx, yy=yy, pruned=pruned,
-               onnx_kb=size_kb(result.onnx_bytes) if result.onnx_bytes else '',
-               onnx_bytes=result.onnx_bytes or '', latency_ms=result.latency_ms,
-               params=result.params, wall_s=result.wall_s, seed=settings.SEED,
-               settings_key=key, finished_at=time.strftime('%Y-%m-%dT%H:%M:%S'),
-               error=result.error.splitlines()[0] if result.error else '')
-    for split, metrics in (('val', result.val_metrics), ('test', result.test_metrics)):
-        for m in METRIC_NAMES + ('auc', 'abs_sum'):
-            row[f"{split}_{m}"] = metrics.get(m, '') if metrics else ''
-    return row
+# ----------------------------------------------------------------------------- the stage
+
+def _build(model_class, input_size, in_channels, num_classes):
+    return model_class(input_size=input_size, in_channels=in_channels, num_classes=num_classes)
 
 
-def _save_best(settings, model_name, lr, result, log):
-    model_dir = os.path.join(settings.MODEL_SAVE_PATH, model_name)
-    xx, yy = score_digits(result.selected(settings.SELECT_ON))
-    name = f"{xx}-{yy}"
-    other = result.test_metrics if settings.SELECT_ON == 'val' else result.val_metrics
+class StageOne:
+    """Stage one's decisions, for the dispatch loop (public/dispatch.py)."""
 
-    def build(folder):
-        write_result_files(folder, name=name, state_dict=result.state_dict,
-                           onnx_path=os.path.join(settings.TEMP_DIR, 'stage1-trial.onnx'),
-                           selected_metrics=result.selected(settings.SELECT_ON),
-                           other_metrics=other, select_on=settings.SELECT_ON, lr=lr,
-                           model_name=model_name, onnx_bytes=result.onnx_bytes,
-                           settings=settings,
-                           info={'latency_ms': result.latency_ms, 'params': result.params,
-                                 'epochs': result.epochs, 'stop_reason': result.stop_reason})
-    replace_folder(model_dir, name, build, replaces=result_folders(model_dir))
-    log(f"  new best for {model_name}: {os.path.join(model_dir, name)}")
+    def __init__(self, settings, data, models, log=print, progress=True, trainer=None):
+        self.settings, self.data, self.log = settings, data, log
+        self.models = {m.__name__: m for m in models}
+        self.progress, self.trainer = progress, trainer
+        self.root = settings.MODEL_SAVE_PATH
+        self.table = ResultsTable(os.path.join(self.root, RESULTS_CSV), STAGE1_COLUMNS)
+        self.avoid = AvoidList(settings.AVOID_FILE_PATH, settings.STEP)
+        self.key = settings_key(settings)
+        self.candidates = learning_rate_candidates(settings.LR_MIN, settings.LR_MAX,
+                                                   settings.STEP)
+        self.queue = [(name, lr) for name in self.models for lr in self.candidates]
+        self.done = set()              # models whose search ended (target, or cannot build)
+        self.announced = set()
+        self.rows = []                 # this key's rows, in table order
 
+    # -- start: repair everything derived from the table
+    def start(self):
+        lost = self.table.quarantine()
+        if lost:
+            self.log(f"warning: {self.table.path}: line(s) {', '.join(map(str, lost))} are not "
+                     f"rows of this table; moved to {self.table.path}.rejected")
+        for action in recover_folders(self.root):
+            self.log(f"  {self.root}: {action}")
+        all_rows = self.table.rows()
+        self.rows = [r for r in all_rows if r['settings_key'] == self.key]
+        finished = self.finished()
+        if all_rows:
+            other = len(all_rows) - len(self.rows)
+            self.log(f"Resuming from {self.table.path}: {len(finished)} finished trial(s) will "
+                     f"not be repeated" + (f"; {other} row(s) from other settings are kept but "
+                                           f"not reused" if other else ''))
+        else:
+            self.log(f"Starting a fresh search; results go to {self.root}/")
+        for r in finished.values():                # a kill between the row and avoid.txt
+            if r['pruned'] == 'True' and not self.avoid.pruned_by(float(r['lr']), r['model'], self.key):
+                self.avoid.add(float(r['lr']), r['model'], 'restored from results.csv', self.key)
+        for name in self.models:
+            model_dir = os.path.join(self.root, name)
+            for action in recover_folders(model_dir):
+                self.log(f"  {name}: {action}")
+            self.reconcile(name)
+            ok = [r for r in finished.values() if r['model'] == name and r['status'] == STATUS_OK]
+            if any(percent(float(r['score'])) >= self.settings.STAGE1_TARGET for r in ok):
+                self.log(f"{name}: STAGE1_TARGET={self.settings.STAGE1_TARGET} already reached; skipped")
+                self.done.add(name)
+        self._remove_orphan_stores()
+        self.write_summary()
+        self.log(f"Learning rates: {', '.join(lr_key(c) for c in self.candidates)}")
 
-def _write_error(settings, model_name, result):
-    model_dir = os.path.join(settings.MODEL_SAVE_PATH, model_name)
-    os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, 'error.txt'), 'a') as f:
-        f.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')}\n{result.error}\n")
+    def finished(self):
+        return {(r['model'], r['lr']): r for r in self.rows
+                if r['status'] in (STATUS_OK, STATUS_DIVERGED)}
 
-
-def run_stage_one(settings, data, models, interrupts, log=print, progress=True):
-    """The stage-one search over `models` (classes); returns the summary DataFrame."""
-    if not settings.RESUME:
-        _archive(settings, log)
-    os.makedirs(settings.MODEL_SAVE_PATH, exist_ok=True)
-    os.makedirs(settings.TEMP_DIR, exist_ok=True)
-    table = ResultsTable(os.path.join(settings.MODEL_SAVE_PATH, RESULTS_CSV), STAGE1_COLUMNS)
-    avoid = AvoidList(settings.AVOID_FILE_PATH, settings.STEP)
-    key = settings_key(settings)
-    rows = table.rows()
-    current = [r for r in rows if r['settings_key'] == key]
-    finished = {(r['model'], r['lr']): r for r in current if r['status'] in (STATUS_OK, STATUS_DIVERGED)}
-    if rows:
-        log(f"Resuming from {table.path}: {len(finished)} finished trial(s) will not be repeated"
-            + (f"; {len(rows) - len(current)} row(s) from other settings are kept but not reused"
-               if len(current) < len(rows) else ''))
-    else:
-        log(f"Starting a fresh search; results go to {settings.MODEL_SAVE_PATH}/")
-    for r in finished.values():                    # a kill between the row and avoid.txt
-        if r['pruned'] == 'True' and not avoid.pruned_by(float(r['lr']), r['model']):
-            avoid.add(float(r['lr']), r['model'], 'restored from results.csv')
-    candidates = learning_rate_candidates(settings.LR_MIN, settings.LR_MAX, settings.STEP)
-    log(f"Learning rates: {', '.join(lr_key(c) for c in candidates)}")
-    for model_class in models:
-        name = model_class.__name__
-        model_dir = os.path.join(settings.MODEL_SAVE_PATH, name)
-        for action in recover_folders(model_dir):
-            log(f"  {name}: {action}")
-        done = [r for r in finished.values() if r['model'] == name and r['status'] == STATUS_OK]
-        if any(percent(float(r['score'])) >= settings.STAGE1_TARGET for r in done):
-            log(f"{name}: STAGE1_TARGET={settings.STAGE1_TARGET} already reached; skipped")
-            continue
-        log(f"{name}: searching {len(candidates)} learning rate(s)")
-        for lr in candidates:
-            if (name, lr_key(lr)) in finished:
-                log(f"  lr={lr_key(lr)}: finished in an earlier run; skipped")
+    # -- the dispatch loop's questions
+    def next_job(self):
+        finished = self.finished()
+        while self.queue:
+            name, lr = self.queue[0]
+            if name in self.done:
+                self.queue.pop(0)
                 continue
-            hit = avoid.pruned_by(lr, name)
+            if name not in self.announced:
+                self.announced.add(name)
+                self.log(f"{name}: searching {len(self.candidates)} learning rate(s)")
+            self.queue.pop(0)
+            if (name, lr_key(lr)) in finished:
+                self.log(f"  lr={lr_key(lr)}: finished in an earlier run; skipped")
+                continue
+            hit = self.avoid.pruned_by(lr, name, self.key)
             if hit:
                 scope = f"for {hit[1]}" if hit[1] else 'for every model'
-                log(f"  lr={lr_key(lr)}: pruned (avoid.txt has {hit[0]!r} {scope}, within 2*STEP)")
+                self.log(f"  lr={lr_key(lr)}: pruned (avoid.txt has {hit[0]!r} {scope}, within 2*STEP)")
                 continue
-            result = run_trial(lambda: model_class(input_size=data.input_size,
-                                                   in_channels=data.in_channels,
-                                                   num_classes=data.num_classes),
-                               lr, data, settings,
-                               os.path.join(settings.TEMP_DIR, 'stage1-trial.onnx'),
-                               progress=progress, desc=f"{name} lr={lr_key(lr)}")
-            score = score_of(result, settings)
-            pruned = result.status == STATUS_DIVERGED or (
-                result.status == STATUS_OK and score < settings.AVOID_PARAM)
-            row = _row(name, lr, result, settings, key, pruned)
-            with interrupts.critical():
-                table.append(row)
-                if pruned:
-                    why = ('diverged' if result.status == STATUS_DIVERGED else
-                           f"{settings.SELECT_METRIC} on {settings.SELECT_ON} {score:.3f} < AVOID_PARAM {settings.AVOID_PARAM}")
-                    avoid.add(lr, name, why)
-                if result.status == STATUS_FAILED:
-                    _write_error(settings, name, result)
-                    log(f"  lr={lr_key(lr)}: FAILED ({row['error']}); traceback in "
-                        f"{os.path.join(model_dir, 'error.txt')}; going on")
-                    if result.epochs == 0:     # did not build or run: other rates won't either
-                        break
-                    continue
-                log(f"  lr={lr_key(lr)}: {result.status}, {result.stop_reason} after {result.epochs} "
-                    f"epoch(s), {settings.SELECT_ON} {row['xx']}-{row['yy']}"
-                    f"{' (pruned)' if pruned else ''}, {row['onnx_kb'] or '-'} KB, {result.wall_s:.1f} s")
-                if result.status == STATUS_OK:
-                    finished[(name, lr_key(lr))] = row
-                    rivals = [r for r in finished.values() if r['model'] == name
-                              and r['status'] == STATUS_OK and r is not row]
-                    if all(best_rank(row) > best_rank(r) for r in rivals):
-                        _save_best(settings, name, lr, result, log)
-            if result.status == STATUS_OK and percent(score) >= settings.STAGE1_TARGET:
-                log(f"  {name}: {settings.SELECT_METRIC} {percent(score)} >= STAGE1_TARGET="
-                    f"{settings.STAGE1_TARGET}; next model")
-                break
-    summary = summarize(settings, table, key, [m.__name__ for m in models])
-    summary.to_csv(os.path.join(settings.MODEL_SAVE_PATH, SUMMARY_CSV), index=False)
-    return summary
+            data = self.data
+            spec = TrialSpec(key=f"{name}@{lr_key(lr)}", lr=lr, settings=self.settings,
+                             build=functools.partial(_build, self.models[name], data.input_size,
+                                                     data.in_channels, data.num_classes),
+                             trainer=self.trainer, progress=self.progress)
+            return Job(key=spec.key, fn=_run_job, payload=spec)
+        return None
+
+    def obsolete(self, job):
+        return job.payload.key.split('@')[0] in self.done
+
+    def record(self, outcome):
+        spec = outcome.job.payload
+        name, lr = spec.key.split('@')[0], spec.lr
+        result = outcome.result if outcome.ok else TrialResult(status=STATUS_FAILED,
+                                                               error=outcome.error)
+        result.node, result.attempts = outcome.node, outcome.attempts
+        settings = self.settings
+        score = self.score(result)
+        pruned = result.status == STATUS_DIVERGED or (
+            result.status == STATUS_OK and score < settings.AVOID_PARAM)
+        row = trial_row(result, settings, self.key, model=name, lr=lr_key(lr), pruned=pruned)
+        if result.status == STATUS_OK:
+            self._store(name, lr, result)          # artifacts first: the row may rebuild from them
+        self.table.append(row)                     # the commit point
+        self.rows = [r for r in self.table.rows() if r['settings_key'] == self.key]
+        if pruned:
+            why = ('diverged' if result.status == STATUS_DIVERGED else
+                   f"{settings.SELECT_METRIC} on {settings.SELECT_ON} {score:.3f} < AVOID_PARAM {settings.AVOID_PARAM}")
+            self.avoid.add(lr, name, why, self.key)
+        model_dir = os.path.join(self.root, name)
+        if result.status == STATUS_FAILED:
+            _write_error(model_dir, name, lr, result)
+            self.log(f"  lr={lr_key(lr)}: FAILED ({row['error']}); traceback in "
+                     f"{os.path.join(model_dir, 'error.txt')}; going on")
+            if result.epochs == 0 and outcome.ok:   # did not build or run: other rates won't either
+                self.done.add(name)
+        else:
+            self.log(f"  {name} lr={lr_key(lr)}: {result.status}, {result.stop_reason} after "
+                     f"{result.epochs} epoch(s), {settings.SELECT_ON} {row['xx']}-{row['yy']}"
+                     f"{' (pruned)' if pruned else ''}, {row['onnx_kb'] or '-'} KB, "
+                     f"{result.wall_s:.1f} s" + (f" on node {result.node}" if result.node not in ('', 'local') else ''))
+            self.reconcile(name)
+        if result.status == STATUS_OK and percent(score) >= settings.STAGE1_TARGET \
+                and name not in self.done:
+            self.log(f"  {name}: {settings.SELECT_METRIC} {percent(score)} >= STAGE1_TARGET="
+                     f"{settings.STAGE1_TARGET}; next model")
+            self.done.add(name)
+        self.write_summary()
+
+    def score(self, result):
+        from public.test import selection_score
+        selected = result.selected(self.settings.SELECT_ON)
+        return selection_score(selected, self.settings.SELECT_METRIC) if selected else 0.0
+
+    # -- derived files
+    def _store_dir(self, name):
+        return os.path.join(self.root, STORE, self.key, name)
+
+    def _store(self, name, lr, result):
+        def build(folder):
+            write_result_files(folder, result=result, name='', model_name=name, lr=lr,
+                               settings=self.settings, onnx_bytes=result.onnx_bytes,
+                               info={'settings_key': self.key})
+        replace_folder(self._store_dir(name), lr_key(lr), build)
+
+    def reconcile(self, name):
+        """Make <Model>/ hold exactly the best folder the table names for this key: build it
+        from the store when missing, remove stale or doubled ones, keep other settings' best
+        folders under <Model>/settings-<key>/; prune the store to the best trial."""
+        model_dir = os.path.join(self.root, name)
+        ok = [r for r in self.rows if r['model'] == name and r['status'] == STATUS_OK]
+        best = max(ok, key=best_rank) if ok else None    # max keeps the first of equals
+        target = f"{best['xx']}-{best['yy']}" if best else None
+        for folder in result_folders(model_dir):
+            path = os.path.join(model_dir, folder)
+            info = read_info(path)
+            if not atml_made(path) or info is None:
+                continue                              # not ATML's: never touched
+            key = info.get('settings_key')
+            if key and key != self.key:
+                keep = os.path.join(model_dir, f"settings-{key}")
+                os.makedirs(keep, exist_ok=True)
+                shutil.rmtree(os.path.join(keep, folder), ignore_errors=True)
+                os.rename(path, os.path.join(keep, folder))
+                durable('kept other settings folder')
+                self.log(f"  {name}: {folder}/ of other settings moved to settings-{key}/{folder}/")
+            elif folder != target or key is None or info.get('lr_key') != best['lr']:
+                shutil.rmtree(path)
+                durable('removed stale best folder')
+        if best is None:
+            return
+        path = os.path.join(model_dir, target)
+        if os.path.isdir(path):
+            return
+        source = os.path.join(self._store_dir(name), best['lr'])
+        info = read_info(source)
+        if info is None:
+            self.log(f"  warning: {name}: the files of its best trial (lr={best['lr']}) are "
+                     f"missing from {source}; its best folder cannot be rebuilt")
+            return
+
+        def build(folder):
+            for f in ('saved.pth', 'saved.onnx', 'params_used.py'):
+                shutil.copy2(os.path.join(source, f), os.path.join(folder, f))
+            write_info(folder, {**info, 'folder': target, 'settings_key': self.key,
+                                'lr_key': best['lr']})
+        replace_folder(model_dir, target, build)
+        shutil.rmtree(os.path.join(model_dir, f"settings-{self.key}"), ignore_errors=True)
+        self.log(f"  new best for {name}: {path}")
+        for entry in os.listdir(self._store_dir(name)):
+            if entry != best['lr'] and not entry.startswith('.'):
+                shutil.rmtree(os.path.join(self._store_dir(name), entry), ignore_errors=True)
+                durable('pruned store')
+
+    def _remove_orphan_stores(self):
+        # Artifacts of a trial killed before its row was written: nothing refers to them.
+        for name in self.models:
+            store = self._store_dir(name)
+            if not os.path.isdir(store):
+                continue
+            recover_folders(store)
+            rows = {r['lr'] for r in self.rows if r['model'] == name}
+            for entry in os.listdir(store):
+                if entry not in rows:
+                    shutil.rmtree(os.path.join(store, entry), ignore_errors=True)
+                    durable('removed orphan store entry')
+
+    def write_summary(self):
+        summary = summarize(self.settings, self.rows, list(self.models))
+        write_atomic(os.path.join(self.root, SUMMARY_CSV), summary.to_csv(index=False))
+        return summary
 
 
-def summarize(settings, table, key, model_names):
-    """One row per model: its best trial (by yy, then xx) with metrics, size and speed."""
-    rows = [r for r in table.rows() if r['settings_key'] == key]
+def _run_job(spec, data):
+    from public.trial import run_job
+    return run_job(spec, data)
+
+
+def _write_error(model_dir, name, lr, result):
+    os.makedirs(model_dir, exist_ok=True)
+    with open(os.path.join(model_dir, 'error.txt'), 'a') as f:
+        f.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {name} lr={lr_key(lr)}\n{result.error}\n")
+
+
+def run_stage_one(settings, data, models, interrupts, log=print, progress=True, executor=None,
+                  trainer=None):
+    """The stage-one search over `models` (classes); returns the summary DataFrame.
+    `executor` defaults to the in-process serial one."""
+    from public.dispatch import run_dispatch
+    from public.executor import SerialExecutor
+    if not settings.RESUME:
+        archive_results(settings, log)
+    os.makedirs(settings.MODEL_SAVE_PATH, exist_ok=True)
+    os.makedirs(settings.TEMP_DIR, exist_ok=True)
+    stage = StageOne(settings, data, models, log, progress, trainer)
+    stage.start()
+    own = executor is None
+    executor = executor or SerialExecutor(data)
+    try:
+        run_dispatch(stage, executor, interrupts)
+    finally:
+        if own:
+            executor.shutdown()
+    return stage.write_summary()
+
+
+def summarize(settings, rows, model_names):
+    """One row per model: its best trial (best_rank: score, then yy, then xx) with metrics,
+    size and speed; `rows` are the current settings' rows of results.csv."""
+    from public.test import METRIC_NAMES
     out = []
     for name in model_names:
         mine = [r for r in rows if r['model'] == name]

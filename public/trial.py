@@ -9,6 +9,8 @@ traceback, never as an exception: a failed candidate is not a failed run. Only a
 interruption (Interrupted / KeyboardInterrupt) propagates.
 """
 import os
+import shutil
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -20,8 +22,7 @@ from public.dataset import (DataError, encode_labels, load_data, num_classes,
                             split_by_folds, split_by_subject)
 from public.export import check_onnx, export_onnx, onnx_latency_ms
 from public.test import classification_metrics, predict_proba
-from public.training import (STOP_DIVERGED, Interrupted, TrialData, seed_everything,
-                             train_model)
+from public.training import STOP_DIVERGED, Interrupted, TrialData, seed_everything, train_model
 
 STATUS_OK, STATUS_DIVERGED, STATUS_FAILED = 'ok', 'diverged', 'failed'
 
@@ -63,7 +64,7 @@ def prepare_data(settings, progress=True):
         train_idx, val_idx = split_by_folds(train.folds, settings.VAL_FOLDS, settings.DATA_DIR)
     else:
         train_idx, val_idx = split_by_subject(train.subjects, y, settings.VAL_FRACTION,
-                                              settings.SEED)
+                                              settings.SEED, **_source(settings.DATA_DIR))
     missing = sorted(set(range(num_classes(settings))) - set(np.unique(y).tolist()))
     if missing:
         found = sorted(set(train.rhythms.tolist()))
@@ -98,11 +99,30 @@ def prepare_data(settings, progress=True):
         lines.append(f"test data {settings.TEST_DIR}: {len(test)} segments, "
                      f"{len(np.unique(test.subjects))} subjects, {_class_mix(y_test, settings)}")
         lines += _warnings(test, settings.TEST_DIR)
+        lines += _shared_subjects(train, test, settings)
     lines.append(f"device: {device}")
     return PreparedData(trial=trial, x_test=x_test, y_test=y_test,
                         onnx_sample=np.asarray(train.x[val_idx[:32]]), in_channels=x.shape[1],
                         input_size=settings.INPUT_SIZE, num_classes=num_classes(settings),
                         device=device, summary='\n'.join(lines))
+
+
+def _source(folder):
+    # split_by_subject names the folder in its errors (when it accepts `source`).
+    import inspect
+    return {'source': folder} if 'source' in inspect.signature(split_by_subject).parameters else {}
+
+
+def _shared_subjects(train, test, settings):
+    if any(np.array_equal(np.asarray(d.subjects), np.asarray(d.names)) for d in (train, test)):
+        return []            # no subject column: the ids stand in for subjects, not patients
+    shared = sorted(set(np.unique(train.subjects).tolist()) & set(np.unique(test.subjects).tolist()))
+    if not shared:
+        return []
+    return [f"warning: {len(shared)} subject(s) of TEST_DIR={settings.TEST_DIR!r} are also in "
+            f"DATA_DIR={settings.DATA_DIR!r} ({', '.join(map(str, shared[:5]))}"
+            f"{', ...' if len(shared) > 5 else ''}): test metrics on seen patients overstate "
+            f"how the model does on new ones"]
 
 
 def _class_mix(y, settings):
@@ -137,9 +157,14 @@ class TrialResult:
     params: int = 0
     wall_s: float = 0.0
     error: str = ''
-    state_dict: dict = None
-    model: torch.nn.Module = None
+    state_dict: dict = None   # best-validation weights, on the CPU
+    onnx: bytes = None        # the exported, checked ONNX file's bytes
+    history: list = field(default_factory=list)   # (epoch, train_loss, val_loss, lr)
+    confusion: dict = field(default_factory=dict)  # {'val': [[...]], 'test': [[...]]}
     int8: dict = None         # stage two with QUANTIZE_INT8: bytes, val and test metrics
+    int8_onnx: bytes = None
+    node: str = ''            # where it ran ('local', or the Ray node id)
+    attempts: int = 1
 
     def selected(self, select_on):
         return self.val_metrics if select_on == 'val' else self.test_metrics
@@ -154,8 +179,8 @@ def check_model_runs(model, data):
                          f"{tuple(x.shape)}; expected ({len(x)}, {data.num_classes})")
 
 
-def run_trial(build_model, lr, data, settings, onnx_path, stop_flag=None, progress=True,
-              desc='train', latency=True):
+def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='train',
+              latency=True):
     """Build a fresh seeded model, train, evaluate on val and test, export and check ONNX."""
     start = time.perf_counter()
     result = TrialResult(status=STATUS_FAILED)
@@ -164,19 +189,21 @@ def run_trial(build_model, lr, data, settings, onnx_path, stop_flag=None, progre
         model = build_model().to(data.device)
         result.params = sum(p.numel() for p in model.parameters())
         check_model_runs(model, data)
-        outcome = train_model(model, data.trial, lr, settings, data.device, stop_flag,
+        outcome = train_model(model, data.trial, lr, settings, data.device, None,
                               progress, desc)
         result.epochs, result.best_epoch = outcome.epochs, outcome.best_epoch
-        result.stop_reason, result.state_dict = outcome.stop_reason, outcome.state_dict
-        result.model = model
+        result.stop_reason, result.history = outcome.stop_reason, outcome.history
+        result.state_dict = {k: v.detach().cpu() for k, v in outcome.state_dict.items()}
         val_probs = predict_proba(model, data.trial.x_val, data.device)
-        result.val_metrics = classification_metrics(data.trial.y_val.cpu().numpy(), val_probs,
-                                                    data.num_classes)
+        y_val = data.trial.y_val.cpu().numpy()
+        result.val_metrics = classification_metrics(y_val, val_probs, data.num_classes)
+        result.confusion['val'] = _confusion(y_val, val_probs, data.num_classes)
         if len(data.x_test):
             test_probs = predict_proba(model, data.x_test, data.device, progress=progress,
                                        desc='test')
             result.test_metrics = classification_metrics(data.y_test, test_probs,
                                                          data.num_classes)
+            result.confusion['test'] = _confusion(data.y_test, test_probs, data.num_classes)
         if outcome.stop_reason == STOP_DIVERGED:
             result.status = STATUS_DIVERGED
             result.error = 'loss became NaN/inf'
@@ -185,6 +212,8 @@ def run_trial(build_model, lr, data, settings, onnx_path, stop_flag=None, progre
             result.onnx_bytes = export_onnx(model, onnx_path, data.in_channels,
                                             data.input_size, settings.ONNX_OPSET)
             check_onnx(onnx_path, model, data.onnx_sample)
+            with open(onnx_path, 'rb') as f:
+                result.onnx = f.read()
             if latency:
                 result.latency_ms = onnx_latency_ms(onnx_path, settings.LATENCY_RUNS)
             result.status = STATUS_OK
@@ -194,5 +223,91 @@ def run_trial(build_model, lr, data, settings, onnx_path, stop_flag=None, progre
         result.status = STATUS_FAILED
         result.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
     result.wall_s = time.perf_counter() - start
+    return result
+
+
+def _confusion(y_true, probs, num_classes):
+    """Rows: true class, columns: predicted class (counts)."""
+    pred = np.asarray(probs).argmax(1) if len(probs) else np.zeros(0, np.int64)
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(matrix, (np.asarray(y_true, np.int64), pred), 1)
+    return matrix.tolist()
+
+
+@dataclass
+class TrialSpec:
+    """What a worker needs to run one trial: sent to it whole (small, picklable)."""
+    key: str                  # 'AFNet@0.0025', 'c1-f2'
+    build: object             # picklable callable -> fresh model (e.g. functools.partial)
+    lr: float
+    settings: object
+    quantize: bool = False    # stage two with QUANTIZE_INT8: add the INT8 model
+    trainer: object = None    # run_trial, or a stand-in of the same signature (tests)
+    progress: bool = False
+
+
+def run_job(spec, data):
+    """One trial as a job of an executor (in-process or a Ray worker): its files go to a
+    private scratch folder that is removed afterwards; everything comes back in the result
+    (metrics, state dict, ONNX bytes), for the driver to record."""
+    scratch = _scratch_dir(spec.settings.TEMP_DIR)
+    try:
+        onnx_path = os.path.join(scratch, 'trial.onnx')
+        trainer = spec.trainer or run_trial
+        result = trainer(spec.build, spec.lr, data, spec.settings, onnx_path,
+                         progress=spec.progress, desc=spec.key)
+        if result.status == STATUS_OK and result.onnx is None and os.path.exists(onnx_path):
+            with open(onnx_path, 'rb') as f:
+                result.onnx = f.read()
+        if result.state_dict is not None:
+            result.state_dict = {k: v.detach().cpu() for k, v in result.state_dict.items()}
+        if result.status == STATUS_OK and spec.quantize:
+            try:
+                _add_int8(result, onnx_path, data, spec.settings)
+            except Exception as exc:
+                result.status = STATUS_FAILED
+                result.error = f"INT8 quantization failed: {type(exc).__name__}: {exc}"
+        return result
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _scratch_dir(temp_dir):
+    # Under TEMP_DIR where it can be written (a stale one, of a killed process, is removed
+    # by the next run: results.clean_scratch); a worker on another machine uses its own /tmp.
+    prefix = f".atml-scratch-{os.getpid()}-"
+    try:
+        os.makedirs(temp_dir, exist_ok=True)
+        return tempfile.mkdtemp(prefix=prefix, dir=temp_dir)
+    except OSError:
+        return tempfile.mkdtemp(prefix=prefix)
+
+
+def calibration_sample(data, count=256):
+    """A seeded sample of training segments that fixes INT8 activation ranges."""
+    x = data.trial.x_train
+    idx = np.random.default_rng(0).permutation(len(x))[:count]
+    return x[torch.as_tensor(idx)].cpu().numpy()
+
+
+def _add_int8(result, float_path, data, settings):
+    """Quantize the trained model's ONNX and measure the INT8 model with onnxruntime."""
+    from public.export import onnx_predict
+    from public.quantize import quantize_int8
+    int8_path = float_path + '.int8.onnx'
+    size = quantize_int8(float_path, int8_path, calibration_sample(data))
+    measured = {'bytes': size}
+    for split, x, y in (('val', data.trial.x_val, data.trial.y_val.cpu().numpy()),
+                        ('test', data.x_test, data.y_test)):
+        if len(x):
+            logits = onnx_predict(int8_path, x.cpu().numpy())
+            probs = np.exp(logits - logits.max(1, keepdims=True))
+            measured[split] = classification_metrics(y, probs / probs.sum(1, keepdims=True),
+                                                     data.num_classes)
+        else:
+            measured[split] = {}
+    result.int8 = measured
+    with open(int8_path, 'rb') as f:
+        result.int8_onnx = f.read()
     return result
 

@@ -36,7 +36,8 @@ INPUT_SIZE = 1250
 
 # Settings that keep a trial to a fraction of a second on the small data set.
 FAST = dict(NUM_EPOCHS=1, LR_MIN=0.003, LR_MAX=0.003, STEP=0.0005, LATENCY_RUNS=2,
-            DEVICE='cpu', NUM_THREADS=1, BATCH_SIZE=32, AVOID_PARAM=0.0, STAGE1_TARGET=100)
+            DEVICE='cpu', NUM_THREADS=1, BATCH_SIZE=32, AVOID_PARAM=0.0, STAGE1_TARGET=100,
+            WORKERS=1)
 
 
 def write_segment(path, values=None, text=None):

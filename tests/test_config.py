@@ -98,7 +98,7 @@ def test_values_past_the_edge_are_rejected_naming_setting_rule_and_value(default
 def test_step_zero_message_is_exact():
     with pytest.raises(SettingsError) as info:
         load_settings(['STEP=0'], params_path=str(PARAMS))
-    assert str(info.value) == 'params.py: STEP must be a number > 0, got STEP=0'
+    assert str(info.value) == 'command line: STEP must be a number > 0, got STEP=0'
 
 
 def test_lr_min_above_lr_max_is_rejected_and_equal_is_accepted():

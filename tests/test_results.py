@@ -5,6 +5,7 @@ import os
 import pandas as pd
 import pytest
 
+from public.errors import BusyError
 from public.results import ResultsTable, recover_folders, replace_folder
 
 COLUMNS = ['model', 'lr', 'status', 'wall_s', 'error']
@@ -94,7 +95,7 @@ def test_replace_folder_creates_and_replaces_the_same_name(tmp_path):
     assert final == str(tmp_path / '90-80')
     replace_folder(str(tmp_path), '90-80', _writer('second'))
     assert sorted(os.listdir(tmp_path)) == ['90-80']
-    assert sorted(os.listdir(tmp_path / '90-80')) == ['result.json', 'saved.pth']
+    assert sorted(os.listdir(tmp_path / '90-80')) == ['.atml-owned', 'result.json', 'saved.pth']
     assert (tmp_path / '90-80' / 'saved.pth').read_text() == 'second'
 
 
@@ -130,34 +131,38 @@ def test_an_interrupt_during_build_leaves_the_old_folder_intact(tmp_path):
     assert (tmp_path / '90-80' / 'saved.pth').read_text() == 'old'
 
 
-def _crash_state(tmp_path, new_complete):
-    """What a crash inside replace_folder('95-91', replaces=['90-80']) leaves: the old best
-    moved aside, the new one built under a temporary name (complete or not)."""
+def _crash_state(tmp_path):
+    """What a crash inside replace_folder('95-91', replaces=['90-80']) can leave: the old best
+    set aside, the new one under a temporary name, a stray temporary file; and a user's own
+    folders whose names merely look like ATML's temporaries."""
     old = _make_result(tmp_path, '90-80', 'old')
-    os.rename(old, tmp_path / '.old-abcd1234-0')
-    tmp = tmp_path / '.tmp-abcd1234'
+    os.rename(old, tmp_path / '.atml-old-abcd1234-0')
+    tmp = tmp_path / '.atml-tmp-abcd1234'
     tmp.mkdir()
+    (tmp / '.atml-owned').write_text('')
     (tmp / 'saved.pth').write_text('new')
-    if new_complete:
-        (tmp / '.complete').write_text('95-91')
+    (tmp_path / 'summary.csv.123-abcdef.atml-tmp').write_text('half')
+    for mine in ('.tmp-my-notes', '.old-backup', '.atml-tmp-not-ours'):
+        (tmp_path / mine).mkdir()
+        (tmp_path / mine / 'notes.txt').write_text('a user file')
 
 
-def test_recover_promotes_a_complete_new_folder(tmp_path):
-    _crash_state(tmp_path, new_complete=True)
+def test_recover_removes_only_what_atml_made_and_marked(tmp_path):
+    _crash_state(tmp_path)
     actions = recover_folders(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ['95-91']
-    assert os.listdir(tmp_path / '95-91') == ['saved.pth']
-    assert (tmp_path / '95-91' / 'saved.pth').read_text() == 'new'
-    assert any('completed interrupted write of 95-91' in a for a in actions)
+    assert sorted(os.listdir(tmp_path)) == ['.atml-tmp-not-ours', '.old-backup', '.tmp-my-notes']
+    for mine in ('.tmp-my-notes', '.old-backup', '.atml-tmp-not-ours'):
+        assert (tmp_path / mine / 'notes.txt').read_text() == 'a user file'
+    assert len(actions) == 3 and all('interrupted write' in a for a in actions)
 
 
-def test_recover_removes_an_incomplete_new_folder_and_restores_the_old(tmp_path):
-    _crash_state(tmp_path, new_complete=False)
-    actions = recover_folders(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ['90-80']
-    assert (tmp_path / '90-80' / 'saved.pth').read_text() == 'old'
-    assert any('removed incomplete' in a for a in actions)
-    assert any('restored 90-80' in a for a in actions)
+def test_replace_folder_never_removes_a_folder_atml_did_not_make(tmp_path):
+    (tmp_path / '90-80').mkdir()
+    (tmp_path / '90-80' / 'mine.txt').write_text('a user file')
+    with pytest.raises(BusyError, match='90-80.*ATML did not make'):
+        replace_folder(str(tmp_path), '90-80', _writer('new'))
+    assert os.listdir(tmp_path / '90-80') == ['mine.txt']
+    assert os.listdir(tmp_path) == ['90-80']
 
 
 def test_recover_on_a_clean_or_missing_folder_does_nothing(tmp_path):

@@ -109,12 +109,22 @@ def test_add_appends_a_scoped_entry_that_a_rerun_sees(tmp_path):
     assert (tmp_path / 'avoid.txt').read_text().splitlines()[-1].startswith('0.002 TinyNet')
 
 
-def test_remove_scoped_keeps_the_users_lines(tmp_path):
-    text = '# notes\n0.0045\n0.002 TinyNet  # search\n0.004  # by hand\n0.003 AFNet\n'
+def test_remove_search_lines_keeps_the_users_lines(tmp_path):
+    text = ('# notes\n0.0045\n0.002 TinyNet  # atml:0123456789 min4 0.5 < 0.8\n'
+            '0.004  # by hand\n0.003 AFNet\n')
     avoid = _avoid(tmp_path, text)
-    avoid.remove_scoped()
-    assert (tmp_path / 'avoid.txt').read_text() == '# notes\n0.0045\n0.004  # by hand\n'
-    assert [(e[0], e[1]) for e in avoid.entries] == [(0.0045, None), (0.004, None)]
+    avoid.remove_search_lines()
+    assert (tmp_path / 'avoid.txt').read_text() == '# notes\n0.0045\n0.004  # by hand\n0.003 AFNet\n'
+    assert [(e[0], e[1]) for e in avoid.entries] == [(0.0045, None), (0.004, None), (0.003, 'AFNet')]
+
+
+def test_search_lines_apply_only_under_their_settings_key(tmp_path):
+    avoid = _avoid(tmp_path, '0.009 TinyNet  # by hand\n')
+    avoid.add(0.002, 'TinyNet', 'diverged', key='aaaaaaaaaa')
+    again = AvoidList(avoid.path, 0.0005)
+    assert again.pruned_by(0.002, 'TinyNet', 'aaaaaaaaaa') == (0.002, 'TinyNet')
+    assert again.pruned_by(0.0015, 'TinyNet', 'bbbbbbbbbb') is None     # other settings
+    assert again.pruned_by(0.0095, 'TinyNet', 'bbbbbbbbbb') == (0.009, 'TinyNet')  # the user's line
 
 
 @pytest.mark.parametrize('user_text', ['0.0045', '# my notes'])
