@@ -12,13 +12,31 @@ parsed once, in parallel chunks through pandas' C parser, then cached as .npy ke
 folder's listing (names, sizes, mtimes): a file added, edited or removed re-parses the
 folder, a later load of an unchanged folder reads the cache. A bad file raises DataError
 naming the file, the line and the rule, or with skip_bad=True is skipped and counted.
+
+The cache is safe to share: every file is written under a temporary name of its own (pid
+and uuid) and renamed into place, so processes loading the same folder at once each end
+with a whole entry. An entry that is truncated, corrupt or whose array fails its crc32
+checksum is a cache miss (one warning line naming the file): the data is parsed again and
+the entry rewritten.
+
+    prefix, stem = cache_entry('.atml-cache', 'train.csv', key)   # DataError: not a folder
+    segments = load_cached(stem)          # None: absent, or corrupt (one warning line)
+    save_cached('.atml-cache', prefix, stem, segments)
 """
 import concurrent.futures as futures
 import hashlib
 import io
 import multiprocessing
 import os
+import pickle
 import re
+import struct
+import sys
+import tokenize
+import uuid
+import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,8 +45,16 @@ from tqdm import tqdm
 
 FILENAME_PATTERN = re.compile(r'^(?P<subject>S[^-]*)-(?P<rhythm>[^-]*)-(?P<index>[^-]+)\.txt$')
 FILENAME_RULE = "S<subject>-<RHYTHM>-<index>.txt (e.g. S12-AFIB-31.txt, S47--0.txt)"
-_CACHE_VERSION = 6
+_CACHE_VERSION = 7
 _CHUNK = 1000
+_CRC_CHUNK = 1 << 24      # bytes per crc32 of a cached array; chunks are checked in parallel
+_STALE_NS = 3600 * 10**9  # a temporary cache file untouched this long was left by a killed writer
+# What np.load raises on a truncated, corrupt or foreign file: a bad zip (central directory,
+# CRC, compression method), a short read, a bad .npy header (ValueError, or TokenError from
+# its Python-2 header fallback), the pickle guard, a huge shape (found by fuzzing both files).
+LOAD_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error,
+               pickle.UnpicklingError, NotImplementedError, struct.error, MemoryError,
+               SyntaxError, tokenize.TokenError)
 
 
 class DataError(ValueError):
@@ -95,10 +121,25 @@ def parse_filename(name):
     return match['subject'], match['rhythm']
 
 
+def excerpt(value, limit=40):
+    """A short, escaped excerpt of text or bytes for an error message: repr of its start,
+    at most about `limit` characters, '...' when cut (a binary file's bytes stay readable)."""
+    shown = repr(value)
+    if len(shown) <= limit:
+        return shown
+    n = limit
+    while n > 1 and len(repr(value[:n])) > limit - 3:
+        n -= 1
+    return repr(value[:n]) + '...'
+
+
 def parse_segment_text(blob, name, input_size):
     """Parse one file's bytes precisely: (L, C) float32, or DataError saying what is wrong.
     input_size is an int (exact length required) or a LengthPolicy (may return None:
     the segment is excluded as too short)."""
+    if b'\0' in blob:
+        raise DataError(f"{name}: is not a text file (it holds NUL bytes; starts with "
+                        f"{excerpt(blob.lstrip())}); a segment file holds one number per line")
     text = blob.decode('utf-8', errors='replace').strip()
     if not text:
         raise DataError(f"{name}: file is empty")
@@ -115,9 +156,11 @@ def parse_segment_text(blob, name, input_size):
         try:
             values = [float(t) for t in tokens]
         except ValueError:
-            raise DataError(f"{name}: line {number}: {line.strip()!r} is not a number") from None
+            raise DataError(f"{name}: line {number}: {excerpt(line.strip())} is not a number; "
+                            f"every line must hold one number per lead") from None
         if not all(np.isfinite(values)):
-            raise DataError(f"{name}: line {number}: {line.strip()!r} is not a finite number")
+            raise DataError(f"{name}: line {number}: {excerpt(line.strip())} is not a finite "
+                            f"number")
         rows.append(values)
     policy = input_size if isinstance(input_size, LengthPolicy) else LengthPolicy(input_size)
     return policy.fit(np.asarray(rows, dtype=np.float32), name)
@@ -204,52 +247,164 @@ def _listing(folder):
 
 def cache_entry(cache_dir, source, key):
     """(prefix, stem) of the cache entry of `source` (a folder or file) under `key` (bytes
-    or str that change whenever the parsed result would). One entry per source is kept."""
+    or str that change whenever the parsed result would). One entry per source is kept.
+    DataError when cache_dir (the CACHE_DIR setting) exists but is not a folder."""
+    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+        raise DataError(f"{cache_dir}: CACHE_DIR names an existing file; CACHE_DIR must be a "
+                        f"folder (it is created when missing), where parsed data is cached")
     prefix = hashlib.sha1(os.path.abspath(source).encode()).hexdigest()[:12]
     digest = hashlib.sha1(key if isinstance(key, bytes) else key.encode()).hexdigest()[:16]
     return prefix, os.path.join(cache_dir, f"{prefix}-{digest}")
 
 
-def load_cached(stem):
-    """The Segments stored at stem, or None (absent, incomplete or unreadable entry)."""
+def checksums(x):
+    """crc32 of each _CRC_CHUNK bytes of array x's data (uint32 array), computed in threads
+    (zlib releases the GIL): the cache's check that an array holds the bytes written."""
+    data = np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+    starts = range(0, len(data), _CRC_CHUNK)
+    workers = min(os.cpu_count() or 1, len(starts), 8)
+    if workers <= 1:
+        return np.asarray([zlib.crc32(data[i:i + _CRC_CHUNK]) for i in starts], np.uint32)
+    with futures.ThreadPoolExecutor(workers) as pool:
+        return np.asarray(list(pool.map(lambda i: zlib.crc32(data[i:i + _CRC_CHUNK]), starts)),
+                          np.uint32)
+
+
+def load_cached(stem, verify=True):
+    """The Segments stored at stem, or None: a cache miss. Silent when there is no entry;
+    one warning line naming the file when the entry is truncated, corrupt or its array fails
+    its checksum. verify=False skips the checksum (for benchmarks)."""
+    path = stem + '.meta.npz'
     try:
-        meta = np.load(stem + '.meta.npz', allow_pickle=False)
-        x = np.load(stem + '.npy', mmap_mode='r')
-        pairs = {k: list(zip(meta[f"{k}_names"].tolist(), meta[f"{k}_reasons"].tolist()))
+        with warnings.catch_warnings():       # a corrupt header can make numpy warn
+            warnings.simplefilter('ignore')
+            fields = _read_meta(path)
+            path = stem + '.npy'
+            x = np.load(path, mmap_mode='r', allow_pickle=False)
+        problem = _entry_problem(x, fields, verify)
+        if problem:
+            _warn(f"{path}: cache entry {problem}; parsing the data again")
+            return None
+        pairs = {k: list(zip(fields[f"{k}_names"].tolist(), fields[f"{k}_reasons"].tolist()))
                  for k in ('skipped', 'excluded')}
-        return Segments(x=x, names=meta['names'], subjects=meta['subjects'],
-                        rhythms=meta['rhythms'], skipped=pairs['skipped'],
-                        excluded=pairs['excluded'], has_labels=bool(meta['has_labels']),
-                        folds=meta['folds'] if bool(meta['has_folds']) else None,
+        return Segments(x=x, names=fields['names'], subjects=fields['subjects'],
+                        rhythms=fields['rhythms'], skipped=pairs['skipped'],
+                        excluded=pairs['excluded'], has_labels=bool(fields['has_labels']),
+                        folds=fields['folds'] if bool(fields['has_folds']) else None,
                         from_cache=True)
-    except (OSError, ValueError, KeyError):
+    except FileNotFoundError:        # no entry, or one removed meanwhile by another process
+        return None
+    except LOAD_ERRORS as exc:
+        _warn(f"{path}: cache entry is unreadable ({type(exc).__name__}); parsing the data "
+              f"again")
         return None
 
 
+def _read_meta(path):
+    """{name: array} of a cache meta file; LOAD_ERRORS when it is not a whole .npz file."""
+    meta = np.load(path, allow_pickle=False)
+    if not isinstance(meta, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is not an .npz file")
+    with meta:
+        return {k: meta[k] for k in meta.files}
+
+
+def _entry_problem(x, fields, verify):
+    """What is wrong with a cached array x given its meta fields, or '' when it is whole."""
+    shape = tuple(fields['x_shape'].tolist())
+    if x.dtype != np.float32 or x.shape != shape or len(fields['names']) != len(x):
+        return (f"is corrupt (array {x.dtype} {x.shape}, meta float32 {shape}, "
+                f"{len(fields['names'])} names)")
+    if verify and not np.array_equal(checksums(x), fields['x_crc32']):
+        return "is corrupt (its crc32 checksum does not match)"
+    return ''
+
+
+def _warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def save_cached(cache_dir, prefix, stem, segments):
-    """Store segments at stem (x as .npy, the rest in .meta.npz), replacing the source's
-    older entries. The meta file is written last: its presence marks a whole entry."""
-    os.makedirs(cache_dir, exist_ok=True)
-    for old in os.listdir(cache_dir):
-        if old.startswith(prefix + '-'):
-            os.remove(os.path.join(cache_dir, old))
-    tmp = f"{stem}.{os.getpid()}.tmp"
-    with open(tmp, 'wb') as f:
-        np.save(f, segments.x)
-    os.replace(tmp, stem + '.npy')
+    """Store segments at stem (x as .npy; the rest and x's checksums in .meta.npz), then drop
+    the source's older entries. Each file is written under a temporary name of its own and
+    renamed into place, the meta file last: its presence marks a whole entry. Processes
+    saving the same entry at once each leave it whole. DataError when the CACHE_DIR folder
+    cannot be made; a failed write is one warning line (the data stays in memory)."""
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{cache_dir}: CACHE_DIR cannot be created ({exc.strerror or exc}); "
+                        f"CACHE_DIR must be a folder, or a path where one can be made") from None
+    x = np.ascontiguousarray(segments.x)
     pairs = {}
     for kind in ('skipped', 'excluded'):
         entries = getattr(segments, kind)
         pairs[f"{kind}_names"] = np.asarray([e[0] for e in entries], dtype=str)
         pairs[f"{kind}_reasons"] = np.asarray([e[1] for e in entries], dtype=str)
-    with open(tmp, 'wb') as f:
-        np.savez(f, names=np.asarray(segments.names, dtype=str),
-                 subjects=np.asarray(segments.subjects, dtype=str),
-                 rhythms=np.asarray(segments.rhythms, dtype=str),
-                 has_labels=segments.has_labels, has_folds=segments.folds is not None,
-                 folds=np.asarray(segments.folds if segments.folds is not None else [], dtype=str),
-                 **pairs)
-    os.replace(tmp, stem + '.meta.npz')
+    folds = segments.folds if segments.folds is not None else []
+    try:
+        _write_replace(stem + '.npy', lambda f: np.save(f, x))
+        _write_replace(stem + '.meta.npz', lambda f: np.savez(
+            f, names=np.asarray(segments.names, dtype=str),
+            subjects=np.asarray(segments.subjects, dtype=str),
+            rhythms=np.asarray(segments.rhythms, dtype=str), has_labels=segments.has_labels,
+            has_folds=segments.folds is not None, folds=np.asarray(folds, dtype=str),
+            x_shape=np.asarray(x.shape, np.int64), x_crc32=checksums(x), **pairs))
+    except OSError as exc:
+        _warn(f"{stem}.npy: cannot write the cache entry ({exc.strerror or exc}); the data "
+              f"will be parsed again next time")
+        return
+    _drop_older(cache_dir, prefix, stem)
+
+
+def _write_replace(path, write):
+    """write(file) to a temporary file of this process and call alone, renamed to path."""
+    tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except OSError:                  # already gone (another process), or not ours to remove
+        pass
+
+
+def _mtime_ns(path):
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _drop_older(cache_dir, prefix, stem):
+    """Remove the source's other entries written no later than the one just written at stem,
+    and temporary or half-written files untouched for an hour (left by killed writers).
+    Another process's temporary file in progress and an entry written after this one (by a
+    process with another key) are kept; the entry at stem is never removed here."""
+    mine = _mtime_ns(stem + '.meta.npz')
+    if mine is None:
+        return
+    names = [n for n in os.listdir(cache_dir) if n.startswith(prefix + '-')]
+    others = {os.path.join(cache_dir, n.split('.')[0]) for n in names} - {stem}
+    for other in others:
+        written = _mtime_ns(other + '.meta.npz')
+        if written is not None and written <= mine:
+            _remove(other + '.meta.npz')         # the meta file first: the entry ends whole
+            _remove(other + '.npy')
+    for name in names:
+        path = os.path.join(cache_dir, name)
+        if name.endswith('.tmp') or (name.endswith('.npy') and
+                                     not os.path.exists(path[:-4] + '.meta.npz')):
+            modified = _mtime_ns(path)
+            if modified is not None and mine - modified > _STALE_NS:
+                _remove(path)
 
 
 def _parse_folder(folder, names, policy, skip_bad, workers, progress):
@@ -334,13 +489,16 @@ def split_by_folds(folds, val_folds, source):
     return np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
 
 
-def split_by_subject(subjects, labels, val_fraction, seed):
+def split_by_subject(subjects, labels, val_fraction, seed, *, source=None):
     """(train_idx, val_idx): whole subjects on one side, about val_fraction of subjects in
-    validation, both classes on both sides where the data allows it (deterministic in seed)."""
+    validation, both classes on both sides where the data allows it (deterministic in seed).
+    source (the data folder or file) is named in the error when there are too few subjects."""
     unique = np.unique(subjects)
     if len(unique) < 2:
-        raise DataError(f"the training folder has {len(unique)} subject(s); a subject-wise "
-                        f"validation split needs at least 2")
+        where = f"{source}: the training data" if source else "the training data"
+        raise DataError(f"{where} has {len(unique)} subject(s); a subject-wise validation "
+                        f"split needs at least 2 (subjects come from the file names "
+                        f"S<subject>-..., or a CSV/.npz subject column)")
     n_val = min(len(unique) - 1, max(1, int(round(val_fraction * len(unique)))))
     rng = np.random.default_rng(seed)
     for _ in range(100):

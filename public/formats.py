@@ -36,9 +36,10 @@ import os
 import numpy as np
 import pandas as pd
 
-from public.dataset import DataError, Segments, cache_entry, load_cached, save_cached
+from public.dataset import (LOAD_ERRORS, DataError, Segments, cache_entry, excerpt, load_cached,
+                            save_cached)
 
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3
 _CHUNK_ROWS = 20000     # rows parsed per pandas call: bounds the joined text held in memory
 
 
@@ -60,7 +61,7 @@ def load_csv(path, policy, cache_dir=None, id_column='id', signal_column='heartb
     for required in (id_column, signal_column):
         if required not in table.columns:
             raise DataError(f"{path}: has no {required!r} column (columns: "
-                            f"{', '.join(map(repr, table.columns))}); a segment CSV needs a "
+                            f"{_column_list(table.columns)}); a segment CSV needs a "
                             f"header row with columns {id_column!r} and {signal_column!r}, "
                             f"optionally {label_column!r} and {subject_column!r}")
     ids = _ids(path, table[id_column].str.strip().to_numpy(dtype=str), id_column)
@@ -118,6 +119,13 @@ def _read_table(path):
         raise DataError(f"{path}: cannot be read: {exc.strerror or exc}") from None
 
 
+def _column_list(columns, shown=8):
+    """The first columns' names, each a short escaped excerpt (a binary file's header
+    could hold hundreds of bytes)."""
+    names = ', '.join(excerpt(str(c)) for c in columns[:shown])
+    return names + (f", ... ({len(columns)} columns)" if len(columns) > shown else '')
+
+
 def _where(path, index, row_id):
     return f"{path}: row {index + 1} (id {row_id})"
 
@@ -156,8 +164,8 @@ def _labels(path, labels, ids, column):
             number = float('nan')
         if not np.isfinite(number) or number != int(number):
             row = np.flatnonzero(labels == value)[0]
-            raise DataError(f"{_where(path, row, ids[row])}: {column} {value!r} is not an "
-                            f"integer; labels must be integer class numbers (e.g. 0..3)")
+            raise DataError(f"{_where(path, row, ids[row])}: {column} {excerpt(value)} is not "
+                            f"an integer; labels must be integer class numbers (e.g. 0..3)")
         text[value] = str(int(number))
     return np.asarray([text[v] for v in labels], dtype=str)
 
@@ -211,11 +219,11 @@ def _parse_row(text, where, column):
         try:
             number = float(token) if values is None else values[j]
         except ValueError:
-            raise DataError(f"{where}: value {j + 1} of {column!r}, {token.strip()!r}, is not a "
-                            f"number; samples must be comma-separated numbers") from None
+            raise DataError(f"{where}: value {j + 1} of {column!r}, {excerpt(token.strip())}, "
+                            f"is not a number; samples must be comma-separated numbers") from None
         if not np.isfinite(number):
-            raise DataError(f"{where}: value {j + 1} of {column!r}, {token.strip()!r}, is not a "
-                            f"finite number")
+            raise DataError(f"{where}: value {j + 1} of {column!r}, {excerpt(token.strip())}, "
+                            f"is not a finite number")
     return values
 
 
@@ -290,19 +298,27 @@ def load_numpy(path, policy):
 def _read_arrays(path):
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: cannot be read as a .npy/.npz file: {exc}") from None
+    except LOAD_ERRORS as exc:
+        raise DataError(f"{path}: cannot be read as a .npy/.npz file: {_reason(exc)}") from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         return {'x': loaded}
     with loaded:
         try:
             arrays = {key: loaded[key] for key in loaded.files}
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{path}: cannot be read as a .npz file: {exc}") from None
+        except LOAD_ERRORS as exc:
+            raise DataError(f"{path}: cannot be read as a .npz file (truncated or corrupt?): "
+                            f"{_reason(exc)}") from None
     if 'x' not in arrays:
         raise DataError(f"{path}: has no array 'x' (arrays: {', '.join(arrays) or 'none'}); a "
                         f".npz needs x (N, L) or (N, C, L), optionally y, subject and id (N,)")
     return arrays
+
+
+def _reason(exc):
+    """An exception's type and a short excerpt of its message (numpy may quote a whole
+    corrupt header)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text if len(text) <= 80 else text[:77] + '...'}"
 
 
 def _array_column(path, arrays, key, n):

@@ -1,14 +1,16 @@
 """Tests of public/dataset.py: the original file format, bad files, the parse cache, the split."""
 import os
 import re
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 
-from conftest import write_segment
-from public.dataset import (DataError, LengthPolicy, load_folder, parse_filename,
-                            split_by_subject)
+from conftest import ROOT, write_segment
+from public.dataset import (DataError, LengthPolicy, cache_entry, excerpt, load_cached,
+                            load_folder, parse_filename, save_cached, split_by_subject)
 
 L = 16   # synthetic segments are short: the rules do not depend on the length
 
@@ -355,3 +357,246 @@ def test_split_needs_two_subjects():
     with pytest.raises(DataError, match=r'has 1 subject\(s\); a subject-wise validation split '
                                         r'needs at least 2'):
         split_by_subject(np.array(['S1'] * 4), np.array([0, 1, 0, 1]), 0.2, seed=0)
+
+
+def test_split_error_names_the_data_folder():
+    with pytest.raises(DataError, match=r'^data/train: the training data has 1 subject\(s\); '
+                                        r'a subject-wise validation split needs at least 2'):
+        split_by_subject(np.array(['S1'] * 4), np.array([0, 1, 0, 1]), 0.2, 0, source='data/train')
+
+
+# ----------------------------------------------------------------------------- binary files
+
+def test_binary_file_error_is_a_short_escaped_excerpt(tmp_path):
+    folder = _folder(tmp_path)
+    blob = b'\x89PNG\r\n\x1a\n' + bytes(np.random.default_rng(0).integers(0, 256, 3000,
+                                                                            dtype=np.uint8))
+    (folder / 'S9-N-0.txt').write_bytes(blob)
+    with pytest.raises(DataError) as info:
+        load_folder(str(folder), L, progress=False)
+    message = str(info.value)
+    assert message.startswith(f"{folder / 'S9-N-0.txt'}: is not a text file (it holds NUL bytes")
+    assert "starts with b'\\x89PNG\\r\\n\\x1a\\n" in message and 'one number per line' in message
+    assert len(message) - len(str(folder)) < 160 and '\n' not in message
+    seg = load_folder(str(folder), L, skip_bad=True, progress=False)
+    assert [s[0] for s in seg.skipped] == ['S9-N-0.txt'] and len(seg.skipped[0][1]) < 250
+
+
+def test_a_long_bad_line_is_cut_to_a_short_excerpt(tmp_path):
+    folder = _folder(tmp_path)
+    write_segment(folder / 'S9-N-0.txt', text='\xe9t\xe9 ' * 200 + '\n' + '1.0\n' * (L - 1))
+    with pytest.raises(DataError, match=r"S9-N-0\.txt: line 1: '\xe9t\xe9 \xe9t\xe9 .*'\.\.\. is "
+                                        r"not a number; every line must hold one number") as info:
+        load_folder(str(folder), L, progress=False)
+    assert len(str(info.value)) - len(str(folder)) < 130
+
+
+@pytest.mark.parametrize('value,expected', [
+    ('abc', "'abc'"), (b'\x00\x01', "b'\\x00\\x01'"), ('x' * 50, "'" + 'x' * 35 + "'..."),
+    (b'\x00' * 50, "b'" + '\\x00' * 8 + "'..."),
+])
+def test_excerpt_is_short_and_escaped(value, expected):
+    assert excerpt(value) == expected and len(excerpt(value)) <= 40
+
+
+# ----------------------------------------------------------------------------- robust cache
+
+def test_cache_dir_naming_a_file_is_a_clear_error(tmp_path):
+    folder, not_a_folder = _folder(tmp_path), tmp_path / 'cache.txt'
+    not_a_folder.write_text('a file, not a folder\n')
+    with pytest.raises(DataError, match=rf"^{re.escape(str(not_a_folder))}: CACHE_DIR names an "
+                                        rf"existing file; CACHE_DIR must be a folder"):
+        load_folder(str(folder), L, str(not_a_folder), progress=False)
+    with pytest.raises(DataError, match=r'cache\.txt/sub: CACHE_DIR cannot be created .*must be '
+                                        r'a folder'):
+        load_folder(str(folder), L, str(not_a_folder / 'sub'), progress=False)
+    assert not_a_folder.read_text() == 'a file, not a folder\n'
+
+
+def _entry(cache):
+    """(meta path, array path) of the one cache entry in cache."""
+    (meta,) = cache.glob('*.meta.npz')
+    return meta, meta.with_name(meta.name.replace('.meta.npz', '.npy'))
+
+
+def _flip_byte(path, offset):
+    with open(path, 'r+b') as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x5A]))
+
+
+def _corrupt(path, how):
+    data = path.read_bytes()
+    st = os.stat(path)
+    if how == 'truncated':
+        path.write_bytes(data[:len(data) // 2])
+    elif how == 'empty':
+        path.write_bytes(b'')
+    elif how == 'garbage':
+        path.write_bytes(b'garbage')
+    elif how == 'pickle':
+        path.write_bytes(b'\x80\x04\x95' + data[3:])
+    elif how == 'flipped-byte':                  # same size, same mtime: only a checksum sees it
+        _flip_byte(path, len(data) - 1 if path.suffix == '.npy' else 200)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    elif how == 'npy-not-npz':
+        np.save(path.with_suffix('.tmp.npy'), np.arange(3))
+        os.replace(path.with_suffix('.tmp.npy'), path)
+    elif how == 'int32-header':                     # same bytes read as another dtype
+        path.write_bytes(data.replace(b"'descr': '<f4'", b"'descr': '<i4'", 1))
+
+
+CORRUPTIONS = [('meta', h) for h in ('truncated', 'empty', 'garbage', 'pickle',
+                                     'flipped-byte', 'npy-not-npz')] + \
+              [('array', h) for h in ('truncated', 'empty', 'garbage', 'pickle',
+                                      'flipped-byte', 'int32-header')]
+
+
+@pytest.mark.parametrize('which,how', CORRUPTIONS, ids=[f'{w}-{h}' for w, h in CORRUPTIONS])
+def test_corrupt_cache_entry_is_a_quiet_miss_and_is_rewritten(tmp_path, capfd, which, how):
+    folder, cache = _folder(tmp_path), tmp_path / 'cache'
+    truth = load_folder(str(folder), L, str(cache), progress=False)
+    meta, array = _entry(cache)
+    target = meta if which == 'meta' else array
+    _corrupt(target, how)
+    capfd.readouterr()
+    seg = load_folder(str(folder), L, str(cache), progress=False)
+    out, err = capfd.readouterr()
+    assert not seg.from_cache
+    np.testing.assert_array_equal(seg.x, truth.x)
+    assert list(seg.names) == list(truth.names)
+    assert out == '' and len(err.splitlines()) == 1, err
+    assert err.startswith(f'warning: {target}: cache entry ') and 'Traceback' not in err
+    again = load_folder(str(folder), L, str(cache), progress=False)      # the entry was rewritten
+    assert again.from_cache and capfd.readouterr() == ('', '')
+    np.testing.assert_array_equal(again.x, truth.x)
+
+
+def test_array_bytes_overwritten_in_place_fail_the_checksum(tmp_path, capfd):
+    """The defect: an .npy overwritten in place (same size and mtime) loaded without complaint."""
+    folder, cache = _folder(tmp_path), tmp_path / 'cache'
+    truth = load_folder(str(folder), L, str(cache), progress=False)
+    _, array = _entry(cache)
+    st = os.stat(array)
+    payload_start = st.st_size - truth.x.nbytes
+    with open(array, 'r+b') as f:                    # a value in the middle of the payload
+        f.seek(payload_start + truth.x.nbytes // 2)
+        f.write(np.float32(1234.5).tobytes())
+    os.utime(array, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert load_cached(str(array)[:-4], verify=False).x.ravel()[truth.x.size // 2] == 1234.5
+    assert load_cached(str(array)[:-4]) is None
+    assert 'crc32 checksum does not match' in capfd.readouterr().err
+    seg = load_folder(str(folder), L, str(cache), progress=False)
+    assert not seg.from_cache
+    np.testing.assert_array_equal(seg.x, truth.x)
+
+
+def test_random_damage_to_the_cache_never_raises_nor_returns_wrong_data(tmp_path, capfd):
+    folder, cache = _folder(tmp_path), tmp_path / 'cache'
+    truth = load_folder(str(folder), L, str(cache), progress=False)
+    meta, array = _entry(cache)
+    pristine = {meta: meta.read_bytes(), array: array.read_bytes()}
+    rng = np.random.default_rng(7)
+    for trial in range(150):
+        for path, data in pristine.items():
+            path.write_bytes(data)
+        path = (meta, array)[trial % 2]
+        data = bytearray(pristine[path])
+        if trial % 3 == 0:
+            data = data[:rng.integers(0, len(data))]
+        else:
+            for offset in rng.integers(0, len(data), rng.integers(1, 4)):
+                data[offset] ^= int(rng.integers(1, 256))
+        path.write_bytes(bytes(data))
+        seg = load_folder(str(folder), L, str(cache), progress=False)
+        np.testing.assert_array_equal(seg.x, truth.x)
+        assert list(seg.names) == list(truth.names) and list(seg.rhythms) == list(truth.rhythms)
+        assert len(capfd.readouterr().err.splitlines()) <= 1
+
+
+def test_save_keeps_in_progress_and_newer_files_and_drops_stale_ones(tmp_path):
+    folder, cache = _folder(tmp_path), tmp_path / 'cache'
+    segments = load_folder(str(folder), L, progress=False)
+    prefix, newer = cache_entry(str(cache), str(folder), 'key written later by another process')
+    save_cached(str(cache), prefix, newer, segments)
+    future = time.time_ns() + 60 * 10**9
+    os.utime(newer + '.meta.npz', ns=(future, future))
+    _, older = cache_entry(str(cache), str(folder), 'an older key')
+    save_cached(str(cache), prefix, older, segments)
+    in_progress = cache / f'{prefix}-0123.npy.99-abc.tmp'     # another process is writing it
+    in_progress.write_bytes(b'partial')
+    stale = [cache / f'{prefix}-4567.npy.98-def.tmp', cache / f'{prefix}-89ab.npy']
+    for path in stale:                                        # left by a killed writer
+        path.write_bytes(b'partial')
+        os.utime(path, ns=(1, time.time_ns() - 2 * 3600 * 10**9))
+    _, stem = cache_entry(str(cache), str(folder), 'this key')
+    save_cached(str(cache), prefix, stem, segments)
+    left = sorted(os.listdir(cache))
+    assert not os.path.exists(older + '.npy') and not os.path.exists(older + '.meta.npz')
+    assert not any(path.exists() for path in stale)
+    assert in_progress.name in left and os.path.basename(newer) + '.npy' in left
+    assert load_cached(stem) is not None and load_cached(newer) is not None
+
+
+def test_a_failed_cache_write_is_one_warning_and_the_data_still_loads(tmp_path, capfd):
+    folder, cache = _folder(tmp_path), tmp_path / 'cache'
+    segments = load_folder(str(folder), L, progress=False)
+    prefix, stem = cache_entry(str(cache), str(folder), 'key')
+    os.makedirs(stem + '.npy')                  # the rename onto it fails, even for root
+    save_cached(str(cache), prefix, stem, segments)
+    err = capfd.readouterr().err
+    assert len(err.splitlines()) == 1 and 'cannot write the cache entry' in err, err
+    assert sorted(os.listdir(cache)) == [os.path.basename(stem) + '.npy'], 'no temporary file left'
+    assert load_cached(stem) is None and capfd.readouterr().err == ''
+
+
+_WORKER = '''
+import os, sys, time
+import numpy as np
+from public.dataset import cache_entry, load_cached, load_folder, save_cached
+folder, cache, go, mode, rounds = sys.argv[1:]
+truth = load_folder(folder, 16, None, progress=False)
+prefix, stem = cache_entry(cache, folder, 'shared key')
+while not os.path.exists(go):
+    time.sleep(0.0005)
+for i in range(int(rounds)):
+    if mode == 'save':        # both processes write the same entry again and again
+        save_cached(cache, prefix, stem, truth)
+        got = load_cached(stem)
+        assert got is not None, 'own entry not loadable'
+    else:                     # load_folder with two keys: misses, saves and drops interleave
+        got = load_folder(folder, 16, cache, skip_bad=bool(i % 2), progress=False, workers=1)
+    assert np.array_equal(got.x, truth.x) and list(got.names) == list(truth.names)
+print('ok')
+'''
+
+
+@pytest.mark.parametrize('mode', ['save', 'load_folder'])
+def test_two_processes_writing_the_cache_at_once(tmp_path, mode):
+    """The defect: two processes saving one folder's cache crashed with FileNotFoundError."""
+    folder, cache = tmp_path / 'data', tmp_path / 'cache'
+    folder.mkdir()
+    for i in range(300):              # ~20 KB array: each save takes long enough to overlap
+        write_segment(folder / f'S{i % 5}-{"AFIB" if i % 2 else "N"}-{i}.txt', _values(i))
+    go = tmp_path / 'go'
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    workers = [subprocess.Popen([sys.executable, '-c', _WORKER, str(folder), str(cache), str(go),
+                                 mode, '60'], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    time.sleep(0.5)
+    go.write_text('')
+    results = [w.communicate(timeout=120) for w in workers]
+    for worker, (out, err) in zip(workers, results):
+        assert worker.returncode == 0 and out.strip() == 'ok', err
+        assert 'Traceback' not in err and 'warning' not in err, err
+    truth = load_folder(str(folder), L, None, progress=False)
+    if mode == 'save':
+        final = load_cached(cache_entry(str(cache), str(folder), 'shared key')[1])
+        assert final is not None
+    else:
+        final = load_folder(str(folder), L, str(cache), skip_bad=True, progress=False)
+        assert final.from_cache       # the key of both processes' last round
+    np.testing.assert_array_equal(final.x, truth.x)
+    assert not list(cache.glob('*.tmp')), 'temporary files left behind'

@@ -357,3 +357,65 @@ def test_eight_lead_folder_longer_segment_is_an_error_or_cropped(tmp_path):
     cropped = load_folder(folder, 5000, progress=False,
                           length_policy=LengthPolicy(5000, 50, 'exclude', 'crop'))
     np.testing.assert_allclose(cropped.x[1], written['S1-AFIB-1.txt'][:5000].T, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- robustness
+
+def test_csv_with_a_binary_header_gives_a_short_message(tmp_path):
+    path = tmp_path / 'bad.csv'
+    header = 'x' * 300 + ',' + ','.join(f'col{i}' for i in range(40))
+    path.write_text(header + '\n1,2\n')
+    with pytest.raises(DataError, match=r"has no 'id' column \(columns: 'x{30,}'\.\.\., 'col0', "
+                                        r".*\(41 columns\)\); a segment CSV needs") as error:
+        load_csv(path, LengthPolicy(2))
+    assert len(str(error.value)) - len(str(path)) < 330
+
+
+def test_long_bad_csv_value_is_cut_to_a_short_excerpt(tmp_path):
+    path = tmp_path / 'bad.csv'
+    path.write_text('id,heartbeat_signals\n0,"1,' + 'é' * 500 + ',3"\n')
+    with pytest.raises(DataError, match=r"row 1 \(id 0\): value 2 of 'heartbeat_signals', "
+                                        r"'é+'\.\.\., is not a number") as error:
+        load_csv(path, LengthPolicy(3))
+    assert len(str(error.value)) - len(str(path)) < 160       # not 500 characters
+
+
+@pytest.mark.parametrize('damage', ['zip-magic-then-garbage', 'truncated', 'flipped-byte'])
+def test_corrupt_npz_data_file_is_a_data_error(tmp_path, damage):
+    path = tmp_path / 'data.npz'
+    np.savez(path, x=np.arange(400, dtype=np.float32).reshape(4, 100), y=np.arange(4) % 2)
+    data = path.read_bytes()
+    if damage == 'zip-magic-then-garbage':
+        path.write_bytes(b'PK\x03\x04' + b'\xff' * 300)
+    elif damage == 'truncated':
+        path.write_bytes(data[:len(data) // 2])
+    else:                                              # inside x's data: a zip CRC error
+        path.write_bytes(data[:300] + bytes([data[300] ^ 0xFF]) + data[301:])
+    with pytest.raises(DataError, match=r"data\.npz: cannot be read as a \.(npy/\.)?npz file"
+                                        r".*(BadZipFile|EOFError|ValueError|OSError)") as error:
+        load_numpy(path, LengthPolicy(100))
+    assert len(str(error.value)) - len(str(path)) < 200
+
+
+def test_csv_cache_dir_naming_a_file_is_a_clear_error(tmp_path):
+    signals, labels = tianchi_data(n=3)
+    path = write_tianchi(tmp_path / 'train.csv', signals, labels)
+    (tmp_path / 'cache').write_text('')
+    with pytest.raises(DataError, match=r"cache: CACHE_DIR names an existing file; CACHE_DIR "
+                                        r"must be a folder"):
+        load_csv(path, LengthPolicy(205), cache_dir=str(tmp_path / 'cache'))
+
+
+def test_corrupt_csv_cache_is_a_quiet_miss_and_is_rewritten(tmp_path, capfd):
+    signals, labels = tianchi_data(n=6)
+    path = write_tianchi(tmp_path / 'train.csv', signals, labels)
+    cache = tmp_path / 'cache'
+    first = load_csv(path, LengthPolicy(205), cache_dir=str(cache))
+    (meta,) = cache.glob('*.meta.npz')
+    meta.write_bytes(meta.read_bytes()[:100])                      # truncated
+    capfd.readouterr()
+    again = load_csv(path, LengthPolicy(205), cache_dir=str(cache))
+    err = capfd.readouterr().err
+    assert not again.from_cache and err.count('\n') == 1 and str(meta) in err
+    np.testing.assert_array_equal(again.x, first.x)
+    assert load_csv(path, LengthPolicy(205), cache_dir=str(cache)).from_cache
