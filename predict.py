@@ -10,6 +10,11 @@ is a folder of .txt segments, a .csv (id, heartbeat_signals[, label]) or a .npy/
 input length L, and a segment of another length is an error unless --pad-tolerance lets
 a slightly short one be zero-padded. Labels in DATA, if any, are ignored.
 
+The length policy the model was trained with (INPUT_SIZE, PAD_TOLERANCE, SHORTER, LONGER)
+is read from params_used.py next to MODEL when it is there (every ATML result folder has
+one), so a model trained with PAD_TOLERANCE=50 accepts 4,950-sample segments without
+flags; --input-size, --pad-tolerance, --shorter and --longer still override it.
+
 The output CSV has one row per segment, `id,label_0,...,label_{K-1}`: the softmax of the
 logits (id = the file name for a folder, the id column of a CSV, the id array or the row
 index of a .npy/.npz). --snap rounds confident probabilities as seed 003 did for the
@@ -43,9 +48,15 @@ def parse_args(argv):
                         help=f'set p < {SNAP_LOW} to 0 and p > {SNAP_HIGH} to 1 (seed 003)')
     parser.add_argument('--input-size', type=int, default=None,
                         help="segment length; default: the model's input length")
-    parser.add_argument('--pad-tolerance', type=int, default=0,
+    parser.add_argument('--pad-tolerance', type=int, default=None,
                         help='segments shorter by at most this many samples are zero-padded '
-                             '(default: %(default)s)')
+                             "(default: the model folder's params_used.py, else 0)")
+    parser.add_argument('--shorter', choices=('error', 'exclude'), default=None,
+                        help="segments shorter beyond the tolerance: 'error' or 'exclude' "
+                             "(default: params_used.py, else 'error')")
+    parser.add_argument('--longer', choices=('error', 'crop'), default=None,
+                        help="segments longer than the input: 'error' or 'crop' "
+                             "(default: params_used.py, else 'error')")
     parser.add_argument('--format', choices=FORMATS, default='auto',
                         help='data format (default: %(default)s: from the path)')
     parser.add_argument('--batch', type=int, default=1024,
@@ -55,9 +66,72 @@ def parse_args(argv):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    if args.pad_tolerance < 0:
+    if args.pad_tolerance is not None and args.pad_tolerance < 0:
         parser.error(f"--pad-tolerance must be >= 0, got {args.pad_tolerance}")
     return args
+
+
+POLICY_SETTINGS = {'INPUT_SIZE': 'input_size', 'PAD_TOLERANCE': 'pad_tolerance',
+                   'SHORTER': 'shorter', 'LONGER': 'longer'}
+POLICY_DEFAULTS = {'pad_tolerance': 0, 'shorter': 'error', 'longer': 'error'}
+_SETTING_OF = {flag: setting for setting, flag in POLICY_SETTINGS.items()}
+_POLICY_RULES = {'input_size': ('an int >= 1', lambda v: isinstance(v, int) and v >= 1),
+                 'pad_tolerance': ('an int >= 0', lambda v: isinstance(v, int) and v >= 0),
+                 'shorter': ("'error' or 'exclude'", lambda v: v in ('error', 'exclude')),
+                 'longer': ("'error' or 'crop'", lambda v: v in ('error', 'crop'))}
+
+
+def trained_policy(model_path):
+    """(path, {input_size, pad_tolerance, shorter, longer}) from params_used.py beside the
+    model (read as literals, never executed); (None, {}) when there is none."""
+    import ast
+    path = os.path.join(os.path.dirname(os.path.abspath(model_path)), 'params_used.py')
+    if not os.path.isfile(path):
+        return None, {}
+    try:
+        with open(path) as f:
+            tree = ast.parse(f.read(), filename=path)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise PredictError(f"{path}: cannot be read: {exc}") from None
+    policy = {}
+    for node in tree.body:
+        single = isinstance(node, ast.Assign) and len(node.targets) == 1
+        target = node.targets[0] if single else None
+        if isinstance(target, ast.Name) and target.id in POLICY_SETTINGS:
+            policy[POLICY_SETTINGS[target.id]] = _policy_value(path, node, target.id)
+    return path, policy
+
+
+def _policy_value(path, node, setting):
+    import ast
+    rule, ok = _POLICY_RULES[POLICY_SETTINGS[setting]]
+    try:
+        value = ast.literal_eval(node.value)
+    except ValueError:
+        value = ok = None
+    if ok is None or isinstance(value, bool) or not ok(value):
+        raise PredictError(f"{path}: line {node.lineno}: {setting} must be {rule}"
+                           + (f", got {setting}={value!r}" if ok else ' (a literal value)')
+                           + '; fix the file or give the flag')
+    return value
+
+
+def length_policy(args, model_path):
+    """The length policy: the flags, else params_used.py beside the model, else defaults;
+    with a note saying what came from params_used.py (None when nothing did)."""
+    path, trained = trained_policy(model_path)
+    chosen, used = {}, []
+    for name, default in POLICY_DEFAULTS.items():
+        flag = getattr(args, name)
+        if flag is not None:
+            chosen[name] = flag
+        elif name in trained:
+            chosen[name] = trained[name]
+            used.append(f"{_SETTING_OF[name]}={trained[name]!r}")
+        else:
+            chosen[name] = default
+    note = f"length policy from {path}: {', '.join(used)}" if used else None
+    return chosen, trained.get('input_size'), note
 
 
 def load_session(path):
@@ -81,11 +155,11 @@ def load_session(path):
     return session, model_input.name, channels, length
 
 
-def load_segments(path, fmt, input_size, pad_tolerance):
+def load_segments(path, fmt, input_size, pad_tolerance, shorter='error', longer='error'):
     """Segments of the data path (any ATML format), every one fitted to input_size."""
     from public import formats
     from public.dataset import LengthPolicy, detect_format, load_folder
-    policy = LengthPolicy(input_size, pad_tolerance)
+    policy = LengthPolicy(input_size, pad_tolerance, shorter, longer)
     fmt = detect_format(path) if fmt == 'auto' else fmt
     if fmt == 'txt':
         return load_folder(path, input_size, progress=False, length_policy=policy)
@@ -133,14 +207,21 @@ def run(args):
     if args.input_size and length and args.input_size != length:
         raise PredictError(f"{args.model}: the model takes segments of {length} samples, but "
                            f"--input-size is {args.input_size}")
-    input_size = args.input_size or length
+    policy, trained_size, note = length_policy(args, args.model)
+    input_size = args.input_size or length or trained_size
     if input_size is None:
         raise PredictError(f"{args.model}: the model's input length is dynamic; give "
                            f"--input-size")
     try:
-        segments = load_segments(args.data, args.format, input_size, args.pad_tolerance)
+        segments = load_segments(args.data, args.format, input_size, policy['pad_tolerance'],
+                                 policy['shorter'], policy['longer'])
     except DataError as exc:
         raise PredictError(str(exc)) from None
+    if note:
+        print(note)
+    if segments.excluded:
+        print(f"{len(segments.excluded)} segment(s) shorter than INPUT_SIZE - PAD_TOLERANCE "
+              f"excluded (SHORTER='exclude'), e.g. {segments.excluded[0][0]}")
     leads = segments.x.shape[1]
     if channels is not None and leads != channels:
         raise PredictError(f"{args.model}: the model takes {channels} lead(s) (input "

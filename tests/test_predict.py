@@ -167,3 +167,73 @@ def test_data_errors_are_reported_not_raised(heartbeat, tmp_path, capsys):
     assert 'short.csv: row 1 (id 0): has 3 samples, but INPUT_SIZE=205' in err
     err = _error(capsys, root / 'model.onnx', tmp_path / 'data.bin')
     assert 'data.bin: data path does not exist' in err
+
+
+# ----------------------------------------------------------------------------- length policy
+
+class MeanNet(nn.Module):
+    """Two logits from the signal's mean: any input length exports and runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor([1.0, -1.0]))
+
+    def forward(self, x):
+        return x.mean(dim=(1, 2, 3))[:, None] * self.weight
+
+
+@pytest.fixture
+def padded_model(tmp_path):
+    """A result folder trained with INPUT_SIZE=500, PAD_TOLERANCE=50, SHORTER='exclude'
+    (params_used.py written as the search writes it), and segments of 500, 470, 450, 400."""
+    from conftest import PARAMS
+    from public.config import load_settings, write_settings
+    folder = tmp_path / 'multi-result' / 'MeanNet' / '97-95'
+    folder.mkdir(parents=True)
+    export_onnx(MeanNet(), str(folder / 'saved.onnx'), in_channels=1, input_size=500, opset=18)
+    settings = load_settings(['INPUT_SIZE=500', 'PAD_TOLERANCE=50', "SHORTER='exclude'"],
+                             params_path=str(PARAMS))
+    write_settings(settings, str(folder / 'params_used.py'))
+    written = write_lead_folder(tmp_path / 'ecg', [500, 470, 450, 400], leads=1)
+    return folder, tmp_path / 'ecg', list(written)                  # in the order of lengths
+
+
+def test_predict_reads_the_length_policy_of_the_model_folder(padded_model, tmp_path, capsys):
+    folder, data, names = padded_model
+    out = tmp_path / 'p.csv'
+    assert predict.main([str(folder / 'saved.onnx'), str(data), '--out', str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (f"length policy from {folder / 'params_used.py'}: PAD_TOLERANCE=50, "
+            f"SHORTER='exclude'") in printed
+    assert "1 segment(s) shorter than INPUT_SIZE - PAD_TOLERANCE excluded" in printed
+    kept = pd.read_csv(out)['id'].tolist()
+    assert kept == sorted(names[:3])                 # 500 kept, 470 and 450 padded, 400 excluded
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--shorter', 'error'], 'has 400 samples, but INPUT_SIZE=500'),
+    (['--pad-tolerance', '0', '--shorter', 'error'], 'samples, but INPUT_SIZE=500'),
+])
+def test_flags_override_the_model_folders_policy(padded_model, tmp_path, capsys, flags, message):
+    folder, data, _ = padded_model
+    args = [str(folder / 'saved.onnx'), str(data), '--out', str(tmp_path / 'p.csv'), *flags]
+    assert predict.main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_without_params_used_the_defaults_apply(padded_model, tmp_path, capsys):
+    folder, data, _ = padded_model
+    alone = tmp_path / 'alone.onnx'
+    alone.write_bytes((folder / 'saved.onnx').read_bytes())
+    assert predict.main([str(alone), str(data), '--out', str(tmp_path / 'p.csv')]) == 2
+    err = capsys.readouterr().err
+    assert 'samples, but INPUT_SIZE=500' in err and 'PAD_TOLERANCE=0' in err
+
+
+def test_a_bad_policy_in_params_used_is_reported(padded_model, tmp_path, capsys):
+    folder, data, _ = padded_model
+    text = (folder / 'params_used.py').read_text().replace('PAD_TOLERANCE = 50', 'PAD_TOLERANCE = -5')
+    (folder / 'params_used.py').write_text(text)
+    assert predict.main([str(folder / 'saved.onnx'), str(data), '--out', str(tmp_path / 'p.csv')]) == 2
+    err = capsys.readouterr().err
+    assert 'params_used.py: line' in err and 'PAD_TOLERANCE must be an int >= 0, got PAD_TOLERANCE=-5' in err

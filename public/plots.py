@@ -1,0 +1,503 @@
+"""Figures of an ATML search: matplotlib (Agg backend), plain data in, one PNG file out.
+
+    from public import plots
+    plots.size_score_plot(trials, 'figures/stage1-size.png', metric_label='min4 on val (%)')
+    plots.latency_score_plot(trials, 'figures/stage1-latency.png')
+    plots.lr_score_plot(trials, 'figures/stage1-lr.png', avoid_param=0.8)
+    plots.loss_curves_plot([{'label': 'AFNet lr=0.003', 'history': [[1, .6, .5, .003], ...],
+                             'best_epoch': 1, 'stop_reason': 'early-stop'}], 'figures/loss.png')
+    plots.confusion_plot({'val': [[40, 2], [3, 35]], 'test': ...}, 'figures/cm.png')
+    plots.stage_two_grid_plot(cells, 'figures/stage2-grid.png', metric_target=90,
+                              size_target_kb=60, winner=(2, 1))
+
+`trials` is a DataFrame with one row per trial and the columns of results.csv already made
+numeric: model, lr, status ('ok', 'diverged', 'failed'), pruned (bool), score (0..1),
+xx, yy, onnx_kb, latency_ms. A missing column or value (NaN) means "not available": the
+point is left out (and counted in the title), never an error. Every function writes its
+PNG atomically (temporary file, then os.replace) and returns the path. Nothing here reads
+results from the disk; public/report.py does that.
+"""
+import json
+import math
+import os
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.ticker  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib import colors as mcolors  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch, Rectangle  # noqa: E402
+
+DPI = 100
+PRUNED_COLOR = '#d62728'
+NO_SCORE_COLOR = '#555555'
+_PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+plt.rcParams.update({'font.size': 9, 'axes.titlesize': 10, 'axes.labelsize': 9,
+                     'legend.fontsize': 8, 'figure.titlesize': 11})
+
+
+# ----------------------------------------------------------------------------- data helpers
+
+def model_colors(models):
+    """{model: colour}, the same colour for a model in every figure of a report."""
+    palette = plt.get_cmap('tab10').colors + plt.get_cmap('Dark2').colors
+    return {m: palette[i % len(palette)] for i, m in enumerate(dict.fromkeys(models))}
+
+
+def numeric_column(frame, name, default=np.nan):
+    """frame[name] as numbers (blank or text -> NaN); all NaN when the column is missing."""
+    if name in frame.columns:
+        return pd.to_numeric(frame[name], errors='coerce')
+    return pd.Series(default, index=frame.index, dtype=float)
+
+
+def _flags(frame, name):
+    if name not in frame.columns:
+        return pd.Series(False, index=frame.index)
+    return frame[name].map(lambda v: v is True or str(v).strip().lower() == 'true')
+
+
+def _status(frame):
+    if 'status' not in frame.columns:
+        return pd.Series('ok', index=frame.index)
+    return frame['status'].fillna('').astype(str).replace('', 'ok')
+
+
+def best_rows(trials):
+    """Each model's best finished trial (max score, then yy, then xx; the first of equals)."""
+    if trials.empty or 'model' not in trials.columns:
+        return trials.iloc[0:0]
+    ok = trials[(_status(trials) == 'ok') & numeric_column(trials, 'score').notna()]
+    keys = pd.DataFrame({'score': numeric_column(ok, 'score'),
+                         'yy': numeric_column(ok, 'yy').fillna(-1),
+                         'xx': numeric_column(ok, 'xx').fillna(-1)})
+    picks = []
+    for _, group in keys.groupby(ok['model'], sort=False):
+        ranked = group.sort_values(['score', 'yy', 'xx'], ascending=False, kind='stable')
+        picks.append(ranked.index[0])
+    return trials.loc[picks]
+
+
+def pareto_front(x, y):
+    """Indices of the points no other point beats (x no larger and y no smaller), by x."""
+    points = sorted((xi, -yi, i) for i, (xi, yi) in enumerate(zip(x, y))
+                    if np.isfinite(xi) and np.isfinite(yi))
+    front, best = [], -math.inf
+    for xi, neg_y, i in points:
+        if -neg_y > best:
+            front.append(i)
+            best = -neg_y
+    return front
+
+
+def history_frame(history):
+    """A trial's history (list of [epoch, train_loss, val_loss, lr], list of dicts, or
+    their JSON text) as a DataFrame with those four columns; None when not available."""
+    if history is None or (isinstance(history, float) and math.isnan(history)):
+        return None
+    if isinstance(history, str):
+        if not history.strip():
+            return None
+        try:
+            history = json.loads(history)
+        except ValueError:
+            return None
+    names = ['epoch', 'train_loss', 'val_loss', 'lr']
+    try:
+        if history and isinstance(history[0], dict):
+            frame = pd.DataFrame(history).reindex(columns=names)
+        else:
+            frame = pd.DataFrame([list(r)[:4] + [np.nan] * (4 - len(r)) for r in history],
+                                 columns=names)
+    except (TypeError, ValueError, KeyError):
+        return None
+    frame = frame.apply(pd.to_numeric, errors='coerce').replace([np.inf, -np.inf], np.nan)
+    return frame if len(frame) and frame['epoch'].notna().any() else None
+
+
+# ----------------------------------------------------------------------------- saving
+
+def _save(fig, path):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        fig.savefig(tmp, format='png', dpi=DPI, metadata={'Software': None})
+    finally:
+        plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def is_png(path):
+    """Whether path is a non-empty PNG file (checks the 8-byte signature)."""
+    with open(path, 'rb') as f:
+        return f.read(8) == _PNG_MAGIC
+
+
+def _empty(ax, message):
+    ax.text(0.5, 0.5, message, ha='center', va='center', transform=ax.transAxes,
+            color=NO_SCORE_COLOR, fontsize=10, wrap=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+# ----------------------------------------------------------------------------- stage one
+
+def size_score_plot(trials, path, metric_label='score (%)', title=None):
+    """Selection score vs ONNX size (KB, log scale) of every finished trial."""
+    return _tradeoff_plot(trials, path, 'onnx_kb', 'ONNX file size (KB, log scale)',
+                          metric_label, title or 'Score vs model size, every trial', log=True)
+
+
+def latency_score_plot(trials, path, metric_label='score (%)', title=None):
+    """Selection score vs onnxruntime latency (ms per segment) of every finished trial."""
+    return _tradeoff_plot(trials, path, 'latency_ms',
+                          'onnxruntime latency (ms per segment, batch 1, log scale)',
+                          metric_label, title or 'Score vs inference latency, every trial',
+                          log=True)
+
+
+def _tradeoff_plot(trials, path, x_col, x_label, metric_label, title, log):
+    fig, ax = plt.subplots(figsize=(10, 5.6), layout='constrained')
+    x, y = numeric_column(trials, x_col), 100 * numeric_column(trials, 'score')
+    ok = (_status(trials) == 'ok') & x.notna() & y.notna() & (x > 0)
+    hidden = len(trials) - int(ok.sum())
+    if not ok.any():
+        _empty(ax, 'no finished trial with a score and a size yet')
+        ax.set_title(title)
+        return _save(fig, path)
+    shown = trials[ok]
+    colours = model_colors(trials['model'] if 'model' in trials.columns else [])
+    pruned = _flags(shown, 'pruned')
+    for model, group in shown.groupby(shown.get('model', pd.Series('', index=shown.index)),
+                                      sort=False):
+        colour = colours.get(model, 'C0')
+        keep, cut = group[~pruned[group.index]], group[pruned[group.index]]
+        ax.scatter(x[keep.index], y[keep.index], color=colour, s=36, alpha=0.85,
+                   label=str(model), zorder=3)
+        ax.scatter(x[cut.index], y[cut.index], facecolors='none', edgecolors=colour, s=36,
+                   linewidths=1.2, zorder=3, label=f"{model} (pruned)" if len(cut) else None)
+    front = pareto_front(x[ok].to_numpy(), y[ok].to_numpy())
+    fx, fy = x[ok].to_numpy()[front], y[ok].to_numpy()[front]
+    ax.plot(fx, fy, color='black', linestyle='--', linewidth=1, drawstyle='steps-post',
+            zorder=2, label='Pareto front')
+    if log:
+        ax.set_xscale('log')
+        _plain_log_ticks(ax.xaxis)
+    ax.margins(x=0.06, y=0.08)
+    _label_best(ax, best_rows(shown), x, y, colours)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(metric_label)
+    ax.grid(True, which='both', alpha=0.25)
+    if hidden:
+        title += f" ({hidden} trial(s) without size or score not shown)"
+    ax.set_title(title)
+    ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1), frameon=False)
+    return _save(fig, path)
+
+
+def _plain_log_ticks(axis):
+    """Log-axis tick labels as plain numbers (20, 50, 100), not powers of ten."""
+    formatter = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    axis.set_major_formatter(formatter)
+    axis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+        lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in '25' else ''))
+
+
+def _label_best(ax, best, x, y, colours):
+    """Ring and label each model's best trial; labels stacked so close points stay legible,
+    and put on the side of the point that has room (left near the right edge, below near
+    the top)."""
+    ax.autoscale_view()
+    to_axes = ax.transData + ax.transAxes.inverted()
+    order = sorted(best.index, key=lambda i: (y[i], x[i]))
+    for n, i in enumerate(order):
+        row = best.loc[i]
+        colour = colours.get(row.get('model'), 'C0')
+        ax.scatter([x[i]], [y[i]], s=160, facecolors='none', edgecolors='black', linewidths=1.6,
+                   zorder=4)
+        fx, fy = to_axes.transform((x[i], y[i]))
+        left, dy = fx > 0.7, (-16 if fy > 0.95 else 6) - 11 * (n % 2)
+        text = f"{row.get('model', '')} {xx_yy(row)}".strip()
+        ax.annotate(text, (x[i], y[i]), xytext=(-10 if left else 10, dy),
+                    textcoords='offset points', ha='right' if left else 'left', fontsize=8,
+                    color=colour, fontweight='bold', zorder=5,
+                    bbox=dict(boxstyle='round,pad=0.15', fc='white', ec='none', alpha=0.85))
+
+
+def xx_yy(row):
+    """The 'xx-yy' folder name of a results row, '' when it has no digits."""
+    xx = pd.to_numeric(row.get('xx'), errors='coerce')
+    yy = pd.to_numeric(row.get('yy'), errors='coerce')
+    return f"{int(xx)}-{int(yy)}" if pd.notna(xx) and pd.notna(yy) else ''
+
+
+def lr_score_plot(trials, path, metric_label='score (%)', avoid_param=None):
+    """One panel per model: score vs learning rate; pruned, diverged, failed marked."""
+    models = list(dict.fromkeys(trials['model'])) if 'model' in trials.columns else []
+    ncols = min(3, max(1, len(models)))
+    nrows = max(1, math.ceil(len(models) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols + 0.6, 2.9 * nrows + 0.6),
+                             layout='constrained', squeeze=False)
+    for ax in axes.flat[len(models):]:
+        ax.set_visible(False)
+    if not models:
+        axes[0, 0].set_visible(True)
+        _empty(axes[0, 0], 'no trial recorded yet')
+        return _save(fig, path)
+    colours = model_colors(models)
+    best = set(best_rows(trials).index)
+    for ax, model in zip(axes.flat, models):
+        _lr_panel(ax, trials[trials['model'] == model], model, colours[model], best, avoid_param)
+        ax.set_ylabel(metric_label if ax in axes[:, 0] else '')
+    fig.suptitle('Score per learning rate (each marker is one trial)')
+    fig.legend(handles=_lr_legend(avoid_param is not None), loc='outside lower center',
+               ncols=6, frameon=False)
+    return _save(fig, path)
+
+
+def _lr_panel(ax, group, model, colour, best, avoid_param):
+    lr, score = numeric_column(group, 'lr'), 100 * numeric_column(group, 'score')
+    status = _status(group)
+    pruned = _flags(group, 'pruned')
+    scored = (status == 'ok') & score.notna() & lr.notna()
+    plain, cut = scored & ~pruned, scored & pruned
+    ax.scatter(lr[plain], score[plain], color=colour, s=40, zorder=3)
+    ax.scatter(lr[cut], score[cut], marker='v', color=PRUNED_COLOR, s=44, zorder=3)
+    for i in group.index.intersection(list(best)):
+        ax.scatter([lr[i]], [score[i]], s=150, facecolors='none', edgecolors='black',
+                   linewidths=1.5, zorder=4)
+    bottom = ax.get_xaxis_transform()           # x in data, y in axes fraction
+    for state, marker, y in (('diverged', 'X', 0.04), ('failed', 'x', 0.04)):
+        mask = (status == state) & lr.notna()
+        ax.scatter(lr[mask], [y] * int(mask.sum()), transform=bottom, marker=marker,
+                   color=NO_SCORE_COLOR if state == 'failed' else PRUNED_COLOR, s=50, zorder=3,
+                   clip_on=False)
+    if avoid_param is not None:
+        ax.axhline(100 * avoid_param, color=PRUNED_COLOR, linestyle=':', linewidth=1)
+    if scored.any():
+        low, high = float(score[scored].min()), float(score[scored].max())
+        if avoid_param is not None:
+            low = min(low, 100 * avoid_param)
+        pad = max(2.0, 0.1 * (high - low))
+        ax.set_ylim(low - 2 * pad, min(100 + pad, high + pad))
+    else:
+        ax.set_yticks([])
+    values = sorted(lr.dropna().unique())
+    ax.set_xticks(values)
+    ax.set_xticklabels([f"{v:g}" for v in values], rotation=45, ha='right', fontsize=7)
+    if len(values) == 1:
+        ax.set_xlim(values[0] * 0.8, values[0] * 1.2)
+    ax.set_xlabel('learning rate')
+    ax.grid(True, alpha=0.25)
+    ax.set_title(f"{model}: {len(group)} trial(s)")
+
+
+def _lr_legend(with_avoid):
+    handles = [Line2D([], [], marker='o', linestyle='', color='grey', label='finished'),
+               Line2D([], [], marker='v', linestyle='', color=PRUNED_COLOR, label='pruned'),
+               Line2D([], [], marker='X', linestyle='', color=PRUNED_COLOR,
+                      label='diverged (no score)'),
+               Line2D([], [], marker='x', linestyle='', color=NO_SCORE_COLOR,
+                      label='failed (no score)'),
+               Line2D([], [], marker='o', linestyle='', markerfacecolor='none',
+                      markeredgecolor='black', markersize=10, label="model's best")]
+    if with_avoid:
+        handles.append(Line2D([], [], color=PRUNED_COLOR, linestyle=':', label='AVOID_PARAM'))
+    return handles
+
+
+# ----------------------------------------------------------------------------- loss curves
+
+def loss_curves_plot(curves, path, title='Loss per epoch', sharey=False):
+    """Small multiples: train and validation loss per epoch, one panel per curve.
+
+    curves: dicts with 'label', 'history' (see history_frame), optional 'best_epoch' (the
+    epoch whose weights were kept: a dashed line) and 'stop_reason' (the last epoch is
+    marked as the early stop when it says so)."""
+    curves = list(curves)
+    ncols = min(4, max(1, len(curves)))
+    nrows = max(1, math.ceil(len(curves) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(6.5, 3.3 * ncols + 0.4), 2.5 * nrows + 0.8),
+                             layout='constrained', squeeze=False, sharey=sharey)
+    for ax in axes.flat[len(curves):]:
+        ax.set_visible(False)
+    if not curves:
+        axes[0, 0].set_visible(True)
+        _empty(axes[0, 0], 'no trial to show')
+    for ax, curve in zip(axes.flat, curves):
+        _loss_panel(ax, curve)
+    for ax in axes[:, 1:].flat:           # one y label per row is enough
+        ax.set_ylabel('')
+    fig.suptitle(title)
+    fig.legend(handles=[Line2D([], [], color='C0', label='train loss'),
+                        Line2D([], [], color='C1', label='validation loss'),
+                        Line2D([], [], color='black', linestyle='--', label='best epoch (kept)'),
+                        Line2D([], [], color=PRUNED_COLOR, marker='s', linestyle='',
+                               label='early stop')],
+               loc='outside lower center', ncols=4, frameon=False)
+    return _save(fig, path)
+
+
+def _loss_panel(ax, curve):
+    ax.set_title(str(curve.get('label', '')), fontsize=8)
+    history = history_frame(curve.get('history'))
+    if history is None:
+        _empty(ax, 'no history recorded')
+        return
+    epoch = history['epoch']
+    ax.plot(epoch, history['train_loss'], color='C0', marker='.', markersize=3, linewidth=1.2)
+    ax.plot(epoch, history['val_loss'], color='C1', marker='.', markersize=3, linewidth=1.2)
+    best = pd.to_numeric(curve.get('best_epoch'), errors='coerce')
+    if pd.notna(best) and best > 0:
+        ax.axvline(best, color='black', linestyle='--', linewidth=0.9)
+    if 'early' in str(curve.get('stop_reason', '')):
+        last = history.dropna(subset=['epoch']).iloc[-1]
+        ax.plot([last['epoch']], [last['val_loss']], marker='s', color=PRUNED_COLOR,
+                linestyle='', markersize=6)
+    ax.set_xlabel('epoch')
+    ax.set_ylabel('cross-entropy loss')
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(nbins=8, integer=True))
+    ax.grid(True, alpha=0.25)
+
+
+# ----------------------------------------------------------------------------- confusion
+
+def confusion_plot(confusion, path, title='Confusion matrices', class_names=None):
+    """Validation and test confusion matrices side by side: counts, coloured by the share
+    of each true class (row-normalised), so recall per class reads off the diagonal."""
+    splits = [(s, np.asarray(confusion[s], dtype=float)) for s in ('val', 'test')
+              if confusion.get(s) is not None and np.size(confusion[s])]
+    fig, axes = plt.subplots(1, max(1, len(splits)), figsize=(3.1 * max(1, len(splits)) + 1.2, 3.0),
+                             layout='constrained', squeeze=False)
+    if not splits:
+        _empty(axes[0, 0], 'no confusion matrix recorded')
+    image = None
+    for ax, (split, matrix) in zip(axes.flat, splits):
+        image = _confusion_panel(ax, split, matrix, class_names)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes.flat), shrink=0.8, label='share of the true class')
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _confusion_panel(ax, split, matrix, class_names):
+    totals = matrix.sum(axis=1, keepdims=True)
+    share = np.divide(matrix, totals, out=np.zeros_like(matrix), where=totals > 0)
+    image = ax.imshow(share, cmap='Blues', vmin=0, vmax=1)
+    k = len(matrix)
+    names = [str(i) for i in range(k)]
+    if class_names and len(class_names) == k:
+        names = list(class_names)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{int(matrix[i, j])}\n{100 * share[i, j]:.0f}%", ha='center',
+                    va='center', fontsize=8 if k <= 6 else 6,
+                    color='white' if share[i, j] > 0.6 else 'black')
+    ax.set_xticks(range(k), names, rotation=30 if k > 3 else 0)
+    ax.set_yticks(range(k), names)
+    ax.set_xlabel('predicted class')
+    ax.set_ylabel('true class')
+    label = {'val': 'validation', 'test': 'test'}[split]
+    ax.set_title(f"{label} ({int(matrix.sum())} segments)")
+    return image
+
+
+# ----------------------------------------------------------------------------- stage two
+
+def stage_two_grid_plot(cells, path, *, metric_target, size_target_kb, winner=None,
+                        metric_label='score (%)', views=(('ONNX', 'score', 'kb'),)):
+    """Channel-scale x FC-scale grid, one panel per view (e.g. float and INT8).
+
+    cells: one row per candidate: channel_scale, fc_scale, status ('ok', 'over-size',
+    'diverged', 'failed'; '' or missing = untrained) and, per view (title, score column,
+    KB column), its score (%) and size (KB). winner: (channel_scale, fc_scale) or None."""
+    channels = sorted(numeric_column(cells, 'channel_scale').dropna().astype(int).unique())
+    fcs = sorted(numeric_column(cells, 'fc_scale').dropna().astype(int).unique())
+    width = max(3.6, 1.15 * max(1, len(fcs)) + 1.6)
+    fig, axes = plt.subplots(1, len(views), figsize=(width * len(views) + 1.0,
+                                                     1.0 * max(1, len(channels)) + 2.2),
+                             layout='constrained', squeeze=False)
+    scores = pd.concat([numeric_column(cells, score) for _, score, _ in views])
+    norm = _target_norm(scores.dropna(), metric_target)
+    for ax, (title, score_col, kb_col) in zip(axes.flat, views):
+        if not channels or not fcs:
+            _empty(ax, 'no candidate recorded yet')
+            continue
+        _grid_panel(ax, cells, channels, fcs, score_col, kb_col, norm, winner)
+        ax.set_title(title)
+    if scores.notna().any():
+        bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap='RdYlGn'), ax=list(axes.flat),
+                           shrink=0.85, label=metric_label)
+        bar.ax.axhline(metric_target, color='black', linewidth=1.5)
+    fig.suptitle(f"Stage-two candidates: targets {metric_label} >= {metric_target:g}, "
+                 f"ONNX <= {size_target_kb:g} KB")
+    fig.legend(handles=_grid_legend(winner), loc='outside lower center', ncols=4, frameon=False)
+    return _save(fig, path)
+
+
+def _target_norm(scores, target):
+    """Red below the metric target, green above it."""
+    centre = min(float(target), 99.5)
+    low = min([centre - 10.0] + ([float(scores.min()) - 1] if len(scores) else []))
+    return mcolors.TwoSlopeNorm(vmin=low, vcenter=centre, vmax=100.0)
+
+
+def _grid_panel(ax, cells, channels, fcs, score_col, kb_col, norm, winner):
+    cmap = plt.get_cmap('RdYlGn')
+    latest = cells.assign(_c=numeric_column(cells, 'channel_scale'),
+                          _f=numeric_column(cells, 'fc_scale'))
+    latest = latest.drop_duplicates(['_c', '_f'], keep='last')
+    for row_i, c in enumerate(channels):
+        for col_j, f in enumerate(fcs):
+            match = latest[(latest['_c'] == c) & (latest['_f'] == f)]
+            row = match.iloc[0] if len(match) else None
+            colour, hatch, text = _cell_look(row, score_col, kb_col, norm, cmap)
+            ax.add_patch(Rectangle((col_j - 0.5, row_i - 0.5), 1, 1, facecolor=colour,
+                                   hatch=hatch, edgecolor='white', linewidth=1.5))
+            ax.text(col_j, row_i, text, ha='center', va='center', fontsize=8.5,
+                    bbox=dict(boxstyle='round,pad=0.2', fc='white', ec='none', alpha=0.75))
+            if winner is not None and (c, f) == tuple(int(v) for v in winner):
+                ax.add_patch(Rectangle((col_j - 0.47, row_i - 0.47), 0.94, 0.94, fill=False,
+                                       edgecolor='black', linewidth=3, zorder=5))
+    ax.set_xlim(-0.5, len(fcs) - 0.5)
+    ax.set_ylim(-0.5, len(channels) - 0.5)
+    ax.set_xticks(range(len(fcs)), [str(f) for f in fcs])
+    ax.set_yticks(range(len(channels)), [str(c) for c in channels])
+    ax.set_xlabel('FC scaling factor')
+    ax.set_ylabel('channel scaling factor')
+    ax.set_aspect('equal')
+
+
+def _cell_look(row, score_col, kb_col, norm, cmap):
+    """(face colour, hatch, text) of one grid cell."""
+    if row is None:
+        return '#f4f4f4', None, 'not planned'
+    status = str(row.get('status', '') or '')
+    kb = pd.to_numeric(row.get(kb_col), errors='coerce')
+    size = f"{kb:.1f} KB" if pd.notna(kb) else ''
+    if status == 'over-size':
+        return '#bdbdbd', '///', f"{size}\nover-size".strip()
+    score = pd.to_numeric(row.get(score_col), errors='coerce')
+    if status == 'ok' and pd.notna(score):
+        return cmap(norm(score)), None, f"{size}\n{score:.1f}%"
+    if status in ('diverged', 'failed'):
+        return '#9e9e9e', 'xx', f"{size}\n{status}".strip()
+    return '#e8e8e8', None, f"{size}\nuntrained".strip()
+
+
+def _grid_legend(winner):
+    handles = [Patch(facecolor='#bdbdbd', hatch='///', edgecolor='white',
+                     label='over the size target (never trained)'),
+               Patch(facecolor='#e8e8e8', label='untrained'),
+               Patch(facecolor='#9e9e9e', hatch='xx', edgecolor='white', label='diverged / failed')]
+    if winner is not None:
+        handles.append(Patch(facecolor='none', edgecolor='black', linewidth=3,
+                             label=f"result c{winner[0]}-f{winner[1]}"))
+    return handles

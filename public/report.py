@@ -1,0 +1,922 @@
+"""One self-contained HTML page per stage, built only from what a search left on disk.
+
+    python -m public.report stage1 [KEY=VALUE ...]              # <MODEL_SAVE_PATH>/report.html
+    python -m public.report stage2 [--folder DIR] [KEY=VALUE ...]   # <xx>-<yy>/report.html
+
+    from public.report import write_stage_one_report, write_stage_two_report
+    write_stage_one_report(settings)                    # after each trial and at the end
+    write_stage_two_report(settings, result_folder)     # result_folder None: into TEMP_DIR
+
+Give the same KEY=VALUE overrides as the run: only the trials recorded with the current
+settings (their settings key) belong to the search shown. The page embeds its figures as
+base64 PNG (no network, opens from the file system); the same figures are also written as
+PNG files under figures/ next to report.html. Everything on the page comes from the files
+(results.csv, summary, result.json of the best folders, stage2_results.csv), so a page
+regenerated from disk equals the one written during the run: it holds no generation
+time, only the finishing time of the latest trial. What is not on disk (a per-epoch
+history, a confusion matrix) is left out with a short note, never an error.
+"""
+import base64
+import csv
+import hashlib
+import html
+import importlib
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import pandas as pd
+
+from public import plots
+
+REPORT_NAME = 'report.html'
+FIGURES_DIR = 'figures'
+DATA_SUMMARY = 'data_summary.txt'
+_RESULT_FOLDER = re.compile(r'^\d{1,3}-\d{1,3}$')
+_METRICS = ('f1', 'accuracy', 'precision', 'recall', 'auc', 'abs_sum')
+_NUMERIC = (['lr', 'epochs', 'best_epoch', 'score', 'xx', 'yy', 'onnx_kb', 'onnx_bytes',
+             'latency_ms', 'params', 'wall_s', 'channel_scale', 'fc_scale', 'predicted_bytes',
+             'int8_bytes']
+            + [f"{s}_{m}" for s in ('val', 'test') for m in _METRICS])
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_table(path):
+    """A results CSV as a DataFrame of strings, one row per complete line (a line torn by
+    a crash is skipped); an empty frame when the file is absent."""
+    if not os.path.isfile(path):
+        return pd.DataFrame()
+    with open(path, newline='', encoding='utf-8', errors='replace') as f:
+        lines = f.read().splitlines()
+    rows = [_parse_line(line) for line in lines if line.strip()]
+    if not rows or rows[0] is None:
+        return pd.DataFrame()
+    header = rows[0]
+    good = [r for r in rows[1:] if r is not None and len(r) == len(header)]
+    return pd.DataFrame(good, columns=header)
+
+
+def _parse_line(line):
+    try:
+        return next(csv.reader([line], strict=True))
+    except (csv.Error, StopIteration):
+        return None
+
+
+def numeric_trials(frame):
+    """Known numeric columns made numeric (blank -> NaN), pruned made boolean."""
+    frame = frame.copy()
+    for name in _NUMERIC:
+        if name in frame.columns:
+            frame[name] = pd.to_numeric(frame[name], errors='coerce')
+    for name in ('pruned', 'meets_metric'):
+        if name in frame.columns:
+            frame[name] = frame[name].astype(str).str.strip().str.lower() == 'true'
+    if 'status' not in frame.columns:
+        frame['status'] = 'ok'
+    frame['status'] = frame['status'].fillna('').astype(str)
+    if 'onnx_bytes' in frame.columns:          # exact KB where the bytes are recorded
+        exact = frame['onnx_bytes'] / 1024
+        frame['onnx_kb'] = exact.where(exact.notna(), frame.get('onnx_kb', np.nan))
+    return frame
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            value = json.load(f)
+        return value if isinstance(value, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _read_text(path):
+    try:
+        with open(path, encoding='utf-8', errors='replace') as f:
+            return f.read()
+    except OSError:
+        return ''
+
+
+def _key(settings, names):
+    """The settings key of the current search (the first function found), or None."""
+    for module_name, attr in names:
+        try:
+            function = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError):
+            continue
+        try:
+            return function(settings)
+        except Exception:
+            return None
+    return None
+
+
+def current_rows(frame, key):
+    """(rows of the current search, number of rows recorded with other settings)."""
+    if frame.empty or key is None or 'settings_key' not in frame.columns:
+        return frame, 0
+    mine = frame['settings_key'] == key
+    return frame[mine], int((~mine).sum())
+
+
+def _settings_dict(settings):
+    try:
+        from public.config import settings_dict
+        return settings_dict(settings)
+    except Exception:
+        return {k: v for k, v in sorted(vars(settings).items())
+                if k.isupper() and k not in ('PARAMS_PATH', 'OVERRIDES')}
+
+
+def _fill_scores(frame, settings):
+    """A row recorded without a score (an older table) gets it from its metrics."""
+    if frame.empty:
+        return frame
+    try:
+        from public.test import selection_score
+    except ImportError:
+        return frame
+    split = getattr(settings, 'SELECT_ON', 'val')
+    names = [f"{split}_{m}" for m in _METRICS]
+    if 'score' not in frame.columns:
+        frame['score'] = np.nan
+    for i in frame.index[frame['score'].isna() & (frame['status'] == 'ok')]:
+        metrics = {n[len(split) + 1:]: frame.at[i, n] for n in names if n in frame.columns}
+        try:
+            frame.at[i, 'score'] = selection_score(metrics, settings.SELECT_METRIC)
+        except (KeyError, TypeError):
+            pass
+    return frame
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _write_atomic(path, text):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, 'w', encoding='utf-8') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def _keep_data_summary(folder, data_summary):
+    """Store the run's data summary next to the report (so a regenerated page has it)."""
+    path = os.path.join(folder, DATA_SUMMARY)
+    if data_summary and _read_text(path) != data_summary:
+        _write_atomic(path, data_summary)
+    return _read_text(path)
+
+
+class Figures:
+    """The figures of one page: drawn into figures/, embedded, failures turned into notes.
+
+    A figure whose input data are unchanged since it was last drawn (same digest in
+    figures/.digests.json, PNG still there) is not redrawn: after each trial of a long
+    search only the figures that trial changes cost time. Rendering is deterministic, so
+    the page is the same either way."""
+
+    DIGESTS = '.digests.json'
+
+    def __init__(self, folder):
+        self.folder = os.path.join(folder, FIGURES_DIR)
+        self.written = []
+        self.old = read_json(os.path.join(self.folder, self.DIGESTS))
+        self.new = {}
+
+    def draw(self, name, function, *args, **kwargs):
+        """(path, None) or (None, note) for one figure file figures/<name>.png."""
+        file = f"{_file_name(name)}.png"
+        path = os.path.join(self.folder, file)
+        digest = _digest(function.__name__, args, kwargs)
+        if self.old.get(file) != digest or not os.path.isfile(path):
+            try:
+                function(*args, path=path, **kwargs)
+            except Exception as exc:            # a bad figure must not stop a long search
+                return None, f"figure {name} could not be drawn: {type(exc).__name__}: {exc}"
+        self.written.append(path)
+        self.new[file] = digest
+        return path, None
+
+    def tidy(self):
+        """Remove PNG files of figures this page no longer has (e.g. a renamed model) and
+        record the digests of those it has."""
+        if not os.path.isdir(self.folder):
+            return
+        keep = {os.path.basename(p) for p in self.written}
+        for name in os.listdir(self.folder):
+            if name.endswith('.png') and name not in keep:
+                os.remove(os.path.join(self.folder, name))
+        if self.new != self.old:
+            _write_atomic(os.path.join(self.folder, self.DIGESTS),
+                          json.dumps(self.new, indent=1, sort_keys=True))
+
+
+def _digest(*parts):
+    """A digest of a figure's inputs and of the plotting code that draws them."""
+    def plain(value):
+        if isinstance(value, pd.DataFrame):
+            return value.to_csv()
+        return value
+    blob = json.dumps([_plots_version(), plain(parts[0]), [plain(a) for a in parts[1]],
+                       {k: plain(v) for k, v in sorted(parts[2].items())}],
+                      default=repr, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+_PLOTS_VERSION = []
+
+
+def _plots_version():
+    if not _PLOTS_VERSION:
+        import matplotlib
+        with open(plots.__file__, 'rb') as f:
+            code = hashlib.sha1(f.read()).hexdigest()
+        _PLOTS_VERSION.append(f"{code} matplotlib {matplotlib.__version__}")
+    return _PLOTS_VERSION[0]
+
+
+def _file_name(name):
+    return re.sub(r'[^A-Za-z0-9_.-]+', '_', name)
+
+
+# ----------------------------------------------------------------------------- html pieces
+
+_CSS = """
+body{font-family:-apple-system,'Segoe UI',Roboto,'DejaVu Sans',Arial,sans-serif;margin:0;
+ color:#222;background:#fafafa;line-height:1.4}
+main{max-width:1280px;margin:0 auto;padding:16px 24px 48px}
+h1{font-size:1.5em;margin:0.3em 0}
+h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:1.8em}
+h3{font-size:1.02em;margin:1.2em 0 0.4em}
+.lead{font-size:1.02em;margin:0.4em 0 0.8em}
+.verdict{padding:8px 12px;border-radius:4px;display:inline-block;font-weight:600}
+.ok{background:#e3f4e3;border:1px solid #8bc98b}.bad{background:#fdeaea;border:1px solid #e39b9b}
+.note{color:#555;font-size:0.9em;margin:0.3em 0}
+.scroll{overflow-x:auto;max-width:100%}
+table{border-collapse:collapse;font-size:0.82em;background:#fff}
+th,td{border:1px solid #ddd;padding:3px 6px;text-align:right;white-space:nowrap}
+th{background:#f0f0f0;position:sticky;top:0}
+td.text,th.text{text-align:left}
+tr.best td{background:#fff8dc;font-weight:600}
+figure{margin:12px 0 20px;background:#fff;border:1px solid #e2e2e2;padding:8px}
+figure img{max-width:100%;height:auto;display:block;margin:0 auto}
+figcaption{font-size:0.9em;color:#444;margin-top:6px}
+pre{background:#fff;border:1px solid #e2e2e2;padding:8px;font-size:0.85em;overflow-x:auto}
+.settings{columns:3 300px;font-family:monospace;font-size:0.82em;background:#fff;
+ border:1px solid #e2e2e2;padding:8px}
+.settings div{break-inside:avoid;overflow-wrap:anywhere}
+nav a{margin-right:14px}
+"""
+
+
+def _esc(value):
+    return html.escape(str(value), quote=True)
+
+
+def _page(title, body):
+    return ('<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f'<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n'
+            f'<body>\n<main>\n{body}\n</main>\n</body>\n</html>\n')
+
+
+def _figure(path, caption, alt):
+    with open(path, 'rb') as f:
+        data = base64.b64encode(f.read()).decode('ascii')
+    return (f'<figure><img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
+            f'<figcaption>{caption}</figcaption></figure>')
+
+
+def _figure_or_note(drawn, caption, alt):
+    path, note = drawn
+    return _figure(path, caption, alt) if path else f'<p class="note">{_esc(note)}</p>'
+
+
+def _note(text):
+    return f'<p class="note">{_esc(text)}</p>'
+
+
+def _table(columns, rows, highlight=()):
+    """columns: [(header, key, formatter or None, is_text)]; rows: dicts."""
+    head = ''.join(f'<th class="{"text" if t else "num"}">{_esc(h)}</th>' for h, _, _, t in columns)
+    body = []
+    for n, row in enumerate(rows):
+        cells = []
+        for _, key, fmt, is_text in columns:
+            value = row.get(key, '')
+            shown = fmt(value, row) if fmt else _esc(_plain(value))
+            cells.append(f'<td class="{"text" if is_text else "num"}">{shown}</td>')
+        css = ' class="best"' if n in highlight else ''
+        body.append(f'<tr{css}>' + ''.join(cells) + '</tr>')
+    return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>'
+            + '\n'.join(body) + '</tbody></table></div>')
+
+
+def _plain(value):
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ''
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4g}"
+    if isinstance(value, (np.integer,)):
+        return str(int(value))
+    return value
+
+
+def _num(digits):
+    def fmt(value, _row):
+        value = pd.to_numeric(value, errors='coerce')
+        return '' if pd.isna(value) else f"{value:.{digits}f}"
+    return fmt
+
+
+def _percent(value, _row):
+    value = pd.to_numeric(value, errors='coerce')
+    return '' if pd.isna(value) else f"{100 * value:.1f}"
+
+
+def _kb(size_bytes, _row):
+    size = pd.to_numeric(size_bytes, errors='coerce')
+    return '' if pd.isna(size) else f"{size / 1024:.1f}"
+
+
+def _int(value, _row):
+    value = pd.to_numeric(value, errors='coerce')
+    return '' if pd.isna(value) else f"{int(value):,}"
+
+
+def _link(folder_of_report):
+    def fmt(value, _row):
+        if not value:
+            return ''
+        href = os.path.relpath(value, folder_of_report).replace(os.sep, '/') + '/'
+        return f'<a href="{_esc(href)}">{_esc(value)}</a>'
+    return fmt
+
+
+def _settings_html(settings):
+    items = _settings_dict(settings)
+    lines = ''.join(f'<div>{_esc(k)} = {_esc(repr(v))}</div>' for k, v in items.items())
+    return f'<div class="settings">{lines}</div>'
+
+
+def _data_html(summary):
+    if not summary.strip():
+        return _note('No data summary recorded (it is stored next to the report when a '
+                     'stage script writes the page).')
+    return f'<pre>{_esc(summary.strip())}</pre>'
+
+
+def metric_name(settings):
+    """What the selection score is, e.g. 'min of F1/acc/prec/rec on val'."""
+    metric = getattr(settings, 'SELECT_METRIC', 'score')
+    name = {'min4': 'min of F1/acc/prec/rec', 'abs_sum': '1 - abs_sum/2'}.get(metric, metric)
+    return f"{name} on {getattr(settings, 'SELECT_ON', 'val')}"
+
+
+def metric_label(settings):
+    """The axis label of the selection score, in percent."""
+    return f"{metric_name(settings)} (%)"
+
+
+def class_names(settings):
+    classes = tuple(getattr(settings, 'CLASSES', ()) or ())
+    if classes:
+        return [str(c) for c in classes]
+    positive = '/'.join(getattr(settings, 'POSITIVE_LABELS', ()) or ('positive',))
+    return ['0 other', f"1 {positive}"]
+
+
+# ----------------------------------------------------------------------------- stage one
+
+def load_stage_one(settings):
+    """The current search's trials (numeric), rows from other settings, best folders."""
+    root = settings.MODEL_SAVE_PATH
+    frame = read_table(os.path.join(root, 'results.csv'))
+    key = _key(settings, (('public.results', 'settings_key'), ('public.search', 'settings_key')))
+    trials, others = current_rows(frame, key)
+    trials = _fill_scores(numeric_trials(trials).reset_index(drop=True), settings)
+    if 'model' not in trials.columns:
+        trials['model'] = ''
+    return trials, others
+
+
+def _best_folder(root, row):
+    """The best folder <root>/<model>/<xx>-<yy> of a best row and its result.json."""
+    digits = plots.xx_yy(row)
+    folder = os.path.join(root, str(row['model']), digits) if digits else ''
+    if folder and os.path.isdir(folder):
+        return folder, read_json(os.path.join(folder, 'result.json'))
+    return '', {}
+
+
+def _summary_rows(trials, best, root):
+    rows = []
+    for model, group in trials.groupby('model', sort=False):
+        entry = {'model': model, 'trials': len(group),
+                 'pruned': int(group['pruned'].sum()) if 'pruned' in group else 0,
+                 'failed': int((group['status'] == 'failed').sum()),
+                 'diverged': int((group['status'] == 'diverged').sum()),
+                 'wall_s': group['wall_s'].sum() if 'wall_s' in group else np.nan}
+        pick = best[best['model'] == model]
+        if len(pick):
+            row = pick.iloc[0]
+            entry.update({k: row.get(k) for k in row.index if k not in entry})
+            entry.update(result=plots.xx_yy(row), folder=_best_folder(root, row)[0])
+        rows.append(entry)
+    return rows
+
+
+def _summary_columns(report_dir):
+    return [('model', 'model', None, True), ('trials', 'trials', None, False),
+            ('pruned', 'pruned', None, False), ('diverged', 'diverged', None, False),
+            ('failed', 'failed', None, False), ('best lr', 'lr', None, False),
+            ('xx-yy', 'result', None, False), ('score %', 'score', _percent, False),
+            ('ONNX KB', 'onnx_kb', _num(1), False), ('latency ms', 'latency_ms', _num(3), False),
+            ('params', 'params', _int, False), ('time s', 'wall_s', _num(1), False),
+            ('best folder', 'folder', _link(report_dir), True)]
+
+
+def _metric_columns(trials):
+    """The best trials' metrics, both splits (only those recorded)."""
+    columns = [('model', 'model', None, True)]
+    for split in ('val', 'test'):
+        for m, short in (('f1', 'F1'), ('accuracy', 'acc'), ('precision', 'prec'),
+                         ('recall', 'rec'), ('auc', 'AUC'), ('abs_sum', 'abs-sum')):
+            name = f"{split}_{m}"
+            if name in trials.columns and trials[name].notna().any():
+                columns.append((f"{split} {short}", name, _num(3), False))
+    return columns
+
+
+def _trial_label(row):
+    lr = row.get('lr')
+    parts = [f"lr={lr:g}" if pd.notna(lr) else 'lr=?', plots.xx_yy(row)]
+    if row.get('status') not in ('ok', ''):
+        parts.append(str(row.get('status')))
+    elif str(row.get('pruned')) == 'True':
+        parts.append('pruned')
+    return ' '.join(p for p in parts if p)
+
+
+def _history_of(row, info=None):
+    if info and info.get('history'):
+        return info['history']
+    return row.get('history') if 'history' in row.index else None
+
+
+def _stage_one_overview(figures, trials, settings):
+    label = metric_label(settings)
+    parts = ['<h2 id="overview">Accuracy, size and speed</h2>']
+    parts.append(_figure_or_note(
+        figures.draw('stage1-size', plots.size_score_plot, trials, metric_label=label),
+        'Selection score against ONNX file size, one point per finished trial, one colour per '
+        'model; hollow points were pruned, the ringed point is each model\'s best (labelled with '
+        'its folder), the dashed line the Pareto front: no trial is both smaller and better.',
+        'score vs size'))
+    parts.append(_figure_or_note(
+        figures.draw('stage1-latency', plots.latency_score_plot, trials, metric_label=label),
+        'The same trials against onnxruntime latency (median of LATENCY_RUNS single-segment '
+        'runs, one thread).', 'score vs latency'))
+    parts.append(_figure_or_note(
+        figures.draw('stage1-lr', plots.lr_score_plot, trials, metric_label=label,
+                     avoid_param=getattr(settings, 'AVOID_PARAM', None)),
+        'Score per learning rate for every trial of each model: triangles were pruned (below '
+        'AVOID_PARAM, dotted), crosses diverged or failed (no score), the ring is the best.',
+        'score per learning rate'))
+    return parts
+
+
+def _stage_one_models(figures, trials, best, settings, report_dir):
+    root = settings.MODEL_SAVE_PATH
+    parts, best_curves = [], []
+    sections = []
+    for model, group in trials.groupby('model', sort=False):
+        pick = best[best['model'] == model]
+        row = pick.iloc[0] if len(pick) else None
+        folder, info = _best_folder(root, row) if row is not None else ('', {})
+        sections.append(_model_section(figures, model, group, row, folder, info, settings,
+                                       report_dir))
+        if row is not None:
+            best_curves.append({'label': f"{model} {_trial_label(row)}",
+                                'history': _history_of(row, info),
+                                'best_epoch': info.get('best_epoch', row.get('best_epoch')),
+                                'stop_reason': info.get('stop_reason', row.get('stop_reason'))})
+    parts.append('<h2 id="loss">Loss curves of each model\'s best trial</h2>')
+    if any(plots.history_frame(c['history']) is not None for c in best_curves):
+        parts.append(_figure_or_note(
+            figures.draw('stage1-best-loss', plots.loss_curves_plot, best_curves,
+                         title="Best trial of each model: loss per epoch"),
+            'Train and validation loss per epoch; the dashed line is the epoch whose weights '
+            'were kept, a red square the early stop (the overfitting-aware rule).',
+            'loss curves of the best trials'))
+    else:
+        parts.append(_note('No per-epoch history is recorded for these trials (results.csv has '
+                           'no history column and the best folders no history): loss curves '
+                           'are not available.'))
+    return parts + ['<h2 id="models">Per model</h2>'] + sections
+
+
+def _model_section(figures, model, group, row, folder, info, settings, report_dir):
+    parts = [f'<h3 id="model-{_esc(_file_name(str(model)))}">{_esc(model)}</h3>']
+    if row is None:
+        parts.append(_note(f"{len(group)} trial(s), none finished with a score."))
+    elif folder:
+        href = os.path.relpath(folder, report_dir).replace(os.sep, '/') + '/'
+        parts.append(f'<p>Best folder: <a href="{_esc(href)}">{_esc(folder)}</a> '
+                     f'(lr {row["lr"]:g}, {_esc(row.get("stop_reason", ""))} after '
+                     f'{_plain(row.get("epochs", ""))} epoch(s)).</p>')
+    confusion = info.get('confusion') if isinstance(info.get('confusion'), dict) else None
+    if confusion:
+        parts.append(_figure_or_note(
+            figures.draw(f"{model}-confusion", plots.confusion_plot, confusion,
+                         title=f"{model} best trial: confusion matrices",
+                         class_names=class_names(settings)),
+            'Counts of the best trial on the validation and test splits, coloured by the share '
+            'of each true class (the diagonal is the recall per class).', f"{model} confusion"))
+    elif row is not None:
+        parts.append(_note('No confusion matrix recorded in the best folder\'s result.json.'))
+    curves = [{'label': _trial_label(r), 'history': _history_of(r),
+               'best_epoch': r.get('best_epoch'), 'stop_reason': r.get('stop_reason')}
+              for _, r in group.sort_values('lr', kind='stable').iterrows()]
+    if len(curves) > 1 and any(plots.history_frame(c['history']) is not None for c in curves):
+        parts.append(_figure_or_note(
+            figures.draw(f"{model}-trials-loss", plots.loss_curves_plot, curves,
+                         title=f"{model}: every trial's loss per epoch", sharey=True),
+            'Every trial of the model, by learning rate (same loss axis).',
+            f"{model} loss curves of all trials"))
+    return ''.join(parts)
+
+
+def _stage_one_lead(trials):
+    if trials.empty:
+        return _note('No trial of the current search is recorded yet.')
+    counts = trials['status'].value_counts()
+    pruned = int(trials['pruned'].sum()) if 'pruned' in trials else 0
+    latest = trials['finished_at'].dropna().astype(str).max() if 'finished_at' in trials else ''
+    text = (f"{len(trials)} trial(s) of {trials['model'].nunique()} model(s): "
+            f"{int(counts.get('ok', 0))} finished ({pruned} pruned), "
+            f"{int(counts.get('diverged', 0))} diverged, {int(counts.get('failed', 0))} failed"
+            + (f"; latest finished at {latest}" if latest else '') + '.')
+    return f'<p class="lead">{_esc(text)}</p>'
+
+
+def _others_note(others, what):
+    if not others:
+        return ''
+    return _note(f"{others} {what} recorded with other settings are not shown; to see them, "
+                 f"regenerate with the KEY=VALUE overrides of that run.")
+
+
+def stage_one_html(settings, figures, data_summary=''):
+    """The stage-one page as text (figures drawn through `figures`)."""
+    root = settings.MODEL_SAVE_PATH
+    trials, others = load_stage_one(settings)
+    best = plots.best_rows(trials)
+    body = [f'<h1>ATML stage one: {_esc(root)}</h1>', _stage_one_lead(trials),
+            _others_note(others, 'row(s) of results.csv'),
+            '<nav><a href="#summary">summary</a><a href="#overview">figures</a>'
+            '<a href="#loss">loss curves</a><a href="#models">per model</a>'
+            '<a href="#data">data</a><a href="#settings">settings</a></nav>',
+            '<h2 id="summary">Best trial per model</h2>']
+    if trials.empty:
+        body.append(_note('Nothing to summarise yet.'))
+    else:
+        summary = _summary_rows(trials, best, root)
+        body.append(_table(_summary_columns(root), summary))
+        body.append(_note(f"Scores: {metric_label(settings)}; the best trial of a model has the "
+                          f"highest score, then yy, then xx. All trials: "
+                          f"{os.path.join(root, 'results.csv')}."))
+        body.append('<h3>Metrics of the best trials</h3>')
+        body.append(_table(_metric_columns(trials), [r for r in summary if 'result' in r]))
+    body += _stage_one_overview(figures, trials, settings)
+    body += _stage_one_models(figures, trials, best, settings, root)
+    body += ['<h2 id="data">Data</h2>', _data_html(data_summary),
+             '<h2 id="settings">Settings</h2>', _settings_html(settings)]
+    return _page(f"ATML stage one: {root}", '\n'.join(b for b in body if b))
+
+
+def write_stage_one_report(settings, data_summary=None):
+    """Write <MODEL_SAVE_PATH>/report.html (and figures/*.png) from the files; its path.
+
+    data_summary (the run's data description, optional) is stored as data_summary.txt
+    next to the report, so that a page regenerated later shows it too."""
+    root = settings.MODEL_SAVE_PATH
+    os.makedirs(root, exist_ok=True)
+    summary = _keep_data_summary(root, data_summary)
+    figures = Figures(root)
+    page = stage_one_html(settings, figures, summary)
+    figures.tidy()
+    return _write_atomic(os.path.join(root, REPORT_NAME), page)
+
+
+# ----------------------------------------------------------------------------- stage two
+
+def load_stage_two(settings, result_folder):
+    """The current stage-two rows (the last row per candidate, smallest first), and the
+    number of rows from other settings. The result folder's snapshot of the table wins."""
+    paths = ([os.path.join(result_folder, 'stage2_results.csv')] if result_folder else []) + \
+        [os.path.join(settings.TEMP_DIR, 'stage2_results.csv')]
+    frame = next((read_table(p) for p in paths if os.path.isfile(p)), pd.DataFrame())
+    key = _key(settings, (('public.results', 'stage_two_key'), ('public.scaling', 'stage_two_key')))
+    rows, others = current_rows(frame, key)
+    rows = numeric_trials(rows)
+    if rows.empty:
+        return rows, others
+    if 'candidate' not in rows.columns:
+        rows['candidate'] = [f"c{c:g}-f{f:g}" for c, f in zip(rows.get('channel_scale', np.nan),
+                                                              rows.get('fc_scale', np.nan))]
+    rows = rows.drop_duplicates('candidate', keep='last')
+    size = rows['predicted_bytes'] if 'predicted_bytes' in rows else rows.get('onnx_bytes')
+    order = rows.assign(_size=size).sort_values(['_size', 'candidate'], kind='stable')
+    return order.drop(columns='_size').reset_index(drop=True), others
+
+
+def grid_cells(rows, settings):
+    """The stage-two table with the columns the grid draws: score (%) and kb of the float
+    model, and int8_score / int8_kb when quantization was on."""
+    cells = rows.copy()
+    predicted_kb = plots.numeric_column(cells, 'predicted_bytes') / 1024
+    float_kb = plots.numeric_column(cells, 'onnx_bytes') / 1024
+    int8 = 'int8_bytes' in cells.columns and cells['int8_bytes'].notna().any()
+    int8 = int8 or bool(getattr(settings, 'QUANTIZE_INT8', False))
+    if not int8:
+        cells['kb'] = float_kb.where(float_kb.notna(), predicted_kb)
+        cells['score_pct'] = 100 * plots.numeric_column(cells, 'score')
+        return cells, (('ONNX (float)', 'score_pct', 'kb'),)
+    cells['int8_kb'] = (plots.numeric_column(cells, 'int8_bytes') / 1024).where(
+        cells['status'] != 'over-size', predicted_kb)
+    cells['int8_score'] = 100 * plots.numeric_column(cells, 'score')
+    cells['kb'] = float_kb
+    cells['score_pct'] = [_float_score(r, settings) for _, r in cells.iterrows()]
+    return cells, (('float ONNX (before quantization)', 'score_pct', 'kb'),
+                   ('INT8 ONNX (the deliverable; targets apply)', 'int8_score', 'int8_kb'))
+
+
+def _float_score(row, settings):
+    try:
+        from public.test import selection_score
+        split = settings.SELECT_ON
+        metrics = {m: float(row[f"{split}_{m}"]) for m in _METRICS if f"{split}_{m}" in row}
+        return 100 * selection_score(metrics, settings.SELECT_METRIC)
+    except Exception:
+        return np.nan
+
+
+def _stage_two_columns(report_dir, rows):
+    int8 = 'int8_bytes' in rows.columns and rows['int8_bytes'].notna().any()
+    columns = [('candidate', 'candidate', None, True), ('channel', 'channel_scale', _int, False),
+               ('FC', 'fc_scale', _int, False), ('planned KB', 'predicted_bytes', _kb, False),
+               ('status', 'status', None, True), ('xx-yy', 'result', None, False),
+               ('INT8 score %' if int8 else 'score %', 'score', _percent, False),
+               ('meets metric target', 'meets_metric', None, False),
+               ('ONNX KB', 'onnx_kb', _num(1), False)]
+    if int8:
+        columns.append(('INT8 KB', 'int8_bytes', _kb, False))
+    columns += [('latency ms', 'latency_ms', _num(3), False),
+                ('params', 'params', _int, False), ('time s', 'wall_s', _num(1), False),
+                ('folder', 'folder', _link(report_dir), True)]
+    return columns
+
+
+def _stage_two_rows(rows, settings):
+    out = []
+    for _, row in rows.iterrows():
+        entry = row.to_dict()
+        if pd.notna(entry.get('xx')) and pd.notna(entry.get('yy')):
+            entry['result'] = f"{int(entry['xx'])}-{int(entry['yy'])}"
+        folder = os.path.join(settings.TEMP_DIR, str(entry.get('candidate', '')))
+        entry['folder'] = folder if entry.get('status') == 'ok' and os.path.isdir(folder) else ''
+        score = pd.to_numeric(entry.get('score'), errors='coerce')
+        meets = pd.notna(score) and 100 * score >= settings.METRIC_TARGET - 1e-9
+        entry['meets_metric'] = ('yes' if meets else 'no') if entry.get('status') == 'ok' else ''
+        out.append(entry)
+    return out
+
+
+def _verdict(result_folder, info, settings, rows):
+    if not result_folder:
+        return ('bad', 'No result folder: no candidate under the size target trained '
+                       'successfully (yet).')
+    text = info.get('verdict') or _read_text(os.path.join(result_folder, 'evaluation_metrics.txt'))
+    met = 'does NOT meet' not in str(text)
+    name = f"c{info.get('channel_scale', '?')}-f{info.get('fc_scale', '?')}"
+    words = 'meets both targets' if met else 'does NOT meet both targets (best under the size cap)'
+    row = rows[rows['candidate'] == name].tail(1)
+    row = row.iloc[0] if len(row) else pd.Series(dtype=object)
+    score, kb = pd.to_numeric(row.get('score'), errors='coerce'), _deliverable_kb(row)
+    metric = f"METRIC_TARGET {settings.METRIC_TARGET}"
+    size = f"SIZE_TARGET_KB {settings.SIZE_TARGET_KB}"
+    if pd.notna(score):
+        metric = f"{metric_name(settings)} {100 * score:.1f} % ({metric})"
+    if pd.notna(kb):
+        size = f"{kb:.1f} KB ({size})"
+    facts = f"{metric}, {size}"
+    return ('ok' if met else 'bad', f"{_display(result_folder)}: {name} {words}: {facts}.")
+
+
+def _deliverable_kb(row):
+    """KB of the file stage two delivers: the INT8 one when it was quantized."""
+    int8 = pd.to_numeric(row.get('int8_bytes'), errors='coerce')
+    return int8 / 1024 if pd.notna(int8) else pd.to_numeric(row.get('onnx_kb'), errors='coerce')
+
+
+def _display(path):
+    return os.path.normpath(path) if path else path
+
+
+def _winner(info):
+    """(channel_scale, fc_scale) of the result folder's result.json, or None."""
+    try:
+        return int(info['channel_scale']), int(info['fc_scale'])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _stage_two_figures(figures, rows, settings, info):
+    parts = ['<h2 id="grid">Channel x FC grid</h2>']
+    winner = _winner(info)
+    cells, views = grid_cells(rows, settings)
+    parts.append(_figure_or_note(
+        figures.draw('stage2-grid', plots.stage_two_grid_plot, cells,
+                     metric_target=settings.METRIC_TARGET, size_target_kb=settings.SIZE_TARGET_KB,
+                     winner=winner, metric_label=metric_label(settings), views=views),
+        'Every channel x FC scaling pair: colour = score (green at or above METRIC_TARGET, red '
+        'below), the text its ONNX size; hatched cells are over SIZE_TARGET_KB (never trained), '
+        'grey ones untrained, the outlined cell the result.'
+        + (' Float beside INT8: with QUANTIZE_INT8 the INT8 file decides.'
+           if len(views) > 1 else ''),
+        'stage two grid'))
+    return parts
+
+
+def _stage_two_training(figures, rows, settings, info):
+    winner = _winner(info)
+    history = info.get('history')
+    parts = ['<h2 id="training">Training</h2>']
+    if plots.history_frame(history) is not None:
+        parts.append(_figure_or_note(
+            figures.draw('stage2-result-loss', plots.loss_curves_plot,
+                         [{'label': f"c{winner[0]}-f{winner[1]}" if winner else 'result',
+                           'history': history, 'best_epoch': info.get('best_epoch'),
+                           'stop_reason': info.get('stop_reason')}],
+                         title='Result: loss per epoch'),
+            'Train and validation loss of the result; the dashed line marks the kept epoch.',
+            'result loss curve'))
+    else:
+        parts.append(_note('No per-epoch history in the result folder\'s result.json: loss '
+                           'curve not available.'))
+    if isinstance(info.get('confusion'), dict):
+        parts.append(_figure_or_note(
+            figures.draw('stage2-result-confusion', plots.confusion_plot, info['confusion'],
+                         title='Result: confusion matrices', class_names=class_names(settings)),
+            'Counts on the validation and test splits, coloured by the share of each true class.',
+            'result confusion'))
+    else:
+        parts.append(_note('No confusion matrix in the result folder\'s result.json.'))
+    curves = []
+    for _, row in rows[rows['status'].isin(['ok', 'diverged'])].iterrows():
+        candidate = read_json(os.path.join(settings.TEMP_DIR, str(row['candidate']), 'result.json'))
+        curves.append({'label': str(row['candidate']),
+                       'history': candidate.get('history', row.get('history')),
+                       'best_epoch': candidate.get('best_epoch', row.get('best_epoch')),
+                       'stop_reason': row.get('stop_reason')})
+    if any(plots.history_frame(c['history']) is not None for c in curves):
+        parts.append(_figure_or_note(
+            figures.draw('stage2-candidates-loss', plots.loss_curves_plot, curves,
+                         title='Every trained candidate: loss per epoch (smallest first)'),
+            'Each trained candidate, in training order (smallest first).', 'candidates loss'))
+    return parts
+
+
+def stage_two_html(settings, result_folder, figures, data_summary=''):
+    """The stage-two page as text (figures drawn through `figures`)."""
+    report_dir = result_folder or settings.TEMP_DIR
+    rows, others = load_stage_two(settings, result_folder)
+    info = read_json(os.path.join(result_folder, 'result.json')) if result_folder else {}
+    css, verdict = _verdict(result_folder, info, settings, rows)
+    body = [f'<h1>ATML stage two: {_esc(_display(report_dir))}</h1>',
+            f'<p class="verdict {css}">{_esc(verdict)}</p>',
+            _others_note(others, 'row(s) of stage2_results.csv'),
+            '<nav><a href="#grid">grid</a><a href="#table">candidates</a>'
+            '<a href="#training">training</a><a href="#data">data</a>'
+            '<a href="#settings">settings</a></nav>']
+    if rows.empty:
+        body.append(_note('No stage-two candidate of the current settings is recorded.'))
+    else:
+        body.append(f'<p class="lead">{_esc(_stage_two_lead(rows))}</p>')
+        body += _stage_two_figures(figures, rows, settings, info)
+        body += _stage_two_tables(rows, settings, info, report_dir)
+        body += _stage_two_training(figures, rows, settings, info)
+    body += ['<h2 id="data">Data</h2>', _data_html(data_summary),
+             '<h2 id="settings">Settings</h2>', _settings_html(settings)]
+    return _page(f"ATML stage two: {_display(report_dir)}", '\n'.join(b for b in body if b))
+
+
+def _stage_two_tables(rows, settings, info, report_dir):
+    """Trained (and failed) candidates in a table; the over-size ones folded away."""
+    over = rows['status'] == 'over-size'
+    columns = _stage_two_columns(report_dir, rows)
+    parts = ['<h2 id="table">Candidates, smallest first</h2>']
+    tried = rows[~over].reset_index(drop=True)
+    if len(tried):
+        parts.append(_table(columns, _stage_two_rows(tried, settings),
+                            highlight=_winner_index(tried, info)))
+    else:
+        parts.append(_note('No candidate under the size target has been trained.'))
+    if over.any():
+        oversize = rows[over].reset_index(drop=True)
+        names = ', '.join(oversize['candidate'].astype(str))
+        parts.append(f'<details><summary>{int(over.sum())} candidate(s) over SIZE_TARGET_KB='
+                     f'{_esc(settings.SIZE_TARGET_KB)} (never trained): {_esc(names)}</summary>'
+                     + _table(columns[:5], _stage_two_rows(oversize, settings)) + '</details>')
+    return parts
+
+
+def _stage_two_lead(rows):
+    status = rows['status']
+    text = (f"{len(rows)} candidate(s): {int((status == 'ok').sum())} trained, "
+            f"{int(status.isin(['diverged', 'failed']).sum())} diverged or failed, "
+            f"{int((status == 'over-size').sum())} over the size target")
+    stamps = rows.get('finished_at', pd.Series([], dtype=str)).dropna().astype(str)
+    stamps = stamps[stamps != '']
+    return text + (f"; latest recorded at {stamps.max()}" if len(stamps) else '') + '.'
+
+
+def _winner_index(rows, info):
+    winner = _winner(info)
+    if winner is None:
+        return ()
+    return tuple(int(i) for i in rows.index[rows['candidate'] == f"c{winner[0]}-f{winner[1]}"])
+
+
+def write_stage_two_report(settings, result_folder, data_summary=None):
+    """Write <result_folder>/report.html (and figures/*.png) from the files; its path.
+    Without a result folder (nothing trained under the size cap) the page goes to TEMP_DIR."""
+    folder = result_folder or settings.TEMP_DIR
+    os.makedirs(folder, exist_ok=True)
+    summary = _keep_data_summary(folder, data_summary)
+    figures = Figures(folder)
+    page = stage_two_html(settings, result_folder, figures, summary)
+    figures.tidy()
+    return _write_atomic(os.path.join(folder, REPORT_NAME), page)
+
+
+def find_result_folder(settings):
+    """The stage-two result folder in FINAL_RESULT_DIR: the <xx>-<yy>/ whose result.json has
+    scaling factors (the most recently written if several); None when there is none."""
+    root = settings.FINAL_RESULT_DIR
+    found = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        path = os.path.join(root, name, 'result.json')
+        if _RESULT_FOLDER.match(name) and 'channel_scale' in read_json(path):
+            found.append((os.path.getmtime(path), os.path.join(root, name)))
+    return max(found)[1] if found else None
+
+
+# ----------------------------------------------------------------------------- command line
+
+USAGE = ("usage: python -m public.report stage1|stage2 [--folder DIR] [--params PATH] "
+         "[KEY=VALUE ...]\n  Rewrites report.html from the files on disk (no training). Give "
+         "the run's KEY=VALUE overrides.")
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ('-h', '--help') or argv[0] not in ('stage1', 'stage2'):
+        print(USAGE)
+        return 0 if argv and argv[0] in ('-h', '--help') else 2
+    stage, rest = argv[0], argv[1:]
+    folder = None
+    if '--folder' in rest:
+        i = rest.index('--folder')
+        if i + 1 >= len(rest):
+            print('error: --folder needs a path', file=sys.stderr)
+            return 2
+        folder = rest[i + 1]
+        del rest[i:i + 2]
+    from public.config import SettingsError, load_settings
+    try:
+        settings = load_settings(rest)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if stage == 'stage1':
+        path = write_stage_one_report(settings)
+    else:
+        folder = folder or find_result_folder(settings)
+        if folder and not os.path.isdir(folder):
+            print(f"error: {folder}: no such folder", file=sys.stderr)
+            return 2
+        path = write_stage_two_report(settings, folder)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
