@@ -159,7 +159,7 @@ def test_stage_one_report_shows_the_search(stage_one, prepared):
         assert 'loss curves are not available' in page.plain
 
 
-def test_stage_one_report_regenerated_from_disk_is_identical(stage_one, monkeypatch, capsys):
+def test_stage_one_report_regenerated_from_disk_is_identical(stage_one, capsys):
     settings, argv, path = stage_one
     first = open(path, 'rb').read()
     figures = os.path.join(settings.MODEL_SAVE_PATH, 'figures')
