@@ -6,7 +6,6 @@ import time
 import torch
 
 from public.config import load_settings
-from public.dataset import DataError
 from public.errors import ATMLError
 from public.interrupts import GracefulInterrupts
 
@@ -28,7 +27,7 @@ def main(run, argv=None, name='ATML'):
         settings = load_settings(argv)
         with GracefulInterrupts() as interrupts:
             run(settings, interrupts)
-    except (ATMLError, DataError) as exc:
+    except ATMLError as exc:
         log(f"error: {exc}")
         return 2
     except KeyboardInterrupt as exc:

@@ -57,8 +57,7 @@ LOAD_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib
                SyntaxError, tokenize.TokenError)
 
 
-class DataError(ValueError):
-    """A data file or folder breaks a rule; the message names it, what is wrong and the rule."""
+from public.errors import DataError  # noqa: E402,F401  (defined there, raised here)
 
 
 @dataclass(frozen=True)

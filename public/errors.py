@@ -15,7 +15,7 @@ class SettingsError(ATMLError, ValueError):
 
 
 class DataError(ATMLError, ValueError):
-    """A data file or folder cannot be used; the message names it and what is wrong."""
+    """A data file or folder breaks a rule; the message names it, what is wrong and the rule."""
 
 
 class AvoidFileError(ATMLError, ValueError):

@@ -352,26 +352,25 @@ class StageOne:
         if best is None:
             return
         path = os.path.join(model_dir, target)
-        if os.path.isdir(path):
-            return
         source = os.path.join(self._store_dir(name), best['lr'])
         info = read_info(source)
-        if info is None:
-            self.log(f"  warning: {name}: the files of its best trial (lr={best['lr']}) are "
-                     f"missing from {source}; its best folder cannot be rebuilt")
-            return
+        if not os.path.isdir(path):
+            if info is None:
+                self.log(f"  warning: {name}: the files of its best trial (lr={best['lr']}) are "
+                         f"missing from {source}; its best folder cannot be rebuilt")
+                return
 
-        def build(folder):
-            for f in ('saved.pth', 'saved.onnx', 'params_used.py'):
-                shutil.copy2(os.path.join(source, f), os.path.join(folder, f))
-            write_info(folder, {**info, 'folder': target, 'settings_key': self.key,
-                                'lr_key': best['lr']})
-        replace_folder(model_dir, target, build)
-        shutil.rmtree(os.path.join(model_dir, f"settings-{self.key}"), ignore_errors=True)
-        self.log(f"  new best for {name}: {path}")
-        for entry in os.listdir(self._store_dir(name)):
+            def build(folder):
+                for f in ('saved.pth', 'saved.onnx', 'params_used.py'):
+                    shutil.copy2(os.path.join(source, f), os.path.join(folder, f))
+                write_info(folder, {**info, 'folder': target, 'settings_key': self.key,
+                                    'lr_key': best['lr']})
+            replace_folder(model_dir, target, build)
+            shutil.rmtree(os.path.join(model_dir, f"settings-{self.key}"), ignore_errors=True)
+            self.log(f"  new best for {name}: {path}")
+        for entry in os.listdir(self._store_dir(name)):     # only the best trial's files stay
             if entry != best['lr'] and not entry.startswith('.'):
-                shutil.rmtree(os.path.join(self._store_dir(name), entry), ignore_errors=True)
+                shutil.rmtree(os.path.join(self._store_dir(name), entry))
                 durable('pruned store')
 
     def _remove_orphan_stores(self):

@@ -64,7 +64,7 @@ def prepare_data(settings, progress=True):
         train_idx, val_idx = split_by_folds(train.folds, settings.VAL_FOLDS, settings.DATA_DIR)
     else:
         train_idx, val_idx = split_by_subject(train.subjects, y, settings.VAL_FRACTION,
-                                              settings.SEED, **_source(settings.DATA_DIR))
+                                              settings.SEED, source=settings.DATA_DIR)
     missing = sorted(set(range(num_classes(settings))) - set(np.unique(y).tolist()))
     if missing:
         found = sorted(set(train.rhythms.tolist()))
@@ -105,12 +105,6 @@ def prepare_data(settings, progress=True):
                         onnx_sample=np.asarray(train.x[val_idx[:32]]), in_channels=x.shape[1],
                         input_size=settings.INPUT_SIZE, num_classes=num_classes(settings),
                         device=device, summary='\n'.join(lines))
-
-
-def _source(folder):
-    # split_by_subject names the folder in its errors (when it accepts `source`).
-    import inspect
-    return {'source': folder} if 'source' in inspect.signature(split_by_subject).parameters else {}
 
 
 def _shared_subjects(train, test, settings):

@@ -1,0 +1,207 @@
+"""The crash-consistency rule's other half: derived files are rebuilt from the results table,
+one run per folder, and the inputs that used to be mishandled silently or late."""
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT, TinyNet, TinyNetB, output, run_script, settings_values, write_params
+from public.config import SettingsError, _RULES, load_settings, trial_settings
+from public.errors import BusyError
+from public.interrupts import NoInterrupts
+from public.results import (STAGE1_COLUMNS, ResultsTable, RunLock, clean_scratch,
+                            settings_key)
+from public.search import AvoidList, result_folders, run_stage_one
+
+# Settings that do not change what a trial computes, each with the reason. A new setting
+# must be either marked KEY/KEY2 in public/config.py's rules table or listed here: an
+# unlisted, unmarked setting fails test_every_setting_is_classified_for_the_settings_key.
+NOT_TRIAL = {
+    'CACHE_DIR': 'where parsed data is cached', 'LR_MIN': 'the lr is a column of its own',
+    'LR_MAX': 'the lr is a column', 'STEP': 'the lr is a column; STEP only prunes',
+    'AVOID_FILE_PATH': 'a path', 'AVOID_PARAM': 'decides pruning of later trials, not a trial',
+    'STAGE1_TARGET': 'decides when a search stops', 'MODELS': 'which models are searched',
+    'MODEL_SAVE_PATH': 'a path', 'RESUME': 'whether to reuse', 'DEVICE': 'where it runs',
+    'NUM_THREADS': 'speed', 'NUM_WORKERS': 'unused', 'PREFETCH_FACTOR': 'unused',
+    'LATENCY_RUNS': 'measurement only', 'CHANNEL_SCALES': 'the candidate is a column',
+    'FC_SCALES': 'the candidate is a column', 'METRIC_TARGET': 'decides the winner',
+    'SIZE_TARGET_KB': 'decides feasibility', 'TEMP_DIR': 'a path', 'FINAL_RESULT_DIR': 'a path',
+    'WORKERS': 'parallelism; results equal the serial run', 'RAY_ADDRESS': 'where it runs',
+}
+
+
+def test_every_setting_is_classified_for_the_settings_key():
+    keyed = set(trial_settings(2))
+    unclassified = sorted(set(_RULES) - keyed - set(NOT_TRIAL))
+    assert unclassified == [], (f"{unclassified}: mark them KEY/KEY2 in public/config.py's "
+                                f"rules table, or list them in NOT_TRIAL with the reason")
+    assert not keyed & set(NOT_TRIAL)
+
+
+def test_every_keyed_setting_changes_the_key(make_settings):
+    base = make_settings()
+    changed = {'DATA_FORMAT': 'txt', 'SHORTER': 'exclude', 'LONGER': 'crop',
+               'POSITIVE_LABELS': ('N',), 'CLASSES': ('A', 'B'), 'VAL_FOLDS': (9,),
+               'SKIP_BAD_FILES': True, 'SELECT_ON': 'test', 'SELECT_METRIC': 'f1',
+               'QUANTIZE_INT8': True, 'TEST_DIR': '', 'DATA_DIR': '/elsewhere'}
+    for name in trial_settings(2):
+        value = changed.get(name)
+        if value is None:
+            old = getattr(base, name)
+            value = old + 1 if isinstance(old, int) else old * 0.5
+        other = make_settings(**{name: value}) if name != 'SELECT_ON' else \
+            make_settings(SELECT_ON='test')
+        assert settings_key(other, 2) != settings_key(base, 2), name
+
+
+def test_a_grid_of_a_billion_rates_is_refused_up_front(make_settings):
+    with pytest.raises(SettingsError, match=r"1,000,000,000 values; at most 10,000"):
+        make_settings(LR_MIN=1e-9, LR_MAX=1.0, STEP=1e-9)
+
+
+def test_test_dir_equal_to_data_dir_is_an_error(make_settings, small_data):
+    with pytest.raises(SettingsError, match='TEST_DIR must be another folder than DATA_DIR'):
+        make_settings(TEST_DIR=str(small_data.train) + '/')
+
+
+def _search(settings, prepared, models=(TinyNet,)):
+    lines = []
+    summary = run_stage_one(settings, prepared, list(models), NoInterrupts(), log=lines.append,
+                            progress=False)
+    return summary, '\n'.join(lines)
+
+
+def _rows(settings):
+    return ResultsTable(os.path.join(settings.MODEL_SAVE_PATH, 'results.csv'), STAGE1_COLUMNS).rows()
+
+
+def _best_folders(settings, model='TinyNet'):
+    return result_folders(os.path.join(settings.MODEL_SAVE_PATH, model))
+
+
+def test_missing_stale_and_doubled_best_folders_are_rebuilt_from_the_table(prepared, make_settings):
+    settings = make_settings(LR_MIN=0.002, LR_MAX=0.003, STEP=0.001)
+    summary, _ = _search(settings, prepared)
+    [best] = _best_folders(settings)
+    model_dir = os.path.join(settings.MODEL_SAVE_PATH, 'TinyNet')
+    onnx = open(os.path.join(model_dir, best, 'saved.onnx'), 'rb').read()
+    shutil.rmtree(os.path.join(model_dir, best))                        # lost
+    shutil.copytree(os.path.join(ROOT, 'tests'), os.path.join(model_dir, '12-3'),
+                    ignore=lambda *a: ['__pycache__'])                  # not ATML's: left alone
+    _, log = _search(settings, prepared)
+    assert sorted(_best_folders(settings)) == sorted([best, '12-3'])
+    assert open(os.path.join(model_dir, best, 'saved.onnx'), 'rb').read() == onnx
+    assert f'new best for TinyNet' in log
+    shutil.rmtree(os.path.join(model_dir, '12-3'))
+    shutil.copytree(os.path.join(model_dir, best), os.path.join(model_dir, '99-99'))  # doubled
+    _search(settings, prepared)
+    assert _best_folders(settings) == [best]
+    on_disk = pd.read_csv(os.path.join(settings.MODEL_SAVE_PATH, 'summary.csv'))
+    assert on_disk['folder'].tolist() == [os.path.join(model_dir, best)]
+
+
+def test_another_settings_run_keeps_the_first_runs_best_folder(prepared, make_settings):
+    first = make_settings(LR_MIN=0.002, LR_MAX=0.002, STEP=0.001)
+    _search(first, prepared)
+    [best1] = _best_folders(first)
+    other = make_settings(LR_MIN=0.002, LR_MAX=0.002, STEP=0.001, NUM_EPOCHS=2)
+    _, log = _search(other, prepared)
+    kept = os.path.join(first.MODEL_SAVE_PATH, 'TinyNet', f"settings-{settings_key(first)}", best1)
+    assert os.path.isfile(os.path.join(kept, 'saved.onnx')), log
+    _, log = _search(first, prepared)                  # back to the first settings: no training
+    assert 'finished in an earlier run; skipped' in log
+    [again] = _best_folders(first)
+    assert again == best1
+    on_disk = pd.read_csv(os.path.join(first.MODEL_SAVE_PATH, 'summary.csv'))
+    assert os.path.isdir(on_disk['folder'][0])
+
+
+def test_avoid_lines_of_other_settings_do_not_prune(prepared, make_settings):
+    first = make_settings(AVOID_PARAM=1.0, LR_MIN=0.002, LR_MAX=0.003, STEP=0.001)
+    _search(first, prepared)                                 # 0.002 pruned under these settings
+    other = make_settings(AVOID_PARAM=1.0, LR_MIN=0.002, LR_MAX=0.003, STEP=0.001,
+                          DATA_DIR=first.DATA_DIR.rstrip('/') + '/../train')
+    _, log = _search(other, prepared)
+    assert [r['lr'] for r in _rows(other) if r['settings_key'] == settings_key(other)] == ['0.002']
+    assert 'lr=0.002: pruned (avoid.txt' not in log
+
+
+def test_a_foreign_line_in_results_csv_is_moved_out_and_pandas_reads_the_table(prepared,
+                                                                               make_settings):
+    settings = make_settings(LR_MIN=0.002, LR_MAX=0.003, STEP=0.001)
+    _search(settings, prepared)
+    path = os.path.join(settings.MODEL_SAVE_PATH, 'results.csv')
+    lines = open(path).read().splitlines(True)
+    open(path, 'w').writelines(lines[:2] + ['GARBAGE,not,a,row,"unterminated\n'] + lines[2:])
+    _, log = _search(settings, prepared)
+    assert 'line(s) 3 are not rows of this table; moved to' in log
+    assert 'GARBAGE' in open(path + '.rejected').read()
+    assert len(pd.read_csv(path)) == 2
+
+
+def test_a_killed_runs_scratch_folder_is_removed(tmp_path):
+    proc = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    dead = tmp_path / f'.atml-scratch-{proc.pid}-abc'
+    dead.mkdir()
+    (dead / 'trial.onnx').write_text('half')
+    mine = tmp_path / f'.atml-scratch-{os.getpid()}-def'
+    mine.mkdir()
+    assert clean_scratch(str(tmp_path)) == []              # its process still runs
+    proc.kill()
+    proc.wait()
+    assert clean_scratch(str(tmp_path)) == [dead.name]
+    assert sorted(os.listdir(tmp_path)) == [mine.name]
+
+
+def test_run_lock_refuses_a_second_holder_and_frees_on_exit(tmp_path):
+    with RunLock(str(tmp_path), 'first'):
+        with pytest.raises(BusyError, match=r'another ATML run \(first, pid \d+'):
+            with RunLock(str(tmp_path), 'second'):
+                pass
+    with RunLock(str(tmp_path), 'third'):
+        pass
+
+
+def _project(folder, data, **overrides):
+    values = settings_values(folder, data, **overrides)
+    write_params(folder, **values)
+    return folder
+
+
+def test_two_runs_in_one_folder_the_second_is_refused(small_data, tmp_path):
+    project = _project(tmp_path, small_data, NUM_EPOCHS=3, LR_MIN=0.001, LR_MAX=0.004, STEP=0.001)
+    log = open(tmp_path / 'first.log', 'w')
+    first = subprocess.Popen([sys.executable, str(ROOT / 'train_multi.py'), '--params',
+                              str(project / 'params.py')], cwd=project, stdout=log,
+                             stderr=subprocess.STDOUT)
+    lock = tmp_path / 'multi-result' / '.atml.lock'
+    deadline = time.time() + 60
+    while time.time() < deadline and not (lock.exists() and lock.read_text()):
+        time.sleep(0.2)
+    second = run_script('train_multi.py', project)
+    first.wait(timeout=600)
+    assert second.returncode == 2, output(second)
+    assert 'another ATML run (train_multi.py, pid' in output(second)
+    assert first.returncode == 0
+    rows = pd.read_csv(tmp_path / 'multi-result' / 'results.csv')
+    assert not rows.duplicated(['model', 'lr']).any()
+
+
+def test_bad_inputs_are_reported_before_any_data_is_loaded(small_data, tmp_path):
+    project = _project(tmp_path, small_data, DATA_DIR=str(tmp_path / 'no-such-folder'))
+    (tmp_path / 'avoid.txt').write_text('0.0015 AFnet\nnot a rate\n')
+    run = run_script('train_multi.py', project)
+    assert run.returncode == 2
+    assert "avoid.txt: line 2: 'not a rate' is not a valid entry" in output(run)
+    (tmp_path / 'avoid.txt').write_text('0.0015 AFnet\n')
+    run = run_script('train_multi.py', project)
+    assert "line 1 names model 'AFnet', which is not registered (did you mean AFNet?)" in output(run)
+    assert 'no-such-folder' in output(run) and run.returncode == 2
+    for setting in ('MODEL_SAVE_PATH', 'TEMP_DIR'):
+        (tmp_path / 'a-file').write_text('x')
+        run = run_script('train_multi.py', project, f"{setting}={str(tmp_path / 'a-file')!r}")
+        assert run.returncode == 2 and f"{setting}=" in output(run) and 'names a file' in output(run)
