@@ -3,6 +3,7 @@ until a model meets both METRIC_TARGET and SIZE_TARGET_KB of params.py.
 
     python train_final.py
     python train_final.py METRIC_TARGET=95 SIZE_TARGET_KB=40
+    python train_final.py --report        # rebuild <xx>-<yy>/report.html from disk only
 
 Candidates over the size target are known before training (exact ONNX size of the
 untrained model) and never trained; the rest are trained smallest first. The result goes
@@ -12,7 +13,7 @@ import sys
 
 import pandas as pd
 
-from public.cli import log, main, threads_note
+from public.cli import log, main, threads_note, write_report
 
 
 def run(settings, interrupts):
@@ -29,6 +30,7 @@ def run(settings, interrupts):
         with make_executor(settings, data, log) as executor:
             folder, met, rows = run_stage_two(settings, data, interrupts, log=log,
                                               executor=executor)
+        page = write_report(settings, data.summary, stage=2, folder=folder)
     columns = ['candidate', 'predicted_bytes', 'status', 'xx', 'yy', 'meets_metric', 'onnx_kb',
                'latency_ms', 'wall_s']
     table = pd.DataFrame(rows, columns=columns)
@@ -36,7 +38,12 @@ def run(settings, interrupts):
         '_size', kind='stable').drop(columns='_size')          # by size, over-size rows last
     with pd.option_context('display.width', 100):
         log("\nStage-two candidates (smallest first):\n" + table.to_string(index=False))
+    if page:
+        log(f"\nReport: {page}")
 
 
 if __name__ == '__main__':
+    if '--report' in sys.argv[1:]:
+        from public.report import main as report_main
+        sys.exit(report_main(['stage2'] + [a for a in sys.argv[1:] if a != '--report']))
     sys.exit(main(run, name='train_final.py'))

@@ -5,6 +5,7 @@ ONNX and record everything in multi-result/.
     python train_multi.py                 # settings from params.py
     python train_multi.py NUM_EPOCHS=5    # override a setting for this run
     python train_multi.py WORKERS=1       # one trial at a time, in-process (no Ray)
+    python train_multi.py --report        # rebuild multi-result/report.html from disk only
 
 Ctrl+C (or SIGTERM) stops cleanly; run it again to resume where it stopped.
 """
@@ -13,7 +14,7 @@ import sys
 
 import pandas as pd
 
-from public.cli import log, main, threads_note
+from public.cli import log, main, threads_note, write_report
 
 
 def selected_models(settings):
@@ -58,17 +59,23 @@ def run(settings, interrupts):
             f"{', '.join(m.__name__ for m in model_classes)}; {threads_note(settings)}")
         data = prepare_data(settings)
         log(data.summary)
+        report = lambda: write_report(settings, data.summary)   # noqa: E731
         with make_executor(settings, data, log) as executor:
             summary = run_stage_one(settings, data, model_classes, interrupts, log=log,
-                                    executor=executor)
+                                    executor=executor, on_record=report)
+        page = report()
     show = [c for c in ('model', 'trials', 'pruned', 'failed', 'best_lr', 'result', 'score',
                         'test_f1', 'onnx_kb', 'latency_ms', 'wall_s') if c in summary.columns]
     with pd.option_context('display.width', 100, 'display.max_columns', 30):
         log("\nSummary (best trial per model; metrics on the "
             f"{settings.SELECT_ON} split decide):\n" + summary[show].to_string(index=False))
     log(f"\nAll trials: {os.path.join(settings.MODEL_SAVE_PATH, 'results.csv')}; summary with "
-        f"every column: {os.path.join(settings.MODEL_SAVE_PATH, 'summary.csv')}")
+        f"every column: {os.path.join(settings.MODEL_SAVE_PATH, 'summary.csv')}"
+        + (f"; report: {page}" if page else ''))
 
 
 if __name__ == '__main__':
+    if '--report' in sys.argv[1:]:
+        from public.report import main as report_main
+        sys.exit(report_main(['stage1'] + [a for a in sys.argv[1:] if a != '--report']))
     sys.exit(main(run, name='train_multi.py'))

@@ -44,3 +44,15 @@ def threads_note(settings):
     workers = ('serial (WORKERS=1)' if settings.WORKERS == 1 else
                f"WORKERS={settings.WORKERS!r} concurrent trials")
     return f"{os.cpu_count()} CPU core(s), {workers}, {threads} torch thread(s) per trial"
+
+
+def write_report(settings, data_summary, stage=1, folder=None):
+    """Write the stage's report.html; a report problem is a warning, never a lost search."""
+    try:
+        from public.report import write_stage_one_report, write_stage_two_report
+        if stage == 1:
+            return write_stage_one_report(settings, data_summary)
+        return write_stage_two_report(settings, folder, data_summary)
+    except Exception as exc:          # noqa: BLE001  (the search's results are already safe)
+        log(f"warning: the report could not be written: {type(exc).__name__}: {exc}")
+        return None

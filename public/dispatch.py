@@ -18,8 +18,10 @@ chosen: exactly the original's sequential search.
 import os
 
 
-def run_dispatch(stage, executor, interrupts):
-    """Keep the executor full with the stage's next jobs; record outcomes as they arrive."""
+def run_dispatch(stage, executor, interrupts, on_record=None):
+    """Keep the executor full with the stage's next jobs; record outcomes as they arrive.
+    `on_record()` runs after each recorded outcome, outside the critical section (the
+    report of a running search)."""
     while True:
         while len(executor.pending()) < executor.capacity:
             job = stage.next_job()
@@ -31,6 +33,8 @@ def run_dispatch(stage, executor, interrupts):
         for outcome in executor.wait():
             with interrupts.critical():
                 stage.record(outcome)
+            if on_record:
+                on_record()
             for job in list(executor.pending()):
                 if stage.obsolete(job):
                     executor.cancel(job)

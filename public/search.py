@@ -252,12 +252,12 @@ class StageOne:
                 self.log(f"{name}: searching {len(self.candidates)} learning rate(s)")
             self.queue.pop(0)
             if (name, lr_key(lr)) in finished:
-                self.log(f"  lr={lr_key(lr)}: finished in an earlier run; skipped")
+                self.log(f"  {name} lr={lr_key(lr)}: finished in an earlier run; skipped")
                 continue
             hit = self.avoid.pruned_by(lr, name, self.key)
             if hit:
                 scope = f"for {hit[1]}" if hit[1] else 'for every model'
-                self.log(f"  lr={lr_key(lr)}: pruned (avoid.txt has {hit[0]!r} {scope}, within 2*STEP)")
+                self.log(f"  {name} lr={lr_key(lr)}: pruned (avoid.txt has {hit[0]!r} {scope}, within 2*STEP)")
                 continue
             data = self.data
             spec = TrialSpec(key=f"{name}@{lr_key(lr)}", lr=lr, settings=self.settings,
@@ -292,7 +292,7 @@ class StageOne:
         model_dir = os.path.join(self.root, name)
         if result.status == STATUS_FAILED:
             _write_error(model_dir, name, lr, result)
-            self.log(f"  lr={lr_key(lr)}: FAILED ({row['error']}); traceback in "
+            self.log(f"  {name} lr={lr_key(lr)}: FAILED ({row['error']}); traceback in "
                      f"{os.path.join(model_dir, 'error.txt')}; going on")
             if result.epochs == 0 and outcome.ok:   # did not build or run: other rates won't either
                 self.done.add(name)
@@ -404,9 +404,9 @@ def _write_error(model_dir, name, lr, result):
 
 
 def run_stage_one(settings, data, models, interrupts, log=print, progress=True, executor=None,
-                  trainer=None):
+                  trainer=None, on_record=None):
     """The stage-one search over `models` (classes); returns the summary DataFrame.
-    `executor` defaults to the in-process serial one."""
+    `executor` defaults to the in-process serial one; `on_record()` runs after each trial."""
     from public.dispatch import run_dispatch
     from public.executor import SerialExecutor
     if not settings.RESUME:
@@ -418,7 +418,7 @@ def run_stage_one(settings, data, models, interrupts, log=print, progress=True, 
     own = executor is None
     executor = executor or SerialExecutor(data)
     try:
-        run_dispatch(stage, executor, interrupts)
+        run_dispatch(stage, executor, interrupts, on_record)
     finally:
         if own:
             executor.shutdown()
