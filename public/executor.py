@@ -404,7 +404,10 @@ class RayExecutor(_Executor):
         import ray
         self.ray_temp_dir = self._ray_temp_dir(temp_dir)
         num_cpus = _cpu_count() if workers == 'auto' else workers
-        env = {'PYTHONPATH': _driver_pythonpath(), 'RAY_USAGE_STATS_ENABLED': '0'}
+        # No dashboard means no metrics agent: without this, each worker logs an error
+        # ('Failed to establish connection to the metrics exporter agent') to the terminal.
+        env = {'PYTHONPATH': _driver_pythonpath(), 'RAY_USAGE_STATS_ENABLED': '0',
+               'RAY_enable_metrics_collection': '0'}
         with _environ(env, drop=['RAY_ADDRESS']), _quiet():
             ray.init(address='local', num_cpus=num_cpus, include_dashboard=False,
                      logging_level=logging.WARNING, log_to_driver=False,
