@@ -220,9 +220,10 @@ def lr_key(lr):
 
 
 def best_rank(row):
-    """Sort key of a results row: the SELECT_METRIC score, then yy, then xx (max is best;
-    among equals the first row written wins)."""
-    return (float(row['score']), int(row['yy']), int(row['xx']))
+    """Sort key of a results row: the SELECT_METRIC score, then yy, then xx (max is best);
+    among equals the smaller learning rate, i.e. the one the serial search tries first, so
+    the answer does not depend on the order in which parallel trials finish."""
+    return (float(row['score']), int(row['yy']), int(row['xx']), -float(row.get('lr') or 0))
 
 
 def trial_row(result, settings, key, **fields):
