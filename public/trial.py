@@ -8,6 +8,7 @@ NaN, export fails) comes back as a TrialResult with status 'failed' or 'diverged
 traceback, never as an exception: a failed candidate is not a failed run. Only an
 interruption (Interrupted / KeyboardInterrupt) propagates.
 """
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -240,10 +241,27 @@ class TrialSpec:
     progress: bool = False
 
 
+_ON_DEVICE = {}     # per process: id(shared data) -> (data, its copy with tensors on data.device)
+
+
+def on_device(data):
+    """`data` with its training tensors on data.device. A Ray worker receives them on the
+    CPU (from the object store); with DEVICE='cuda' they are moved once per worker process."""
+    if data.trial.x_train.device == data.device:
+        return data
+    cached = _ON_DEVICE.get(id(data))
+    if cached is None or cached[0] is not data:
+        trial = TrialData(**{k: getattr(data.trial, k).to(data.device)
+                             for k in ('x_train', 'y_train', 'x_val', 'y_val')})
+        cached = _ON_DEVICE[id(data)] = (data, dataclasses.replace(data, trial=trial))
+    return cached[1]
+
+
 def run_job(spec, data):
     """One trial as a job of an executor (in-process or a Ray worker): its files go to a
     private scratch folder that is removed afterwards; everything comes back in the result
     (metrics, state dict, ONNX bytes), for the driver to record."""
+    data = on_device(data)
     scratch = _scratch_dir(spec.settings.TEMP_DIR)
     try:
         onnx_path = os.path.join(scratch, 'trial.onnx')
