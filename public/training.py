@@ -21,10 +21,6 @@ from torch import nn
 from tqdm import tqdm
 
 
-class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; the trial in progress is abandoned and will be rerun."""
-
-
 # Why a trial stopped: the values of the results table's `stop_reason` column.
 STOP_EARLY = 'early-stop'
 STOP_MAX_EPOCHS = 'max-epochs'
@@ -98,12 +94,12 @@ def _epoch_batches(n, batch_size, generator):
     return [order[i:i + batch_size] for i in range(0, stop, batch_size)]
 
 
-def train_model(model, data, lr, settings, device, stop_flag=None, progress=True, desc='train'):
+def train_model(model, data, lr, settings, device, progress=True, desc='train'):
     """Train `model` (freshly initialised) on data; return the best-validation weights.
 
     AdamW (weight decay WEIGHT_DECAY), ReduceLROnPlateau on val loss (patience 3, factor
-    0.5), cross-entropy, up to NUM_EPOCHS epochs of BATCH_SIZE, EarlyStopping. `stop_flag`
-    is polled between batches; when it returns True the trial raises Interrupted."""
+    0.5), cross-entropy, up to NUM_EPOCHS epochs of BATCH_SIZE, EarlyStopping. Ctrl+C
+    arrives as KeyboardInterrupt (public/interrupts.py) and abandons the trial."""
     start = time.perf_counter()
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=settings.WEIGHT_DECAY,
@@ -125,8 +121,6 @@ def train_model(model, data, lr, settings, device, stop_flag=None, progress=True
         seen = 0
         for idx in tqdm(batches, desc=f"epoch {epoch}", unit='batch', disable=None if progress else True,
                         leave=False, mininterval=0.5):
-            if stop_flag is not None and stop_flag():
-                raise Interrupted()
             idx = idx.to(device, non_blocking=True)
             xb, yb = x_train.index_select(0, idx), data.y_train.index_select(0, idx)
             optimizer.zero_grad(set_to_none=True)

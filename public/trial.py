@@ -6,7 +6,7 @@
 A trial that fails (the model does not build or run on the input shape, the loss turns
 NaN, export fails) comes back as a TrialResult with status 'failed' or 'diverged' and the
 traceback, never as an exception: a failed candidate is not a failed run. Only an
-interruption (Interrupted / KeyboardInterrupt) propagates.
+interruption (KeyboardInterrupt) propagates.
 """
 import dataclasses
 import os
@@ -23,7 +23,7 @@ from public.dataset import (DataError, encode_labels, load_data, num_classes,
                             split_by_folds, split_by_subject)
 from public.export import check_onnx, export_onnx, onnx_latency_ms
 from public.test import classification_metrics, predict_proba
-from public.training import STOP_DIVERGED, Interrupted, TrialData, seed_everything, train_model
+from public.training import STOP_DIVERGED, TrialData, seed_everything, train_model
 
 STATUS_OK, STATUS_DIVERGED, STATUS_FAILED = 'ok', 'diverged', 'failed'
 
@@ -184,8 +184,7 @@ def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='t
         model = build_model().to(data.device)
         result.params = sum(p.numel() for p in model.parameters())
         check_model_runs(model, data)
-        outcome = train_model(model, data.trial, lr, settings, data.device, None,
-                              progress, desc)
+        outcome = train_model(model, data.trial, lr, settings, data.device, progress, desc)
         result.epochs, result.best_epoch = outcome.epochs, outcome.best_epoch
         result.stop_reason, result.history = outcome.stop_reason, outcome.history
         result.state_dict = {k: v.detach().cpu() for k, v in outcome.state_dict.items()}
@@ -212,7 +211,7 @@ def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='t
             if latency:
                 result.latency_ms = onnx_latency_ms(onnx_path, settings.LATENCY_RUNS)
             result.status = STATUS_OK
-    except (Interrupted, KeyboardInterrupt):
+    except KeyboardInterrupt:
         raise
     except Exception as exc:
         result.status = STATUS_FAILED

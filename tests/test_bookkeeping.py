@@ -205,3 +205,59 @@ def test_bad_inputs_are_reported_before_any_data_is_loaded(small_data, tmp_path)
         (tmp_path / 'a-file').write_text('x')
         run = run_script('train_multi.py', project, f"{setting}={str(tmp_path / 'a-file')!r}")
         assert run.returncode == 2 and f"{setting}=" in output(run) and 'names a file' in output(run)
+
+
+def _ray_processes(session_dir):
+    """Processes whose command line mentions this run's Ray folder."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{pid}/cmdline', 'rb') as f:
+                if session_dir.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def test_kill_9_of_a_parallel_driver_then_rerun_completes_without_repeats(small_data, tmp_path):
+    pytest.importorskip('ray')
+    project = _project(tmp_path, small_data, WORKERS=2, NUM_EPOCHS=4, MODELS=('OptimizedAFNet',),
+                       LR_MIN=0.001, LR_MAX=0.005, STEP=0.001)
+    log = open(tmp_path / 'first.log', 'w')
+    first = subprocess.Popen([sys.executable, str(ROOT / 'train_multi.py'), '--params',
+                              str(project / 'params.py')], cwd=project, stdout=log,
+                             stderr=subprocess.STDOUT)
+    results = tmp_path / 'multi-result' / 'results.csv'
+    deadline = time.time() + 180
+    while time.time() < deadline and (not results.exists() or
+                                      len(results.read_text().splitlines()) < 2):
+        time.sleep(0.1)
+    first.kill()                                     # SIGKILL: no clean-up at all
+    first.wait()
+    done_before = len(pd.read_csv(results))
+    assert 1 <= done_before < 5
+    deadline = time.time() + 30                      # Ray's processes go with their driver
+    while time.time() < deadline and _ray_processes(str(tmp_path / 'temp' / 'ray')):
+        time.sleep(0.5)
+    assert _ray_processes(str(tmp_path / 'temp' / 'ray')) == []
+    second = run_script('train_multi.py', project)
+    assert second.returncode == 0, output(second)[-3000:]
+    assert f'{done_before} finished trial(s) will not be repeated' in second.stdout
+    rows = pd.read_csv(results)
+    assert sorted(rows['lr']) == [0.001, 0.002, 0.003, 0.004, 0.005]
+    assert len(rows) == 5, 'no trial recorded twice'
+
+
+def test_a_model_appended_below_the_last_line_of_model_py_is_searched(tmp_path, small_data):
+    project = tmp_path / 'project'
+    shutil.copytree(ROOT / 'public', project / 'public', ignore=shutil.ignore_patterns('__pycache__'))
+    shutil.copy(ROOT / 'train_multi.py', project)
+    with open(project / 'public' / 'model.py', 'a') as f:       # where anyone appends a model
+        f.write('\n\n@register_model\nclass AppendedNet(OptimizedAFNet):\n    pass\n')
+    _project(project, small_data)
+    run = subprocess.run([sys.executable, '-c', 'from public.config import load_settings; '
+                          'from train_multi import selected_models; '
+                          'print([m.__name__ for m in selected_models(load_settings([]))])'],
+                         cwd=project, capture_output=True, text=True)
+    assert run.stdout.strip() == "['AFNet', 'ShuffleNetV2', 'OptimizedAFNet', 'AppendedNet']", run.stderr

@@ -9,7 +9,7 @@ import torch
 from conftest import TinyNet
 from public.model import OptimizedAFNet
 from public.training import (STOP_DIVERGED, STOP_EARLY, STOP_MAX_EPOCHS, EarlyStopping,
-                             Interrupted, TrialData, train_model)
+                             TrialData, train_model)
 
 NAN, INF = float('nan'), float('inf')
 
@@ -138,13 +138,3 @@ def test_a_last_batch_of_one_sample_does_not_break_batchnorm(n_train):
     assert outcome.epochs == 2
 
 
-def test_stop_flag_interrupts_the_trial():
-    calls = []
-
-    def stop_flag():
-        calls.append(1)
-        return len(calls) > 3
-    with pytest.raises(Interrupted):
-        train_model(TinyNet(input_size=64), _noise_data(), 0.01, _settings(), torch.device('cpu'),
-                    stop_flag=stop_flag, progress=False)
-    assert len(calls) == 4
