@@ -40,7 +40,10 @@ BATCH_SIZE = 32                  # training batch size
 PATIENCE = 5                     # epochs without validation-loss improvement before early stopping may fire
 OVERFIT_GAP = 0.01               # ... and only if train loss < val loss - OVERFIT_GAP (the original's rule)
 WEIGHT_DECAY = 1e-3              # AdamW weight decay
-SEED = 42                        # seed of every trial (initialisation, shuffling, split)
+SEED = 42                        # seed of every trial (initialisation, shuffling, split, augmentation)
+AUGMENT = False                  # True: label-preserving augmentations per batch (amplitude, noise, baseline wander, time shift)
+NORMALIZE = 'none'               # 'segment': each segment and lead standardised by the model itself (inside the exported ONNX)
+CLASS_WEIGHTS = 'none'           # 'balanced': loss weights inversely proportional to the training class counts
 DEVICE = 'auto'                  # 'auto' (cuda if available), 'cpu' or 'cuda'
 NUM_THREADS = 1                  # torch CPU threads; 0 = torch's default (all cores). 1 is fastest for these tiny nets on a shared machine (README, Speed)
 NUM_WORKERS = 0                  # kept for compatibility with the original; data is served from memory, so unused

@@ -21,6 +21,7 @@ from public.errors import SettingsError
 from public.executor import Job
 from public.export import export_onnx, size_kb
 from public.quantize import quantize_int8
+from public.recipe import add_normalization
 from public.results import (STAGE2_COLUMNS, ResultsTable, atml_made, best_rank, clean_scratch,
                             read_info, recover_folders, replace_folder, settings_key,
                             trial_row, write_info, write_result_files)
@@ -104,6 +105,8 @@ def plan_candidates(settings, input_size, in_channels, num_classes=2, probe_dir=
                 config = ss_model.generate_config(c, f, input_size, in_channels=in_channels,
                                                   num_classes=num_classes)
                 model = build_candidate_model(ss_model, config)
+                if settings.NORMALIZE == 'segment':      # part of the exported graph
+                    add_normalization(model)
                 model.eval()
                 with torch.no_grad():
                     out = model(torch.zeros(2, in_channels, input_size, 1))

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+
+from public.recipe import Augmenter, class_weights
 from tqdm import tqdm
 
 
@@ -72,6 +74,12 @@ class TrainOutcome:
     seconds: float = 0.0
 
 
+def num_classes_of(model, data):
+    """The model's number of outputs (its last Linear layer), else the labels' count."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else int(data.y_train.max()) + 1
+
+
 def seed_everything(seed):
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -106,7 +114,11 @@ def train_model(model, data, lr, settings, device, progress=True, desc='train'):
                                   **({'fused': True} if device.type in ('cpu', 'cuda') else {}))
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode='min', patience=3,
                                                            factor=0.5)
-    criterion = nn.CrossEntropyLoss()
+    weights = (class_weights(data.y_train, num_classes_of(model, data))
+               if getattr(settings, 'CLASS_WEIGHTS', 'none') == 'balanced' else None)
+    criterion = nn.CrossEntropyLoss(weight=weights)
+    augment = (Augmenter(settings.SEED, device) if getattr(settings, 'AUGMENT', False)
+               else None)
     stopper = EarlyStopping(settings.PATIENCE, settings.OVERFIT_GAP)
     generator = torch.Generator().manual_seed(settings.SEED)
     best_state, history, reason = None, [], STOP_MAX_EPOCHS
@@ -123,6 +135,8 @@ def train_model(model, data, lr, settings, device, progress=True, desc='train'):
                         leave=False, mininterval=0.5):
             idx = idx.to(device, non_blocking=True)
             xb, yb = x_train.index_select(0, idx), data.y_train.index_select(0, idx)
+            if augment is not None:
+                xb = augment(xb.squeeze(-1)).unsqueeze(-1)
             optimizer.zero_grad(set_to_none=True)
             loss = criterion(model(xb), yb)
             loss.backward()

@@ -23,6 +23,7 @@ from public.dataset import (DataError, encode_labels, load_data, num_classes,
                             split_by_folds, split_by_subject)
 from public.export import check_onnx, export_onnx, onnx_latency_ms
 from public.test import classification_metrics, predict_proba
+from public.recipe import add_normalization
 from public.training import STOP_DIVERGED, TrialData, seed_everything, train_model
 
 STATUS_OK, STATUS_DIVERGED, STATUS_FAILED = 'ok', 'diverged', 'failed'
@@ -181,7 +182,10 @@ def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='t
     result = TrialResult(status=STATUS_FAILED)
     try:
         seed_everything(settings.SEED)
-        model = build_model().to(data.device)
+        model = build_model()
+        if getattr(settings, 'NORMALIZE', 'none') == 'segment':
+            add_normalization(model)
+        model = model.to(data.device)
         result.params = sum(p.numel() for p in model.parameters())
         check_model_runs(model, data)
         outcome = train_model(model, data.trial, lr, settings, data.device, progress, desc)
