@@ -13,7 +13,7 @@ import sys
 
 import pandas as pd
 
-from public.cli import log, main, threads_note, write_report
+from public.cli import log, main, threads_note, worst_subjects_note, write_report
 
 
 def run(settings, interrupts):
@@ -40,6 +40,8 @@ def run(settings, interrupts):
         log("\nStage-two candidates (smallest first):\n" + table.to_string(index=False))
     if page:
         log(f"\nReport: {page}")
+    if folder:
+        log('\n'.join(worst_subjects_note([folder])))
 
 
 if __name__ == '__main__':

@@ -14,7 +14,7 @@ import sys
 
 import pandas as pd
 
-from public.cli import log, main, threads_note, write_report
+from public.cli import log, main, threads_note, worst_subjects_note, write_report
 
 
 def selected_models(settings):
@@ -26,6 +26,7 @@ def selected_models(settings):
     if not settings.MODELS:
         return [m for m in model_classes() if m.__module__ == 'public.model']
     import public.seed_models  # noqa: F401  (registers the seed systems' models)
+    import public.small_models  # noqa: F401  (registers the <= 20 KB architectures)
     from public.config import SettingsError
     try:
         return [get_model_class(name) for name in settings.MODELS]
@@ -72,6 +73,9 @@ def run(settings, interrupts):
     log(f"\nAll trials: {os.path.join(settings.MODEL_SAVE_PATH, 'results.csv')}; summary with "
         f"every column: {os.path.join(settings.MODEL_SAVE_PATH, 'summary.csv')}"
         + (f"; report: {page}" if page else ''))
+    worst = worst_subjects_note(summary['folder'].dropna() if 'folder' in summary else [])
+    if worst:
+        log("Where the best models fail (per_subject.csv in each folder):\n" + '\n'.join(worst))
 
 
 if __name__ == '__main__':

@@ -12,8 +12,8 @@ epoch budget and learning rate:
     normalize  NORMALIZE='segment'
     weights    CLASS_WEIGHTS='balanced'
     all        the three together
-Models: AFNet (stage one's default) and the stage-two AFNet at channel 1, FC 1 (18.8 KB,
-under a 20 KB budget). It prints, per model and variant, the held-out F1 and min-metric
+Models (--models): AFNet (stage one's default), ss-c1-f1 (the stage-two AFNet at channel
+1, FC 1: 18.3 KB) and SepNet (public/small_models.py, designed for <= 20 KB: 19.4 KB). It prints, per model and variant, the held-out F1 and min-metric
 of each fold (median over seeds), their median over folds with the range, the validation
 F1 and the validation-to-held-out gap; and the augmentation's share of an epoch. Trials
 run in parallel worker processes (one torch thread each). Rows go to --out as CSV.
@@ -113,6 +113,9 @@ def _builder(model_name):
     if model_name == 'AFNet':
         from public.model import AFNet
         return functools.partial(AFNet, input_size=1250, in_channels=1, num_classes=2)
+    if model_name == 'SepNet':
+        from public.small_models import SepNet
+        return functools.partial(SepNet, input_size=1250, in_channels=1, num_classes=2)
     import public.ss_model as ss
     return functools.partial(ss.AFNet, ss.generate_config(1, 1, 1250))
 

@@ -56,3 +56,21 @@ def write_report(settings, data_summary, stage=1, folder=None):
     except Exception as exc:          # noqa: BLE001  (the search's results are already safe)
         log(f"warning: the report could not be written: {type(exc).__name__}: {exc}")
         return None
+
+
+def worst_subjects_note(folders):
+    """Lines naming each result folder's worst subjects (lowest accuracy; per_subject.csv)."""
+    import pandas as pd
+    from public.trial import worst_subjects
+    lines = []
+    for folder in folders:
+        path = os.path.join(str(folder), 'per_subject.csv')
+        if not os.path.exists(path):
+            continue
+        rows = pd.read_csv(path, dtype={'subject': str}).to_dict('records')
+        for split in ('test', 'val'):
+            worst = worst_subjects(rows, split)
+            if worst:
+                lines.append(f"  {folder}: worst {split} subjects: {'; '.join(worst)}")
+                break
+    return lines

@@ -494,6 +494,10 @@ def write_result_files(folder, *, result, name, model_name, lr, settings, onnx_b
               'confusion': result.confusion or {}, **(info or {})}
     write_settings(settings, os.path.join(folder, 'params_used.py'))
     write_info(folder, record)
+    if getattr(result, 'per_subject', None):
+        from public.trial import PER_SUBJECT_COLUMNS
+        pd.DataFrame(result.per_subject, columns=list(PER_SUBJECT_COLUMNS)).to_csv(
+            os.path.join(folder, 'per_subject.csv'), index=False)
 
 
 def write_info(folder, info):

@@ -361,8 +361,9 @@ class StageOne:
                 return
 
             def build(folder):
-                for f in ('saved.pth', 'saved.onnx', 'params_used.py'):
-                    shutil.copy2(os.path.join(source, f), os.path.join(folder, f))
+                for f in ('saved.pth', 'saved.onnx', 'params_used.py', 'per_subject.csv'):
+                    if os.path.exists(os.path.join(source, f)):
+                        shutil.copy2(os.path.join(source, f), os.path.join(folder, f))
                 write_info(folder, {**info, 'folder': target, 'settings_key': self.key,
                                     'lr_key': best['lr']})
             replace_folder(model_dir, target, build)

@@ -41,6 +41,8 @@ class PreparedData:
     num_classes: int
     device: torch.device
     summary: str
+    val_subjects: np.ndarray = None    # subject of each validation / test segment
+    test_subjects: np.ndarray = None   # (for per_subject.csv); None when not known
 
 
 def choose_device(name):
@@ -88,6 +90,7 @@ def prepare_data(settings, progress=True):
              f"{_class_mix(y[train_idx], settings)} / {_class_mix(y[val_idx], settings)}"]
     lines += _warnings(train, settings.DATA_DIR)
     x_test, y_test = torch.zeros((0,) + tuple(x.shape[1:])), np.zeros(0, np.int64)
+    test_subjects = np.zeros(0, str)
     if settings.TEST_DIR:
         test = load_data(settings.TEST_DIR, settings, progress=progress)
         if test.x.shape[1] != x.shape[1]:
@@ -98,6 +101,7 @@ def prepare_data(settings, progress=True):
                             f"evaluated; set TEST_DIR='' and use predict.py for unlabelled data")
         x_test = torch.from_numpy(np.array(test.x))
         y_test = encode_labels(test, settings, settings.TEST_DIR)
+        test_subjects = np.asarray(test.subjects)
         lines.append(f"test data {settings.TEST_DIR}: {len(test)} segments, "
                      f"{len(np.unique(test.subjects))} subjects, {_class_mix(y_test, settings)}")
         lines += _warnings(test, settings.TEST_DIR)
@@ -106,7 +110,9 @@ def prepare_data(settings, progress=True):
     return PreparedData(trial=trial, x_test=x_test, y_test=y_test,
                         onnx_sample=np.asarray(train.x[val_idx[:32]]), in_channels=x.shape[1],
                         input_size=settings.INPUT_SIZE, num_classes=num_classes(settings),
-                        device=device, summary='\n'.join(lines))
+                        device=device, summary='\n'.join(lines),
+                        val_subjects=np.asarray(train.subjects[val_idx]),
+                        test_subjects=test_subjects)
 
 
 def _shared_subjects(train, test, settings):
@@ -159,6 +165,7 @@ class TrialResult:
     confusion: dict = field(default_factory=dict)  # {'val': [[...]], 'test': [[...]]}
     int8: dict = None         # stage two with QUANTIZE_INT8: bytes, val and test metrics
     int8_onnx: bytes = None
+    per_subject: list = field(default_factory=list)   # rows of per_subject.csv
     node: str = ''            # where it ran ('local', or the Ray node id)
     attempts: int = 1
 
@@ -196,12 +203,16 @@ def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='t
         y_val = data.trial.y_val.cpu().numpy()
         result.val_metrics = classification_metrics(y_val, val_probs, data.num_classes)
         result.confusion['val'] = _confusion(y_val, val_probs, data.num_classes)
+        result.per_subject = per_subject('val', data.val_subjects, y_val, val_probs,
+                                         data.num_classes)
         if len(data.x_test):
             test_probs = predict_proba(model, data.x_test, data.device, progress=progress,
                                        desc='test')
             result.test_metrics = classification_metrics(data.y_test, test_probs,
                                                          data.num_classes)
             result.confusion['test'] = _confusion(data.y_test, test_probs, data.num_classes)
+            result.per_subject += per_subject('test', data.test_subjects, data.y_test,
+                                              test_probs, data.num_classes)
         if outcome.stop_reason == STOP_DIVERGED:
             result.status = STATUS_DIVERGED
             result.error = 'loss became NaN/inf'
@@ -222,6 +233,38 @@ def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='t
         result.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
     result.wall_s = time.perf_counter() - start
     return result
+
+
+PER_SUBJECT_COLUMNS = ('split', 'subject', 'segments', 'class_mix', 'f1', 'accuracy',
+                       'recall', 'precision')
+
+
+def per_subject(split, subjects, y_true, probs, num_classes):
+    """Where the model fails: the metrics of each subject's segments (rows of per_subject.csv)."""
+    if subjects is None or len(subjects) != len(y_true):
+        return []
+    from public.test import binary_metrics
+    y_true, pred = np.asarray(y_true), np.asarray(probs).argmax(1)
+    rows = []
+    for subject in np.unique(subjects):
+        mask = np.asarray(subjects) == subject
+        counts = np.bincount(y_true[mask], minlength=num_classes)
+        if num_classes == 2:
+            m = binary_metrics(y_true[mask], pred[mask])
+        else:
+            m = classification_metrics(y_true[mask], np.asarray(probs)[mask], num_classes)
+        rows.append(dict(split=split, subject=str(subject), segments=int(mask.sum()),
+                         class_mix=' '.join(f"{c}:{n}" for c, n in enumerate(counts.tolist())),
+                         **{k: round(float(m[k]), 4) for k in ('f1', 'accuracy', 'recall',
+                                                               'precision')}))
+    return rows
+
+
+def worst_subjects(rows, split, count=3):
+    """The subjects with the lowest accuracy on a split: 'S12 (acc 0.41, 80 segments)'."""
+    mine = sorted((r for r in rows if r['split'] == split), key=lambda r: float(r['accuracy']))
+    return [f"{r['subject']} (accuracy {float(r['accuracy']):.2f}, {r['segments']} segments)"
+            for r in mine[:count]]
 
 
 def _confusion(y_true, probs, num_classes):

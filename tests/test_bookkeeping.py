@@ -48,7 +48,7 @@ def test_every_keyed_setting_changes_the_key(make_settings):
                'POSITIVE_LABELS': ('N',), 'CLASSES': ('A', 'B'), 'VAL_FOLDS': (9,),
                'SKIP_BAD_FILES': True, 'SELECT_ON': 'test', 'SELECT_METRIC': 'f1',
                'QUANTIZE_INT8': True, 'TEST_DIR': '', 'DATA_DIR': '/elsewhere',
-               'AUGMENT': True, 'NORMALIZE': 'segment', 'CLASS_WEIGHTS': 'balanced'}
+               'AUGMENT': False, 'NORMALIZE': 'segment', 'CLASS_WEIGHTS': 'balanced'}
     for name in trial_settings(2):
         value = changed.get(name)
         if value is None:

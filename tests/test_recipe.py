@@ -84,3 +84,38 @@ def test_stage_two_sizes_include_the_normalization(make_settings, prepared, tmp_
     result = run_trial(lambda: build_from_config(normed.config), 0.003, prepared, settings,
                        str(tmp_path / 'c.onnx'), progress=False)
     assert result.onnx_bytes == normed.predicted_bytes
+
+
+def test_sepnet_fits_the_20_kb_budget_and_exports_matching_pytorch(tmp_path):
+    from public.scaling import _like_trained
+    from public.small_models import SepNet
+    torch.manual_seed(0)
+    model = _like_trained(SepNet()).eval()
+    path = str(tmp_path / 's.onnx')
+    assert export_onnx(model, path, 1, 1250, 18) <= 20 * 1024
+    x = _batch(3).numpy()[..., None]
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x})[0],
+                                   model(torch.from_numpy(x)).numpy(), atol=1e-4, rtol=1e-3)
+    assert SepNet(input_size=2500, in_channels=8, num_classes=4)(torch.zeros(2, 8, 2500, 1)).shape == (2, 4)
+
+
+def test_best_folders_say_where_the_model_fails_per_subject(prepared, make_settings):
+    import os
+    import pandas as pd
+    from public.interrupts import NoInterrupts
+    from public.search import result_folders, run_stage_one
+    settings = make_settings()
+    run_stage_one(settings, prepared, [TinyNet], NoInterrupts(), log=lambda m: None, progress=False)
+    [folder] = result_folders(os.path.join(settings.MODEL_SAVE_PATH, 'TinyNet'))
+    table = pd.read_csv(os.path.join(settings.MODEL_SAVE_PATH, 'TinyNet', folder, 'per_subject.csv'),
+                        dtype={'subject': str})
+    assert list(table.columns) == ['split', 'subject', 'segments', 'class_mix', 'f1', 'accuracy',
+                                   'recall', 'precision']
+    val = table[table['split'] == 'val']
+    assert sorted(val['subject']) == sorted(set(prepared.val_subjects.tolist()))
+    assert val['segments'].sum() == len(prepared.trial.y_val)
+    test = table[table['split'] == 'test']
+    assert test['segments'].sum() == len(prepared.y_test)
+    assert table['accuracy'].between(0, 1).all()
