@@ -406,8 +406,12 @@ class RayExecutor(_Executor):
         num_cpus = _cpu_count() if workers == 'auto' else workers
         # No dashboard means no metrics agent: without this, each worker logs an error
         # ('Failed to establish connection to the metrics exporter agent') to the terminal.
+        # The plain `ray` package has no metrics agent (that needs ray[default]): without
+        # these, Ray's C++ side prints 'Failed to establish connection to the metrics
+        # exporter agent' into the terminal 30 s into every run. C++ messages of Ray's own
+        # processes stay in their log files under <temp_dir>/ray/session_latest/logs.
         env = {'PYTHONPATH': _driver_pythonpath(), 'RAY_USAGE_STATS_ENABLED': '0',
-               'RAY_enable_metrics_collection': '0'}
+               'RAY_enable_metrics_collection': '0', 'RAY_BACKEND_LOG_LEVEL': 'fatal'}
         with _environ(env, drop=['RAY_ADDRESS']), _quiet():
             ray.init(address='local', num_cpus=num_cpus, include_dashboard=False,
                      logging_level=logging.WARNING, log_to_driver=False,
@@ -521,7 +525,21 @@ class RayExecutor(_Executor):
 
 @contextlib.contextmanager
 def _quiet():
-    """Hide Ray's start-up FutureWarning about accelerator environment variables."""
+    """Hide Ray's start-up FutureWarning about accelerator environment variables, and the
+    C++ lines its start-up writes straight to file descriptor 2 (shown if the start fails)."""
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', category=FutureWarning, module=r'ray\.')
-        yield
+        sys.stderr.flush()
+        saved = os.dup(2)
+        with tempfile.TemporaryFile() as caught:
+            os.dup2(caught.fileno(), 2)
+            try:
+                yield
+            except BaseException:
+                os.dup2(saved, 2)
+                caught.seek(0)
+                sys.stderr.write(caught.read().decode(errors='replace'))
+                raise
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
