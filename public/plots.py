@@ -69,16 +69,19 @@ def _status(frame):
 
 
 def best_rows(trials):
-    """Each model's best finished trial (max score, then yy, then xx; the first of equals)."""
+    """Each model's best finished trial (max score, then yy, then xx, then the smaller
+    learning rate: results.best_rank's order)."""
     if trials.empty or 'model' not in trials.columns:
         return trials.iloc[0:0]
     ok = trials[(_status(trials) == 'ok') & numeric_column(trials, 'score').notna()]
     keys = pd.DataFrame({'score': numeric_column(ok, 'score'),
                          'yy': numeric_column(ok, 'yy').fillna(-1),
-                         'xx': numeric_column(ok, 'xx').fillna(-1)})
+                         'xx': numeric_column(ok, 'xx').fillna(-1),
+                         'neg_lr': -numeric_column(ok, 'lr').fillna(0)})
     picks = []
     for _, group in keys.groupby(ok['model'], sort=False):
-        ranked = group.sort_values(['score', 'yy', 'xx'], ascending=False, kind='stable')
+        ranked = group.sort_values(['score', 'yy', 'xx', 'neg_lr'], ascending=False,
+                                   kind='stable')
         picks.append(ranked.index[0])
     return trials.loc[picks]
 
@@ -478,7 +481,7 @@ def _grid_panel(ax, cells, channels, fcs, score_col, kb_col, norm, winner):
 def _cell_look(row, score_col, kb_col, norm, cmap):
     """(face colour, hatch, text) of one grid cell."""
     if row is None:
-        return '#f4f4f4', None, 'not planned'
+        return '#f4f4f4', None, 'not trained'
     status = str(row.get('status', '') or '')
     kb = pd.to_numeric(row.get(kb_col), errors='coerce')
     size = f"{kb:.1f} KB" if pd.notna(kb) else ''

@@ -590,7 +590,7 @@ def stage_one_html(settings, figures, data_summary=''):
         summary = _summary_rows(trials, best, root)
         body.append(_table(_summary_columns(root), summary))
         body.append(_note(f"Scores: {metric_label(settings)}; the best trial of a model has the "
-                          f"highest score, then yy, then xx. All trials: "
+                          f"highest score, then yy, then xx, then the smaller learning rate. All trials: "
                           f"{os.path.join(root, 'results.csv')}."))
         body.append('<h3>Metrics of the best trials</h3>')
         body.append(_table(_metric_columns(trials), [r for r in summary if 'result' in r]))
