@@ -17,7 +17,6 @@ time, only the finishing time of the latest trial. What is not on disk (a per-ep
 history, a confusion matrix) is left out with a short note, never an error.
 """
 import base64
-import csv
 import hashlib
 import html
 import importlib
@@ -46,24 +45,14 @@ _NUMERIC = (['lr', 'epochs', 'best_epoch', 'score', 'xx', 'yy', 'onnx_kb', 'onnx
 
 def read_table(path):
     """A results CSV as a DataFrame of strings, one row per complete line (a line torn by
-    a crash is skipped); an empty frame when the file is absent."""
-    if not os.path.isfile(path):
+    a crash is skipped; results.ResultsTable reads it); empty when the file is absent."""
+    from public.results import ResultsTable, _header
+    if not os.path.isfile(path) or not os.path.getsize(path):
         return pd.DataFrame()
-    with open(path, newline='', encoding='utf-8', errors='replace') as f:
-        lines = f.read().splitlines()
-    rows = [_parse_line(line) for line in lines if line.strip()]
-    if not rows or rows[0] is None:
+    header = _header(path)
+    if not header:
         return pd.DataFrame()
-    header = rows[0]
-    good = [r for r in rows[1:] if r is not None and len(r) == len(header)]
-    return pd.DataFrame(good, columns=header)
-
-
-def _parse_line(line):
-    try:
-        return next(csv.reader([line], strict=True))
-    except (csv.Error, StopIteration):
-        return None
+    return pd.DataFrame(ResultsTable(path, header).rows(), columns=header)
 
 
 def numeric_trials(frame):

@@ -105,7 +105,7 @@ class ResultsTable:
     def _read(self):
         if not os.path.exists(self.path):
             return [], []
-        with open(self.path, newline='') as f:
+        with open(self.path, newline='', errors='replace') as f:
             data = f.read()
         lines = data.splitlines()
         if not lines:
@@ -182,7 +182,7 @@ class ResultsTable:
 
 
 def _header(path):
-    with open(path, newline='') as f:
+    with open(path, newline='', errors='replace') as f:
         return _parse_line(f.readline().rstrip('\r\n'))
 
 
