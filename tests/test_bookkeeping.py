@@ -9,13 +9,12 @@ import time
 import pandas as pd
 import pytest
 
-from conftest import ROOT, TinyNet, TinyNetB, output, run_script, settings_values, write_params
-from public.config import SettingsError, _RULES, load_settings, trial_settings
+from conftest import ROOT, output, run_script, settings_values, write_params
+from public.config import SettingsError, _RULES, trial_settings
 from public.errors import BusyError
-from public.interrupts import NoInterrupts
-from public.results import (STAGE1_COLUMNS, ResultsTable, RunLock, clean_scratch,
-                            settings_key)
-from public.search import AvoidList, result_folders, run_stage_one
+from public.results import RunLock, clean_scratch, settings_key
+from public.search import result_folders
+from test_search import _rows, _search  # the same in-process stage-one helpers
 
 # Settings that do not change what a trial computes, each with the reason. A new setting
 # must be either marked KEY/KEY2 in public/config.py's rules table or listed here: an
@@ -69,15 +68,6 @@ def test_test_dir_equal_to_data_dir_is_an_error(make_settings, small_data):
         make_settings(TEST_DIR=str(small_data.train) + '/')
 
 
-def _search(settings, prepared, models=(TinyNet,)):
-    lines = []
-    summary = run_stage_one(settings, prepared, list(models), NoInterrupts(), log=lines.append,
-                            progress=False)
-    return summary, '\n'.join(lines)
-
-
-def _rows(settings):
-    return ResultsTable(os.path.join(settings.MODEL_SAVE_PATH, 'results.csv'), STAGE1_COLUMNS).rows()
 
 
 def _best_folders(settings, model='TinyNet'):
@@ -173,12 +163,17 @@ def _project(folder, data, **overrides):
     return folder
 
 
+def _start_stage_one(project, tmp_path):
+    """train_multi.py started in the background (output in first.log)."""
+    log = open(tmp_path / 'first.log', 'w')
+    return subprocess.Popen([sys.executable, str(ROOT / 'train_multi.py'), '--params',
+                             str(project / 'params.py')], cwd=project, stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
 def test_two_runs_in_one_folder_the_second_is_refused(small_data, tmp_path):
     project = _project(tmp_path, small_data, NUM_EPOCHS=3, LR_MIN=0.001, LR_MAX=0.004, STEP=0.001)
-    log = open(tmp_path / 'first.log', 'w')
-    first = subprocess.Popen([sys.executable, str(ROOT / 'train_multi.py'), '--params',
-                              str(project / 'params.py')], cwd=project, stdout=log,
-                             stderr=subprocess.STDOUT)
+    first = _start_stage_one(project, tmp_path)
     lock = tmp_path / 'multi-result' / '.atml.lock'
     deadline = time.time() + 60
     while time.time() < deadline and not (lock.exists() and lock.read_text()):
@@ -225,10 +220,7 @@ def test_kill_9_of_a_parallel_driver_then_rerun_completes_without_repeats(small_
     pytest.importorskip('ray')
     project = _project(tmp_path, small_data, WORKERS=2, NUM_EPOCHS=4, MODELS=('OptimizedAFNet',),
                        LR_MIN=0.001, LR_MAX=0.005, STEP=0.001)
-    log = open(tmp_path / 'first.log', 'w')
-    first = subprocess.Popen([sys.executable, str(ROOT / 'train_multi.py'), '--params',
-                              str(project / 'params.py')], cwd=project, stdout=log,
-                             stderr=subprocess.STDOUT)
+    first = _start_stage_one(project, tmp_path)
     results = tmp_path / 'multi-result' / 'results.csv'
     deadline = time.time() + 180
     while time.time() < deadline and (not results.exists() or
