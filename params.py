@@ -16,6 +16,8 @@ SHORTER = 'error'                # segments shorter beyond PAD_TOLERANCE: 'error
 LONGER = 'error'                 # segments longer than INPUT_SIZE: 'error' or 'crop' (first INPUT_SIZE samples)
 POSITIVE_LABELS = ('AFIB',)      # binary task: rhythms labelled 1 (AF); every other rhythm, empty included, is 0
 CLASSES = ()                     # multi-class task: class names/integers in label order, e.g. (0, 1, 2, 3); () = binary
+LABEL_MODE = 'multiclass'        # 'multiclass': one label per segment (binary, or CLASSES); 'multilabel': a set of CLASSES per segment (seed 004, sigmoid outputs)
+LABEL_SEPARATOR = '|'            # multilabel: joins a segment's labels in a CSV label column, e.g. 'NORM|MI'
 VAL_FRACTION = 0.2               # fraction of training subjects held out for validation, in (0, 1)
 VAL_FOLDS = ()                   # predefined folds instead: validate on these values of the data's 'fold' column/array (PTB-XL: (9,)); () = by subject
 SKIP_BAD_FILES = False           # False: a bad data file stops the run; True: it is skipped and counted
@@ -44,6 +46,7 @@ SEED = 42                        # seed of every trial (initialisation, shufflin
 AUGMENT = True                   # True (measured default, README 'Recipe'): label-preserving augmentations per batch (amplitude, noise, baseline wander, time shift)
 NORMALIZE = 'none'               # 'segment': each segment and lead standardised by the model itself (inside the exported ONNX)
 CLASS_WEIGHTS = 'none'           # 'balanced': loss weights inversely proportional to the training class counts
+REFIT = False                    # True: the chosen model is retrained on all training subjects (train + validation) for the epochs validation chose, and delivered
 DEVICE = 'auto'                  # 'auto' (cuda if available), 'cpu' or 'cuda'
 NUM_THREADS = 1                  # torch CPU threads; 0 = torch's default (all cores). 1 is fastest for these tiny nets on a shared machine (README, Speed)
 NUM_WORKERS = 0                  # kept for compatibility with the original; data is served from memory, so unused
@@ -60,6 +63,9 @@ FC_SCALES = (1, 2, 3, 4, 5)      # hidden FC width scaling factors tried
 METRIC_TARGET = 90               # percent; the minimum of F1/accuracy/precision/recall must reach it
 SIZE_TARGET_KB = 60              # ONNX file size cap in KB (1 KB = 1024 bytes)
 QUANTIZE_INT8 = False            # True: also build an INT8 ONNX (onnxruntime static quantization); its size and metrics decide
+QAT_EPOCHS = 0                   # > 0 (needs QUANTIZE_INT8): the INT8 model is fine-tuned this many epochs with fake quantization (quantization-aware training)
+PRUNE_FRACTIONS = ()             # e.g. (0.25, 0.5): pruned variants of each width are also candidates (whole channels removed by L1 norm)
+PRUNE_EPOCHS = 3                 # fine-tuning epochs after pruning
 TEMP_DIR = 'temp'                # stage-two work in progress
 FINAL_RESULT_DIR = '.'           # the stage-two result folder <xx>-<yy>/ is written here (project root, as the original)
 

@@ -58,6 +58,10 @@ _RULES = {
                 lambda v: _is_seq(v) and (len(v) == 0 or len(v) >= 2)
                 and all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in v)
                 and len({str(c) for c in v}) == len(v), KEY),
+    'LABEL_MODE': ("one of 'multiclass', 'multilabel'",
+                   lambda v: v in ('multiclass', 'multilabel'), KEY),
+    'LABEL_SEPARATOR': ('a non-empty string (joins the labels of one multi-label segment)',
+                        lambda v: _is_str(v) and v != '', KEY),
     'VAL_FRACTION': ('a number in (0, 1)', lambda v: _is_number(v) and 0 < v < 1, KEY),
     'VAL_FOLDS': ('a list/tuple of fold values (str or int); () = split by subject',
                   lambda v: _is_seq(v) and all(isinstance(f, (str, int)) and not isinstance(f, bool)
@@ -85,6 +89,7 @@ _RULES = {
     'AUGMENT': ('True or False', lambda v: isinstance(v, bool), KEY),
     'NORMALIZE': ("one of 'none', 'segment'", lambda v: v in ('none', 'segment'), KEY),
     'CLASS_WEIGHTS': ("one of 'none', 'balanced'", lambda v: v in ('none', 'balanced'), KEY),
+    'REFIT': ('True or False', lambda v: isinstance(v, bool), KEY),
     'SEED': ('an int >= 0', lambda v: _is_int(v) and v >= 0, KEY),
     'DEVICE': ("one of 'auto', 'cpu', 'cuda'", lambda v: v in ('auto', 'cpu', 'cuda')),
     'NUM_THREADS': ('an int >= 0', lambda v: _is_int(v) and v >= 0),
@@ -100,6 +105,13 @@ _RULES = {
     'METRIC_TARGET': ('a number in (0, 100]', lambda v: _is_number(v) and 0 < v <= 100),
     'SIZE_TARGET_KB': ('a number > 0', lambda v: _is_number(v) and v > 0),
     'QUANTIZE_INT8': ('True or False', lambda v: isinstance(v, bool), KEY2),
+    'QAT_EPOCHS': ('an int >= 0 (0 = no quantization-aware training)',
+                   lambda v: _is_int(v) and v >= 0, KEY2),
+    'PRUNE_FRACTIONS': ('a list/tuple of distinct numbers in (0, 1) (() = no pruned candidates)',
+                        lambda v: _is_seq(v) and all(_is_number(f) and 0 < f < 1 for f in v)
+                        and len(set(v)) == len(v), KEY2),
+    'PRUNE_EPOCHS': ('an int >= 0 (fine-tuning epochs after pruning)',
+                     lambda v: _is_int(v) and v >= 0, KEY2),
     'TEMP_DIR': ('a non-empty path string', lambda v: _is_str(v) and v != ''),
     'FINAL_RESULT_DIR': ('a non-empty path string', lambda v: _is_str(v) and v != ''),
     'WORKERS': ("'auto' (every CPU core Ray sees) or an int >= 1 (1 = serial, in-process, no Ray)",
@@ -107,6 +119,12 @@ _RULES = {
     'RAY_ADDRESS': ("'' (a private local Ray instance), 'auto' or 'host:port' of a running cluster",
                     lambda v: _is_str(v) and (v in ('', 'auto') or (':' in v and ' ' not in v))),
 }
+
+# Settings added after results tables existed: at these values they compute exactly what
+# ATML computed before they were added, so they stay out of the settings key there and the
+# rows of an earlier version remain reusable (results.settings_key).
+INTRODUCED_AT = {'LABEL_MODE': 'multiclass', 'LABEL_SEPARATOR': '|', 'REFIT': False,
+                 'QAT_EPOCHS': 0, 'PRUNE_FRACTIONS': (), 'PRUNE_EPOCHS': 3}
 
 # The original ATML spelt LEARNING_RATE as LEARING_RATE; old params.py files keep working.
 _ALIASES = {'LEARING_RATE': 'LEARNING_RATE'}
@@ -141,6 +159,17 @@ def _cross_checks(s, source):
     if s.SELECT_METRIC == 'auc' and s.CLASSES and len(s.CLASSES) > 2:
         raise SettingsError(f"{source}: SELECT_METRIC='auc' is for binary tasks, got "
                             f"CLASSES={s.CLASSES!r} ({len(s.CLASSES)} classes)")
+    if s.LABEL_MODE == 'multilabel' and len(s.CLASSES) < 2:
+        raise SettingsError(f"{source}: LABEL_MODE='multilabel' needs CLASSES naming the labels "
+                            f"(at least 2, e.g. ('NORM', 'MI', 'STTC', 'CD', 'HYP')), got "
+                            f"CLASSES={s.CLASSES!r}")
+    if s.LABEL_MODE == 'multilabel' and s.SELECT_METRIC == 'abs_sum':
+        raise SettingsError(f"{source}: SELECT_METRIC='abs_sum' is not defined for "
+                            f"LABEL_MODE='multilabel'; use 'min4', 'f1', 'accuracy' or 'auc' "
+                            f"(macro over the labels)")
+    if s.QAT_EPOCHS and not s.QUANTIZE_INT8:
+        raise SettingsError(f"{source}: QAT_EPOCHS={s.QAT_EPOCHS!r} trains the INT8 model, so it "
+                            f"needs QUANTIZE_INT8=True, got QUANTIZE_INT8={s.QUANTIZE_INT8!r}")
     if s.PAD_TOLERANCE >= s.INPUT_SIZE:
         raise SettingsError(f"{source}: PAD_TOLERANCE must be < INPUT_SIZE, got "
                             f"PAD_TOLERANCE={s.PAD_TOLERANCE!r} and INPUT_SIZE={s.INPUT_SIZE!r}")
@@ -192,6 +221,7 @@ def validate(values, source='params.py', overridden=()):
     settings.VAL_FOLDS = tuple(settings.VAL_FOLDS)
     settings.CHANNEL_SCALES = tuple(settings.CHANNEL_SCALES)
     settings.FC_SCALES = tuple(settings.FC_SCALES)
+    settings.PRUNE_FRACTIONS = tuple(sorted(settings.PRUNE_FRACTIONS))
     return settings
 
 
