@@ -12,9 +12,9 @@ epoch budget and learning rate:
     normalize  NORMALIZE='segment'
     weights    CLASS_WEIGHTS='balanced'
     all        the three together
-    augment+refit  AUGMENT, then the model is trained again from scratch on all training
-               subjects (the inner validation subjects too) for the epoch count that
-               validation chose, and that model is scored (a REFIT prototype)
+    augment+refit  AUGMENT and REFIT=True: the model is trained again from scratch on all
+               training subjects (the inner validation subjects too) for the epoch count
+               that validation chose, and that model (the one delivered) is scored
 Models (--models): AFNet (stage one's default), ss-c1-f1 (the stage-two AFNet at channel
 1, FC 1: 18.3 KB) and SepNet (public/small_models.py, designed for <= 20 KB: 19.4 KB). It prints, per model and variant, the held-out F1 and min-metric
 of each fold (median over seeds), their median over folds with the range, the validation
@@ -66,7 +66,7 @@ def _settings(args, variant, seed):
     values = dict(NUM_EPOCHS=args.epochs, SEED=seed, DEVICE='cpu', NUM_THREADS=1, WORKERS=1,
                   LATENCY_RUNS=1, BATCH_SIZE=32, TEMP_DIR=os.path.join(args.scratch, 'temp'),
                   TEST_DIR='', **OFF)
-    values.update({k: v for k, v in VARIANTS[variant].items() if k != 'REFIT'})
+    values.update(VARIANTS[variant])
     return load_settings([f"{k}={v!r}" for k, v in values.items()],
                          params_path=os.path.join(ROOT, 'params.py'))
 
@@ -76,7 +76,7 @@ def run_one(args, model_name, variant, fold, seed):
     import torch
     torch.set_num_threads(1)
     from public.dataset import split_by_subject
-    from public.test import classification_metrics, predict_proba, worst_metric
+    from public.test import worst_metric
     from public.training import TrialData
     from public.trial import PreparedData, run_trial
     d = _load(args.npz)
@@ -87,13 +87,12 @@ def run_one(args, model_name, variant, fold, seed):
     tr, va = train_idx[inner_tr], train_idx[inner_val]
     x, y = torch.from_numpy(d['x']), torch.from_numpy(d['y'])
     data = PreparedData(trial=TrialData(x[tr], y[tr], x[va], y[va]),
-                        x_test=torch.zeros(0, 1, 1250), y_test=np.zeros(0, np.int64),
+                        x_test=x[held], y_test=d['y'][held],
                         onnx_sample=d['x'][va[:16]], in_channels=1, input_size=1250,
                         num_classes=2, device=torch.device('cpu'), summary='')
     settings = _settings(args, variant, seed)
-    build = _builder(model_name)
     start = time.perf_counter()
-    result = run_trial(build, args.lr, data, settings,
+    result = run_trial(_builder(model_name), args.lr, data, settings,
                        os.path.join(args.scratch, f"{model_name}-{variant}-{fold}-{seed}-{os.getpid()}.onnx"),
                        progress=False, latency=False)
     row = dict(model=model_name, variant=variant, fold=fold, seed=seed, status=result.status,
@@ -102,41 +101,12 @@ def run_one(args, model_name, variant, fold, seed):
         row['error'] = result.error.strip().splitlines()[-1][:300] if result.error else ''
         print(result.error[-1500:], flush=True)
         return row
-    model = build()
-    if settings.NORMALIZE == 'segment':
-        from public.recipe import add_normalization
-        add_normalization(model)
-    model.load_state_dict(result.state_dict)
-    probs = predict_proba(model, x[held], torch.device('cpu'))
-    test = classification_metrics(d['y'][held], probs, 2)
+    # REFIT (the real setting): the delivered model is the refit one, scored on the same
+    # held-out subjects; validation figures stay those of the validation-chosen model.
+    test = result.refit['test_metrics'] if result.refit else result.test_metrics
     row.update(val_f1=result.val_metrics['f1'], val_min4=worst_metric(result.val_metrics),
                test_f1=test['f1'], test_min4=worst_metric(test))
-    if VARIANTS[variant].get('REFIT'):
-        test = _refit(build, settings, args, x, y, tr, va, held, result.best_epoch, d)
-        row.update(test_f1=test['f1'], test_min4=worst_metric(test),
-                   wall_s=time.perf_counter() - start)
     return row
-
-
-def _refit(build, settings, args, x, y, tr, va, held, epochs, d):
-    """Retrain from scratch on every training subject for `epochs` epochs (no early stop:
-    PATIENCE beyond the budget; ATML's loop keeps the weights with the lowest loss on its
-    check tensors, here 64 of the training segments) and score them on the held-out
-    subjects."""
-    import copy
-    import torch
-    from public.test import classification_metrics, predict_proba
-    from public.training import TrialData, seed_everything, train_model
-    every = np.concatenate([tr, va])
-    refit = copy.copy(settings)
-    refit.NUM_EPOCHS, refit.PATIENCE = max(1, int(epochs)), 10_000
-    seed_everything(settings.SEED)
-    model = build()
-    data = TrialData(x[every], y[every], x[every[:64]], y[every[:64]])
-    outcome = train_model(model, data, args.lr, refit, torch.device('cpu'), progress=False)
-    del outcome          # train_model restored the best of its (training-set) checks
-    probs = predict_proba(model, x[held], torch.device('cpu'))
-    return classification_metrics(d['y'][held], probs, 2)
 
 
 def _builder(model_name):

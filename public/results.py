@@ -46,7 +46,11 @@ _LEGACY = ('.tmp-', '.old-')   # an older ATML's names, recovered only when they
 _METRIC_COLUMNS = [f"{split}_{m}" for split in ('val', 'test')
                    for m in METRIC_NAMES + ('auc', 'abs_sum')]
 _TAIL = ['latency_ms', 'params', 'wall_s', 'seed', 'settings_key', 'finished_at', 'error',
-         'node', 'attempts', 'history']
+         'node', 'attempts', 'history', 'refit']
+# The model files of a result folder (saved.val.* only with REFIT: the validation-chosen
+# model, while saved.* is the refit one that is delivered).
+MODEL_FILES = ('saved.pth', 'saved.onnx', 'saved.int8.onnx', 'saved.val.pth', 'saved.val.onnx',
+               'saved.val.int8.onnx', 'params_used.py', 'per_subject.csv')
 STAGE1_COLUMNS = (['model', 'lr', 'status', 'stop_reason', 'epochs', 'best_epoch']
                   + _METRIC_COLUMNS
                   + ['select_on', 'select_metric', 'score', 'xx', 'yy', 'pruned', 'onnx_kb',
@@ -243,12 +247,24 @@ def trial_row(result, settings, key, **fields):
                error=result.error.splitlines()[0] if result.error else '',
                node=getattr(result, 'node', '') or 'local',
                attempts=getattr(result, 'attempts', 1) or 1,
-               history=[[round(float(v), 6) for v in h] for h in (result.history or [])])
+               history=[[round(float(v), 6) for v in h] for h in (result.history or [])],
+               refit=_refit_summary(getattr(result, 'refit', None)))
     for split, metrics in (('val', result.val_metrics), ('test', result.test_metrics)):
         for m in METRIC_NAMES + ('auc', 'abs_sum'):
             row[f"{split}_{m}"] = metrics.get(m, '') if metrics else ''
     row.update(fields)
     return row
+
+
+def _refit_summary(refit):
+    # The refit model's record in the tables: its epochs and test metrics (no val: it saw them).
+    if not refit:
+        return ''
+    summary = {'epochs': refit['epochs'], 'onnx_bytes': refit.get('onnx_bytes'),
+               'test': {k: round(float(v), 6) for k, v in (refit.get('test_metrics') or {}).items()}}
+    if refit.get('int8'):
+        summary['int8_test'] = {k: round(float(v), 6) for k, v in refit['int8']['test'].items()}
+    return summary
 
 
 def same_trial(a, b, ignore=TIMING_COLUMNS):
@@ -434,7 +450,17 @@ def check_writable(folder, setting):
 def format_metrics(metrics):
     labels = (('F1 Score', 'f1'), ('Accuracy', 'accuracy'), ('Precision', 'precision'),
               ('Recall', 'recall'), ('ROC AUC', 'auc'), ('Abs-sum', 'abs_sum'))
-    return '\n'.join(f"{label}: {metrics[m]:.4f}" for label, m in labels if m in metrics)
+    lines = [f"{label}: {metrics[m]:.4f}" for label, m in labels
+             if m in metrics and not (m == 'abs_sum' and metrics[m] != metrics[m])]
+    per_label = sorted({k.rsplit('_', 1)[0] for k in metrics
+                        if '_' in k and k != 'abs_sum' and k.rsplit('_', 1)[1] in
+                        ('f1', 'accuracy', 'precision', 'recall', 'auc')},
+                       key=lambda n: list(metrics).index(f"{n}_f1") if f"{n}_f1" in metrics else 0)
+    for name in per_label:         # multi-label: the figures above are macro averages
+        lines.append(f"Label {name}: " + ', '.join(
+            f"{label} {metrics[f'{name}_{m}']:.4f}" for label, m in labels[:5]
+            if f"{name}_{m}" in metrics))
+    return '\n'.join(lines)
 
 
 def kb2(size_bytes):
@@ -466,6 +492,18 @@ def evaluation_text(info):
         lines += [f"{split} split: " + ', '.join(f"{m} {v:.4f}" for m, v in int8[split].items())
                   for split in ('val', 'test') if int8.get(split)]
         lines.append('')
+    refit = info.get('refit')
+    if refit:
+        lines += [f"REFIT=True: saved.onnx is the model retrained on all training subjects "
+                  f"(train + validation) for {refit['epochs']} epoch(s), the epochs validation "
+                  f"chose; the metrics above are of the validation-chosen model, saved.val.onnx.",
+                  f"Refit ONNX file size: {kb2(refit['onnx_bytes'])} KB"]
+        if refit.get('test_metrics'):
+            lines += ["refit model (saved.onnx) test split:", format_metrics(refit['test_metrics'])]
+        if (refit.get('int8') or {}).get('test'):
+            lines.append("refit INT8 model (saved.int8.onnx) test split: " + ', '.join(
+                f"{m} {v:.4f}" for m, v in refit['int8']['test'].items()))
+        lines.append('')
     if info.get('verdict'):
         lines += [info['verdict'], '']
     return '\n'.join(lines)
@@ -477,12 +515,21 @@ def write_result_files(folder, *, result, name, model_name, lr, settings, onnx_b
     saved.pth (state dict), saved.onnx, evaluation_metrics.txt, params_used.py, result.json
     (everything evaluation_metrics.txt and the report are made from)."""
     import torch
-    torch.save(result.state_dict, os.path.join(folder, 'saved.pth'))
-    with open(os.path.join(folder, 'saved.onnx'), 'wb') as f:
+    refit = getattr(result, 'refit', None)
+    stem = 'saved.val' if refit else 'saved'     # REFIT: saved.* is the refit model
+    torch.save(result.state_dict, os.path.join(folder, f'{stem}.pth'))
+    with open(os.path.join(folder, f'{stem}.onnx'), 'wb') as f:
         f.write(result.onnx)
     if int8_onnx:
-        with open(os.path.join(folder, 'saved.int8.onnx'), 'wb') as f:
+        with open(os.path.join(folder, f'{stem}.int8.onnx'), 'wb') as f:
             f.write(int8_onnx)
+    if refit:
+        torch.save(refit['state_dict'], os.path.join(folder, 'saved.pth'))
+        with open(os.path.join(folder, 'saved.onnx'), 'wb') as f:
+            f.write(refit['onnx'])
+        if refit.get('int8_onnx'):
+            with open(os.path.join(folder, 'saved.int8.onnx'), 'wb') as f:
+                f.write(refit['int8_onnx'])
     select_on = settings.SELECT_ON
     other = 'test' if select_on == 'val' else 'val'
     record = {'folder': name, 'model': model_name, 'lr': lr, 'onnx_bytes': onnx_bytes,
@@ -493,11 +540,15 @@ def write_result_files(folder, *, result, name, model_name, lr, settings, onnx_b
               'best_epoch': result.best_epoch, 'stop_reason': result.stop_reason,
               'history': [list(h) for h in (result.history or [])],
               'confusion': result.confusion or {}, **(info or {})}
+    if refit:
+        record['refit'] = {k: v for k, v in refit.items()
+                           if k not in ('state_dict', 'onnx', 'int8_onnx', 'per_subject')}
     write_settings(settings, os.path.join(folder, 'params_used.py'))
     write_info(folder, record)
-    if getattr(result, 'per_subject', None):
+    rows = list(getattr(result, 'per_subject', None) or []) + list((refit or {}).get('per_subject', []))
+    if rows:
         from public.trial import PER_SUBJECT_COLUMNS
-        pd.DataFrame(result.per_subject, columns=list(PER_SUBJECT_COLUMNS)).to_csv(
+        pd.DataFrame(rows, columns=list(PER_SUBJECT_COLUMNS)).to_csv(
             os.path.join(folder, 'per_subject.csv'), index=False)
 
 

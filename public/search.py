@@ -31,7 +31,8 @@ from public.errors import AvoidFileError
 from public.executor import Job
 from public.results import (STAGE1_COLUMNS, ResultsTable, atml_made, best_rank, durable,
                             lr_key, read_info, recover_folders, replace_folder,
-                            settings_key, trial_row, write_atomic, write_info, write_result_files)
+                            settings_key, trial_row, write_atomic, write_info, write_result_files,
+                            MODEL_FILES)
 from public.test import percent
 from public.trial import STATUS_DIVERGED, STATUS_FAILED, STATUS_OK, TrialResult, TrialSpec
 
@@ -361,7 +362,7 @@ class StageOne:
                 return
 
             def build(folder):
-                for f in ('saved.pth', 'saved.onnx', 'params_used.py', 'per_subject.csv'):
+                for f in MODEL_FILES:
                     if os.path.exists(os.path.join(source, f)):
                         shutil.copy2(os.path.join(source, f), os.path.join(folder, f))
                 write_info(folder, {**info, 'folder': target, 'settings_key': self.key,

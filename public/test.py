@@ -9,6 +9,11 @@
 Binary tasks measure F1/precision/recall of class 1 (AF); multi-class tasks their macro
 averages. abs_sum is seed 003's metric: the mean over samples of sum_i |p_i - y_i|
 (one-hot y), lower is better; ROC AUC is reported for binary tasks.
+
+Multi-label tasks (seed 004; y is (N, K) multi-hot, probabilities are per-label sigmoids):
+each label is scored as its own binary task at threshold 0.5 (F1, accuracy, precision,
+recall, ROC AUC); the figures without a prefix are their macro averages (what
+SELECT_METRIC, xx-yy and the targets use) and `<label>_<metric>` keys hold each label's.
 """
 import math
 
@@ -22,14 +27,17 @@ METRIC_NAMES = ('f1', 'accuracy', 'precision', 'recall')
 
 
 @torch.inference_mode()
-def predict_proba(model, x, device, batch_size=1024, progress=False, desc='eval'):
-    """Softmax probabilities of model on x ((N, C, L) array or tensor), in eval mode."""
+def predict_proba(model, x, device, batch_size=1024, progress=False, desc='eval',
+                  multilabel=False):
+    """Softmax probabilities of model on x ((N, C, L) array or tensor), in eval mode;
+    per-label sigmoid probabilities when multilabel."""
     model.eval()
     x = torch.as_tensor(np.asarray(x)) if not torch.is_tensor(x) else x
     out = []
     for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=None if progress else True, leave=False):
         batch = x[i:i + batch_size].to(device, non_blocking=True).unsqueeze(-1)
-        out.append(torch.softmax(model(batch).float(), dim=1).cpu())
+        logits = model(batch).float()
+        out.append((torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 2), np.float32)
 
 
@@ -51,8 +59,41 @@ def abs_sum(y_true, probs):
     return float(np.abs(probs - onehot).sum(axis=1).mean()) if len(probs) else float('nan')
 
 
-def classification_metrics(y_true, probs, num_classes=None):
-    """All metrics of class probabilities probs (N, K) against integer labels y_true."""
+def probabilities(logits, multilabel=False):
+    """Logits (N, K) as probabilities: per-label sigmoids (multi-label) or a softmax."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if multilabel:
+        return 1.0 / (1.0 + np.exp(-logits))
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def multilabel_metrics(y_true, probs, names=None):
+    """Macro F1/accuracy/precision/recall/AUC over the labels of a multi-hot y_true (N, K),
+    each label thresholded at 0.5, plus `<name>_<metric>` per label."""
+    y_true, probs = np.asarray(y_true) > 0.5, np.asarray(probs)
+    names = [str(n) for n in (names or range(y_true.shape[1]))]
+    per = {}
+    for j, name in enumerate(names):
+        m = binary_metrics(y_true[:, j], probs[:, j] >= 0.5)
+        defined = len(np.unique(y_true[:, j])) == 2 and np.isfinite(probs[:, j]).all()
+        m['auc'] = float(roc_auc_score(y_true[:, j], probs[:, j])) if defined else float('nan')
+        per[name] = m
+    metrics = {}
+    for metric in METRIC_NAMES + ('auc',):
+        values = [per[n][metric] for n in names if per[n][metric] == per[n][metric]]
+        metrics[metric] = float(np.mean(values)) if values else float('nan')
+    metrics['abs_sum'] = float('nan')       # defined for one label per segment only
+    for name in names:
+        metrics.update({f"{name}_{k}": v for k, v in per[name].items()})
+    return metrics
+
+
+def classification_metrics(y_true, probs, num_classes=None, names=None):
+    """All metrics of class probabilities probs (N, K) against integer labels y_true, or
+    of per-label probabilities against a multi-hot y_true (N, K) (multilabel_metrics)."""
+    if np.ndim(y_true) == 2:
+        return multilabel_metrics(y_true, probs, names)
     probs = np.asarray(probs)
     num_classes = num_classes or probs.shape[1]
     y_pred = probs.argmax(1)

@@ -102,21 +102,61 @@ def _epoch_batches(n, batch_size, generator):
     return [order[i:i + batch_size] for i in range(0, stop, batch_size)]
 
 
+def make_criterion(settings, y_train, num_outputs):
+    """The loss of a task: cross-entropy for one label per segment (y int64 (N,)), with
+    CLASS_WEIGHTS='balanced' class weights; BCE-with-logits for multi-label (y float (N, K)
+    multi-hot), with 'balanced' per-label positive weights (negatives / positives)."""
+    balanced = getattr(settings, 'CLASS_WEIGHTS', 'none') == 'balanced'
+    if y_train.dim() == 2:
+        pos_weight = None
+        if balanced:
+            positives = y_train.sum(0)
+            pos_weight = torch.where(positives > 0, (len(y_train) - positives)
+                                     / positives.clamp_min(1), torch.ones_like(positives))
+        return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    return nn.CrossEntropyLoss(weight=class_weights(y_train, num_outputs) if balanced else None)
+
+
+def _optimizer(model, lr, settings, device):
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=settings.WEIGHT_DECAY,
+                             **({'fused': True} if device.type in ('cpu', 'cuda') else {}))
+
+
+def _train_epoch(model, x_train, y_train, optimizer, criterion, augment, generator, settings,
+                 device, progress, desc):
+    """One epoch over x_train ((N, C, L, 1)) in seeded batches; returns the mean train loss."""
+    model.train()
+    batches = _epoch_batches(len(x_train), settings.BATCH_SIZE, generator)
+    running = torch.zeros((), device=device)
+    seen = 0
+    for idx in tqdm(batches, desc=desc, unit='batch', disable=None if progress else True,
+                    leave=False, mininterval=0.5):
+        idx = idx.to(device, non_blocking=True)
+        xb, yb = x_train.index_select(0, idx), y_train.index_select(0, idx)
+        if augment is not None:
+            xb = augment(xb.squeeze(-1)).unsqueeze(-1)
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(xb), yb)
+        loss.backward()
+        optimizer.step()
+        running += loss.detach() * len(idx)
+        seen += len(idx)
+    return running.item() / max(1, seen)
+
+
 def train_model(model, data, lr, settings, device, progress=True, desc='train'):
     """Train `model` (freshly initialised) on data; return the best-validation weights.
 
     AdamW (weight decay WEIGHT_DECAY), ReduceLROnPlateau on val loss (patience 3, factor
-    0.5), cross-entropy, up to NUM_EPOCHS epochs of BATCH_SIZE, EarlyStopping. Ctrl+C
-    arrives as KeyboardInterrupt (public/interrupts.py) and abandons the trial."""
+    0.5), cross-entropy (BCE for multi-label), up to NUM_EPOCHS epochs of BATCH_SIZE,
+    EarlyStopping. Ctrl+C arrives as KeyboardInterrupt (public/interrupts.py) and abandons
+    the trial."""
     start = time.perf_counter()
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=settings.WEIGHT_DECAY,
-                                  **({'fused': True} if device.type in ('cpu', 'cuda') else {}))
+    optimizer = _optimizer(model, lr, settings, device)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode='min', patience=3,
                                                            factor=0.5)
-    weights = (class_weights(data.y_train, num_classes_of(model, data))
-               if getattr(settings, 'CLASS_WEIGHTS', 'none') == 'balanced' else None)
-    criterion = nn.CrossEntropyLoss(weight=weights)
+    criterion = make_criterion(settings, data.y_train, num_classes_of(model, data))
     augment = (Augmenter(settings.SEED, device) if getattr(settings, 'AUGMENT', False)
                else None)
     stopper = EarlyStopping(settings.PATIENCE, settings.OVERFIT_GAP)
@@ -127,23 +167,8 @@ def train_model(model, data, lr, settings, device, progress=True, desc='train'):
                   disable=None if progress else True, leave=False)
     epoch = 0
     for epoch in epochs:
-        model.train()
-        batches = _epoch_batches(len(x_train), settings.BATCH_SIZE, generator)
-        running = torch.zeros((), device=device)
-        seen = 0
-        for idx in tqdm(batches, desc=f"epoch {epoch}", unit='batch', disable=None if progress else True,
-                        leave=False, mininterval=0.5):
-            idx = idx.to(device, non_blocking=True)
-            xb, yb = x_train.index_select(0, idx), data.y_train.index_select(0, idx)
-            if augment is not None:
-                xb = augment(xb.squeeze(-1)).unsqueeze(-1)
-            optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(xb), yb)
-            loss.backward()
-            optimizer.step()
-            running += loss.detach() * len(idx)
-            seen += len(idx)
-        train_loss = running.item() / max(1, seen)
+        train_loss = _train_epoch(model, x_train, data.y_train, optimizer, criterion, augment,
+                                  generator, settings, device, progress, f"epoch {epoch}")
         val_loss = _mean_loss(model, data.x_val, data.y_val, criterion)
         if math.isfinite(val_loss):
             scheduler.step(val_loss)
@@ -163,3 +188,32 @@ def train_model(model, data, lr, settings, device, progress=True, desc='train'):
     return TrainOutcome(state_dict=best_state, epochs=epoch, best_epoch=stopper.best_epoch,
                         stop_reason=reason, history=history,
                         seconds=time.perf_counter() - start)
+
+
+def refit_schedule(history, lr, epochs):
+    """The learning rate each of the first `epochs` epochs of a validated run trained at:
+    `lr`, then what ReduceLROnPlateau had set after each epoch (history's last column)."""
+    return ([lr] + [h[3] for h in history])[:epochs]
+
+
+def train_fixed(model, x, y, lrs, settings, device, progress=True, desc='refit'):
+    """REFIT: train a fresh model on (x, y) for len(lrs) epochs at the given per-epoch
+    learning rates, with no validation split and no early stopping (the epoch count and the
+    schedule come from the validated run). Returns the per-epoch train losses."""
+    model.to(device)
+    optimizer = _optimizer(model, lrs[0], settings, device)
+    criterion = make_criterion(settings, y, num_classes_of(model, TrialData(x, y, x, y)))
+    augment = (Augmenter(settings.SEED, device) if getattr(settings, 'AUGMENT', False)
+               else None)
+    generator = torch.Generator().manual_seed(settings.SEED)
+    x = x.unsqueeze(-1)
+    losses = []
+    for epoch, lr in enumerate(lrs, start=1):
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        losses.append(_train_epoch(model, x, y, optimizer, criterion, augment, generator,
+                                   settings, device, progress, f"{desc} epoch {epoch}"))
+        if not math.isfinite(losses[-1]):
+            break
+    model.eval()
+    return losses

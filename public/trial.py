@@ -22,7 +22,7 @@ import torch
 from public.dataset import (DataError, encode_labels, load_data, num_classes,
                             split_by_folds, split_by_subject)
 from public.export import check_onnx, export_onnx, onnx_latency_ms
-from public.test import classification_metrics, predict_proba
+from public.test import classification_metrics, predict_proba, probabilities
 from public.recipe import add_normalization
 from public.training import STOP_DIVERGED, TrialData, seed_everything, train_model
 
@@ -43,6 +43,8 @@ class PreparedData:
     summary: str
     val_subjects: np.ndarray = None    # subject of each validation / test segment
     test_subjects: np.ndarray = None   # (for per_subject.csv); None when not known
+    multilabel: bool = False           # LABEL_MODE='multilabel': y is (N, K) multi-hot
+    class_names: tuple = ()            # CLASSES as text (per-label metric names)
 
 
 def choose_device(name):
@@ -69,7 +71,16 @@ def prepare_data(settings, progress=True):
     else:
         train_idx, val_idx = split_by_subject(train.subjects, y, settings.VAL_FRACTION,
                                               settings.SEED, source=settings.DATA_DIR)
-    missing = sorted(set(range(num_classes(settings))) - set(np.unique(y).tolist()))
+    multilabel = getattr(settings, 'LABEL_MODE', 'multiclass') == 'multilabel'
+    if multilabel:
+        y = np.asarray(y, dtype=np.float32)
+        absent = [str(c) for c, n in zip(settings.CLASSES, y[train_idx].sum(0)) if n == 0]
+        if absent:
+            raise DataError(f"{settings.DATA_DIR}: label(s) {absent} of CLASSES="
+                            f"{settings.CLASSES!r} are on no training segment; a label the "
+                            f"model never sees positive cannot be learnt (drop it from CLASSES)")
+    missing = ([] if multilabel else
+               sorted(set(range(num_classes(settings))) - set(np.unique(y).tolist())))
     if missing:
         found = sorted(set(train.rhythms.tolist()))
         rule = (f"CLASSES={settings.CLASSES!r}" if settings.CLASSES
@@ -89,7 +100,9 @@ def prepare_data(settings, progress=True):
              f"{len(train_idx)} / {len(val_idx)} segments, {x.shape[1]} lead(s), "
              f"{_class_mix(y[train_idx], settings)} / {_class_mix(y[val_idx], settings)}"]
     lines += _warnings(train, settings.DATA_DIR)
-    x_test, y_test = torch.zeros((0,) + tuple(x.shape[1:])), np.zeros(0, np.int64)
+    x_test = torch.zeros((0,) + tuple(x.shape[1:]))
+    y_test = (np.zeros((0, len(settings.CLASSES)), np.float32) if multilabel
+              else np.zeros(0, np.int64))
     test_subjects = np.zeros(0, str)
     if settings.TEST_DIR:
         test = load_data(settings.TEST_DIR, settings, progress=progress)
@@ -101,6 +114,8 @@ def prepare_data(settings, progress=True):
                             f"evaluated; set TEST_DIR='' and use predict.py for unlabelled data")
         x_test = torch.from_numpy(np.array(test.x))
         y_test = encode_labels(test, settings, settings.TEST_DIR)
+        if multilabel:
+            y_test = np.asarray(y_test, dtype=np.float32)
         test_subjects = np.asarray(test.subjects)
         lines.append(f"test data {settings.TEST_DIR}: {len(test)} segments, "
                      f"{len(np.unique(test.subjects))} subjects, {_class_mix(y_test, settings)}")
@@ -112,7 +127,8 @@ def prepare_data(settings, progress=True):
                         input_size=settings.INPUT_SIZE, num_classes=num_classes(settings),
                         device=device, summary='\n'.join(lines),
                         val_subjects=np.asarray(train.subjects[val_idx]),
-                        test_subjects=test_subjects)
+                        test_subjects=test_subjects, multilabel=multilabel,
+                        class_names=tuple(str(c) for c in settings.CLASSES))
 
 
 def _shared_subjects(train, test, settings):
@@ -128,6 +144,8 @@ def _shared_subjects(train, test, settings):
 
 
 def _class_mix(y, settings):
+    if np.ndim(y) == 2:
+        return 'labels ' + ' '.join(f"{c}:{int(n)}" for c, n in zip(settings.CLASSES, y.sum(0)))
     if not settings.CLASSES:
         return f"AF {y.mean():.0%}" if len(y) else 'empty'
     counts = np.bincount(y, minlength=len(settings.CLASSES))
@@ -166,6 +184,7 @@ class TrialResult:
     int8: dict = None         # stage two with QUANTIZE_INT8: bytes, val and test metrics
     int8_onnx: bytes = None
     per_subject: list = field(default_factory=list)   # rows of per_subject.csv
+    refit: dict = None        # REFIT: the model retrained on train + validation (see refit())
     node: str = ''            # where it ran ('local', or the Ray node id)
     attempts: int = 1
 
@@ -199,20 +218,14 @@ def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='t
         result.epochs, result.best_epoch = outcome.epochs, outcome.best_epoch
         result.stop_reason, result.history = outcome.stop_reason, outcome.history
         result.state_dict = {k: v.detach().cpu() for k, v in outcome.state_dict.items()}
-        val_probs = predict_proba(model, data.trial.x_val, data.device)
         y_val = data.trial.y_val.cpu().numpy()
-        result.val_metrics = classification_metrics(y_val, val_probs, data.num_classes)
-        result.confusion['val'] = _confusion(y_val, val_probs, data.num_classes)
-        result.per_subject = per_subject('val', data.val_subjects, y_val, val_probs,
-                                         data.num_classes)
+        result.val_metrics, result.confusion['val'], rows = evaluate(
+            model, data.trial.x_val, y_val, data.val_subjects, 'val', data)
+        result.per_subject = rows
         if len(data.x_test):
-            test_probs = predict_proba(model, data.x_test, data.device, progress=progress,
-                                       desc='test')
-            result.test_metrics = classification_metrics(data.y_test, test_probs,
-                                                         data.num_classes)
-            result.confusion['test'] = _confusion(data.y_test, test_probs, data.num_classes)
-            result.per_subject += per_subject('test', data.test_subjects, data.y_test,
-                                              test_probs, data.num_classes)
+            result.test_metrics, result.confusion['test'], rows = evaluate(
+                model, data.x_test, data.y_test, data.test_subjects, 'test', data, progress)
+            result.per_subject += rows
         if outcome.stop_reason == STOP_DIVERGED:
             result.status = STATUS_DIVERGED
             result.error = 'loss became NaN/inf'
@@ -226,6 +239,9 @@ def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='t
             if latency:
                 result.latency_ms = onnx_latency_ms(onnx_path, settings.LATENCY_RUNS)
             result.status = STATUS_OK
+            if getattr(settings, 'REFIT', False):
+                result.refit = refit(build_model, lr, outcome, data, settings,
+                                     onnx_path + '.refit.onnx', progress, desc)
     except KeyboardInterrupt:
         raise
     except Exception as exc:
@@ -233,6 +249,50 @@ def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='t
         result.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
     result.wall_s = time.perf_counter() - start
     return result
+
+
+def evaluate(model, x, y, subjects, split, data, progress=False):
+    """(metrics, confusion matrix, per-subject rows) of model on one labelled split."""
+    probs = predict_proba(model, x, data.device, progress=progress, desc=split,
+                          multilabel=data.multilabel)
+    metrics = classification_metrics(y, probs, data.num_classes, data.class_names or None)
+    return (metrics, _confusion(y, probs, data.num_classes),
+            per_subject(split, subjects, y, probs, data.num_classes))
+
+
+def refit(build_model, lr, outcome, data, settings, onnx_path, progress=False, desc='refit'):
+    """REFIT: a fresh seeded model trained on every training subject (train + validation)
+    for the epochs validation chose (best_epoch), at the learning rates the validated run
+    used in those epochs; scored on the test split only (it has seen the validation
+    subjects), exported and checked. Returns what the result folder needs of it."""
+    start = time.perf_counter()
+    from public.training import refit_schedule, train_fixed
+    seed_everything(settings.SEED)
+    model = build_model()
+    if getattr(settings, 'NORMALIZE', 'none') == 'segment':
+        add_normalization(model)
+    model = model.to(data.device)
+    epochs = max(1, outcome.best_epoch)
+    x = torch.cat([data.trial.x_train, data.trial.x_val])
+    y = torch.cat([data.trial.y_train, data.trial.y_val])
+    losses = train_fixed(model, x, y, refit_schedule(outcome.history, lr, epochs), settings,
+                         data.device, progress, f"{desc} refit")
+    info = {'epochs': epochs, 'train_loss': losses[-1] if losses else float('nan'),
+            'test_metrics': {}, 'confusion': {}, 'per_subject': []}
+    if not all(np.isfinite(losses)):
+        raise ValueError(f"REFIT: the loss became NaN/inf retraining on all training subjects "
+                         f"(epoch {len(losses)} of {epochs})")
+    if len(data.x_test):
+        info['test_metrics'], info['confusion']['test'], info['per_subject'] = evaluate(
+            model, data.x_test, data.y_test, data.test_subjects, 'test-refit', data, progress)
+    info['onnx_bytes'] = export_onnx(model, onnx_path, data.in_channels, data.input_size,
+                                     settings.ONNX_OPSET)
+    check_onnx(onnx_path, model, data.onnx_sample)
+    with open(onnx_path, 'rb') as f:
+        info['onnx'] = f.read()
+    info['state_dict'] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    info['wall_s'] = time.perf_counter() - start
+    return info
 
 
 PER_SUBJECT_COLUMNS = ('split', 'subject', 'segments', 'class_mix', 'f1', 'accuracy',
@@ -248,10 +308,14 @@ def per_subject(split, subjects, y_true, probs, num_classes):
     rows = []
     for subject in np.unique(subjects):
         mask = np.asarray(subjects) == subject
-        counts = np.bincount(y_true[mask], minlength=num_classes)
-        if num_classes == 2:
+        if y_true.ndim == 2:       # multi-label: positives per label; macro metrics
+            counts = y_true[mask].sum(0).astype(np.int64)
+            m = classification_metrics(y_true[mask], np.asarray(probs)[mask])
+        elif num_classes == 2:
+            counts = np.bincount(y_true[mask], minlength=num_classes)
             m = binary_metrics(y_true[mask], pred[mask])
         else:
+            counts = np.bincount(y_true[mask], minlength=num_classes)
             m = classification_metrics(y_true[mask], np.asarray(probs)[mask], num_classes)
         rows.append(dict(split=split, subject=str(subject), segments=int(mask.sum()),
                          class_mix=' '.join(f"{c}:{n}" for c, n in enumerate(counts.tolist())),
@@ -268,7 +332,13 @@ def worst_subjects(rows, split, count=3):
 
 
 def _confusion(y_true, probs, num_classes):
-    """Rows: true class, columns: predicted class (counts)."""
+    """Rows: true class, columns: predicted class (counts). Multi-label: one 2x2 matrix per
+    label (rows: label absent/present; columns: predicted absent/present, at 0.5)."""
+    if np.ndim(y_true) == 2:
+        truth, pred = np.asarray(y_true) > 0.5, np.asarray(probs) >= 0.5
+        return [[[int((~t & ~p).sum()), int((~t & p).sum())], [int((t & ~p).sum()),
+                                                               int((t & p).sum())]]
+                for t, p in zip(truth.T, pred.T)]
     pred = np.asarray(probs).argmax(1) if len(probs) else np.zeros(0, np.int64)
     matrix = np.zeros((num_classes, num_classes), np.int64)
     np.add.at(matrix, (np.asarray(y_true, np.int64), pred), 1)
@@ -349,7 +419,16 @@ def calibration_sample(data, count=256):
 
 
 def _add_int8(result, float_path, data, settings):
-    """Quantize the trained model's ONNX and measure the INT8 model with onnxruntime."""
+    """Quantize the trained model's ONNX and measure the INT8 model with onnxruntime; with
+    REFIT, the refit model (the deliverable) is quantized too and measured on the test split."""
+    result.int8, result.int8_onnx = _int8_of(float_path, data, ('val', 'test'))
+    if result.refit:
+        result.refit['int8'], result.refit['int8_onnx'] = _int8_of(
+            float_path + '.refit.onnx', data, ('test',))
+    return result
+
+
+def _int8_of(float_path, data, splits):
     from public.export import onnx_predict
     from public.quantize import quantize_int8
     int8_path = float_path + '.int8.onnx'
@@ -357,15 +436,11 @@ def _add_int8(result, float_path, data, settings):
     measured = {'bytes': size}
     for split, x, y in (('val', data.trial.x_val, data.trial.y_val.cpu().numpy()),
                         ('test', data.x_test, data.y_test)):
-        if len(x):
-            logits = onnx_predict(int8_path, x.cpu().numpy())
-            probs = np.exp(logits - logits.max(1, keepdims=True))
-            measured[split] = classification_metrics(y, probs / probs.sum(1, keepdims=True),
-                                                     data.num_classes)
+        if split in splits and len(x):
+            probs = probabilities(onnx_predict(int8_path, x.cpu().numpy()), data.multilabel)
+            measured[split] = classification_metrics(y, probs, data.num_classes,
+                                                     data.class_names or None)
         else:
             measured[split] = {}
-    result.int8 = measured
     with open(int8_path, 'rb') as f:
-        result.int8_onnx = f.read()
-    return result
-
+        return measured, f.read()

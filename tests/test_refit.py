@@ -1,0 +1,107 @@
+"""REFIT: the chosen model retrained on every training subject and delivered, both stages.
+
+The validation-chosen model decides everything (its metrics fill the tables' metric
+columns); the refit model is what saved.onnx holds, its test metrics are recorded beside,
+and the validation-chosen model stays in the folder as saved.val.onnx.
+"""
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+import torch
+
+from conftest import TinyNet
+from public.interrupts import NoInterrupts
+from public.results import ResultsTable, STAGE1_COLUMNS
+from public.search import result_folders, run_stage_one
+from public.training import refit_schedule
+from public.trial import STATUS_OK, run_trial
+
+
+def _onnx_out(path, x):
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def test_refit_schedule_replays_the_validated_runs_learning_rates():
+    history = [(1, .5, .6, 0.003), (2, .4, .5, 0.003), (3, .3, .5, 0.0015), (4, .2, .6, 0.0015)]
+    assert refit_schedule(history, 0.003, 3) == [0.003, 0.003, 0.003]
+    assert refit_schedule(history, 0.003, 4) == [0.003, 0.003, 0.003, 0.0015]
+    assert refit_schedule(history, 0.003, 1) == [0.003]
+
+
+def test_a_refit_trial_trains_on_all_subjects_for_the_chosen_epochs(prepared, make_settings,
+                                                                  tmp_path):
+    settings = make_settings(NUM_EPOCHS=3, REFIT=True)
+    result = run_trial(lambda: TinyNet(), 0.003, prepared, settings, str(tmp_path / 'r.onnx'),
+                       progress=False)
+    assert result.status == STATUS_OK, result.error
+    refit = result.refit
+    assert refit['epochs'] == result.best_epoch >= 1
+    assert set(refit['test_metrics']) >= {'f1', 'accuracy', 'precision', 'recall'}
+    # the refit model is another model than the validation-chosen one, and its ONNX is it
+    assert any(not torch.equal(refit['state_dict'][k], result.state_dict[k])
+               for k in result.state_dict)
+    (tmp_path / 'refit.onnx').write_bytes(refit['onnx'])
+    model = TinyNet()
+    model.load_state_dict(refit['state_dict'])
+    x = prepared.x_test[:8].numpy()[..., None]
+    with torch.no_grad():
+        expected = model.eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(_onnx_out(str(tmp_path / 'refit.onnx'), x), expected, atol=1e-4)
+    # seeded: the same refit again gives the same weights
+    again = run_trial(lambda: TinyNet(), 0.003, prepared, settings, str(tmp_path / 's.onnx'),
+                      progress=False)
+    assert all(torch.equal(again.refit['state_dict'][k], v) for k, v in refit['state_dict'].items())
+    off = run_trial(lambda: TinyNet(), 0.003, prepared, make_settings(NUM_EPOCHS=3),
+                    str(tmp_path / 'o.onnx'), progress=False)
+    assert off.refit is None
+    assert off.val_metrics == result.val_metrics, 'REFIT does not change the validated trial'
+
+
+def test_stage_one_delivers_the_refit_model_and_says_so(prepared, make_settings):
+    settings = make_settings(NUM_EPOCHS=2, REFIT=True)
+    run_stage_one(settings, prepared, [TinyNet], NoInterrupts(), log=lambda m: None,
+                  progress=False)
+    model_dir = os.path.join(settings.MODEL_SAVE_PATH, 'TinyNet')
+    [name] = result_folders(model_dir)
+    folder = os.path.join(model_dir, name)
+    files = set(os.listdir(folder))
+    assert {'saved.onnx', 'saved.pth', 'saved.val.onnx', 'saved.val.pth'} <= files
+    info = json.load(open(os.path.join(folder, 'result.json')))
+    refit_state = torch.load(os.path.join(folder, 'saved.pth'))
+    val_state = torch.load(os.path.join(folder, 'saved.val.pth'))
+    assert any(not torch.equal(refit_state[k], val_state[k]) for k in val_state)
+    x = prepared.x_test[:8].numpy()[..., None]
+    model = TinyNet().eval()
+    model.load_state_dict(refit_state)
+    with torch.no_grad():
+        np.testing.assert_allclose(_onnx_out(os.path.join(folder, 'saved.onnx'), x),
+                                   model(torch.from_numpy(x)).numpy(), atol=1e-4)
+    text = open(os.path.join(folder, 'evaluation_metrics.txt')).read()
+    assert 'ONNX file size: ' in text and 'saved.val.onnx' in text
+    assert f"for {info['refit']['epochs']} epoch(s)" in text
+    assert 'refit model (saved.onnx) test split:' in text
+    [row] = ResultsTable(os.path.join(settings.MODEL_SAVE_PATH, 'results.csv'),
+                         STAGE1_COLUMNS).rows()
+    recorded = json.loads(row['refit'])
+    assert recorded['epochs'] == info['refit']['epochs']
+    assert recorded['test']['f1'] == round(info['refit']['test_metrics']['f1'], 6)
+    subjects = pd.read_csv(os.path.join(folder, 'per_subject.csv'), dtype={'subject': str})
+    assert set(subjects['split']) == {'val', 'test', 'test-refit'}
+
+
+def test_stage_two_delivers_the_refit_model(prepared, make_settings):
+    from public.scaling import run_stage_two
+    settings = make_settings(NUM_EPOCHS=2, REFIT=True, CHANNEL_SCALES=(1,), FC_SCALES=(1,),
+                             METRIC_TARGET=1, SIZE_TARGET_KB=500)
+    final, met, rows = run_stage_two(settings, prepared, NoInterrupts(), log=lambda m: None,
+                                     progress=False)
+    assert met and final
+    files = set(os.listdir(final))
+    assert {'saved.onnx', 'saved.val.onnx', 'saved.pth', 'saved.val.pth'} <= files
+    info = json.load(open(os.path.join(final, 'result.json')))
+    assert info['refit']['epochs'] >= 1 and info['refit']['test_metrics']
+    assert json.loads(rows[0]['refit'])['epochs'] == info['refit']['epochs']
