@@ -16,12 +16,15 @@ one), so a model trained with PAD_TOLERANCE=50 accepts 4,950-sample segments wit
 flags; --input-size, --pad-tolerance, --shorter and --longer still override it.
 
 The output CSV has one row per segment, `id,label_0,...,label_{K-1}`: the softmax of the
-logits (id = the file name for a folder, the id column of a CSV, the id array or the row
+logits. A multi-label model (LABEL_MODE='multilabel' in params_used.py beside it, or
+--multilabel) gets one independent sigmoid probability per label instead, in columns
+named by its CLASSES (`id,NORM,MI,STTC,CD,HYP`); a label is present where p >= 0.5 (id = the file name for a folder, the id column of a CSV, the id array or the row
 index of a .npy/.npz). --snap rounds confident probabilities as seed 003 did for the
 abs-sum metric: p < 0.1 -> 0, p > 0.9 -> 1 (rows then no longer sum to exactly 1).
 Errors (a missing model, data that does not fit it) print `error: ...` and exit with 2.
 """
 import argparse
+import ast
 import os
 import sys
 
@@ -59,6 +62,9 @@ def parse_args(argv):
                              "(default: params_used.py, else 'error')")
     parser.add_argument('--format', choices=FORMATS, default='auto',
                         help='data format (default: %(default)s: from the path)')
+    parser.add_argument('--multilabel', action='store_true',
+                        help="per-label sigmoid probabilities (default: LABEL_MODE of the "
+                             "model folder's params_used.py)")
     parser.add_argument('--batch', type=int, default=1024,
                         help='segments per onnxruntime call (default: %(default)s)')
     args = parser.parse_args(argv)
@@ -81,29 +87,52 @@ _POLICY_RULES = {'input_size': ('an int >= 1', lambda v: isinstance(v, int) and 
                  'longer': ("'error' or 'crop'", lambda v: v in ('error', 'crop'))}
 
 
-def trained_policy(model_path):
-    """(path, {input_size, pad_tolerance, shorter, longer}) from params_used.py beside the
-    model (read as literals, never executed); (None, {}) when there is none."""
-    import ast
+def _params_used(model_path):
+    """(path, parsed module) of params_used.py beside the model; (None, None) if absent."""
     path = os.path.join(os.path.dirname(os.path.abspath(model_path)), 'params_used.py')
     if not os.path.isfile(path):
-        return None, {}
+        return None, None
     try:
         with open(path) as f:
-            tree = ast.parse(f.read(), filename=path)
+            return path, ast.parse(f.read(), filename=path)
     except (OSError, SyntaxError, ValueError) as exc:
         raise PredictError(f"{path}: cannot be read: {exc}") from None
-    policy = {}
+
+
+def _assignments(tree):
     for node in tree.body:
         single = isinstance(node, ast.Assign) and len(node.targets) == 1
         target = node.targets[0] if single else None
-        if isinstance(target, ast.Name) and target.id in POLICY_SETTINGS:
-            policy[POLICY_SETTINGS[target.id]] = _policy_value(path, node, target.id)
-    return path, policy
+        if isinstance(target, ast.Name):
+            yield target.id, node
+
+
+def trained_policy(model_path):
+    """(path, {input_size, pad_tolerance, shorter, longer}) from params_used.py beside the
+    model (read as literals, never executed); (None, {}) when there is none."""
+    path, tree = _params_used(model_path)
+    if tree is None:
+        return None, {}
+    return path, {POLICY_SETTINGS[name]: _policy_value(path, node, name)
+                  for name, node in _assignments(tree) if name in POLICY_SETTINGS}
+
+
+def trained_task(model_path):
+    """(multilabel, class names) of the model from params_used.py beside it; (False, ())
+    when there is none or it cannot be read as literals."""
+    path, tree = _params_used(model_path)
+    values = {}
+    for name, node in _assignments(tree) if tree is not None else ():
+        if name in ('LABEL_MODE', 'CLASSES'):
+            try:
+                values[name] = ast.literal_eval(node.value)
+            except ValueError:
+                raise PredictError(f"{path}: line {node.lineno}: {name} must be a literal "
+                                   f"value") from None
+    return values.get('LABEL_MODE') == 'multilabel', tuple(str(c) for c in values.get('CLASSES', ()))
 
 
 def _policy_value(path, node, setting):
-    import ast
     rule, ok = _POLICY_RULES[POLICY_SETTINGS[setting]]
     try:
         value = ast.literal_eval(node.value)
@@ -182,17 +211,24 @@ def snap(probabilities):
     return snapped
 
 
-def predict(session, input_name, x, batch):
-    """Probabilities (N, K) of segments x (N, C, L), batch by batch."""
+def sigmoid(logits):
+    return 1.0 / (1.0 + np.exp(-logits))
+
+
+def predict(session, input_name, x, batch, multilabel=False):
+    """Probabilities (N, K) of segments x (N, C, L), batch by batch: a softmax over the
+    classes, or one sigmoid per label for a multi-label model."""
     x = np.asarray(x, dtype=np.float32)
     logits = [session.run(None, {input_name: x[i:i + batch, :, :, None]})[0]
               for i in range(0, len(x), batch)]
-    return softmax(np.concatenate(logits).astype(np.float64))
+    logits = np.concatenate(logits).astype(np.float64)
+    return sigmoid(logits) if multilabel else softmax(logits)
 
 
-def write_csv(path, ids, probabilities):
-    table = pd.DataFrame(probabilities,
-                         columns=[f"label_{k}" for k in range(probabilities.shape[1])])
+def write_csv(path, ids, probabilities, names=None):
+    columns = (list(names) if names and len(names) == probabilities.shape[1]
+               else [f"label_{k}" for k in range(probabilities.shape[1])])
+    table = pd.DataFrame(probabilities, columns=columns)
     table.insert(0, 'id', ids)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -226,11 +262,14 @@ def run(args):
     if channels is not None and leads != channels:
         raise PredictError(f"{args.model}: the model takes {channels} lead(s) (input "
                            f"[N, {channels}, {input_size}, 1]), but {args.data} has {leads}")
-    probabilities = predict(session, input_name, segments.x, args.batch)
+    multilabel, classes = trained_task(args.model)
+    multilabel = multilabel or args.multilabel
+    probabilities = predict(session, input_name, segments.x, args.batch, multilabel)
     if args.snap:
         probabilities = snap(probabilities)
-    write_csv(args.out, segments.names, probabilities)
-    print(f"wrote {len(probabilities)} rows ({probabilities.shape[1]} classes"
+    write_csv(args.out, segments.names, probabilities, classes if multilabel else None)
+    print(f"wrote {len(probabilities)} rows ({probabilities.shape[1]} "
+          f"{'labels, sigmoid' if multilabel else 'classes'}"
           f"{', snapped' if args.snap else ''}) to {args.out}")
 
 

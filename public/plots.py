@@ -383,7 +383,8 @@ def confusion_plot(confusion, path, title='Confusion matrices', class_names=None
         _empty(axes[0, 0], 'no confusion matrix recorded')
     image = None
     for ax, (split, matrix) in zip(axes.flat, splits):
-        image = _confusion_panel(ax, split, matrix, class_names)
+        panel = _label_panel if matrix.ndim == 3 else _confusion_panel
+        image = panel(ax, split, matrix, class_names)
     if image is not None:
         fig.colorbar(image, ax=list(axes.flat), shrink=0.8, label='share of the true class')
     fig.suptitle(title)
@@ -409,6 +410,27 @@ def _confusion_panel(ax, split, matrix, class_names):
     ax.set_ylabel('true class')
     label = {'val': 'validation', 'test': 'test'}[split]
     ax.set_title(f"{label} ({int(matrix.sum())} segments)")
+    return image
+
+
+def _label_panel(ax, split, matrices, class_names):
+    """Multi-label: one row per label (its 2x2 matrix [[TN, FP], [FN, TP]]): the share of
+    segments without the label predicted without it, and with it predicted with it."""
+    k = len(matrices)
+    counts = np.stack([matrices[:, 0, 0], matrices[:, 1, 1]], axis=1)
+    totals = np.stack([matrices[:, 0].sum(1), matrices[:, 1].sum(1)], axis=1)
+    share = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    image = ax.imshow(share, cmap='Blues', vmin=0, vmax=1, aspect='auto')
+    names = list(class_names) if class_names and len(class_names) == k else [str(i) for i in range(k)]
+    for i in range(k):
+        for j in range(2):
+            ax.text(j, i, f"{int(counts[i, j])}/{int(totals[i, j])}\n{100 * share[i, j]:.0f}%",
+                    ha='center', va='center', fontsize=7,
+                    color='white' if share[i, j] > 0.6 else 'black')
+    ax.set_xticks(range(2), ['absent: kept out', 'present: found'])
+    ax.set_yticks(range(k), names)
+    label = {'val': 'validation', 'test': 'test'}[split]
+    ax.set_title(f"{label} ({int(matrices[0].sum())} segments)")
     return image
 
 

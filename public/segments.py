@@ -118,6 +118,12 @@ class LabelSpec:
     def join(self, labels):
         return self.separator.join(labels)
 
+    def tidy(self, text):
+        """A multi-label text with the spaces around its names dropped ('NORM | MI' ->
+        'NORM|MI'); None when a name is empty ('NORM||MI', 'MI|')."""
+        names = self.split(text)
+        return None if '' in names else self.join(names)
+
     def parse_key(self):
         """What of these rules changes how a source's label text is parsed (a cache key part)."""
         return (self.mode, self.separator) if self.multilabel else (self.mode,)
