@@ -154,13 +154,12 @@ def _labels(path, labels, ids, column):
     _no_empty(path, labels, ids, column, f"a file with a {column!r} column needs a label in "
                                          f"every row (a test file has no {column!r} column)")
     text = {}
-    for value in map(str, np.unique(labels)):     # a handful of distinct labels: check each once
+    for value, row in _distinct(labels):          # a handful of distinct labels: check each once
         try:
             number = float(value)
         except ValueError:
             number = float('nan')
         if not np.isfinite(number) or number != int(number):
-            row = np.flatnonzero(labels == value)[0]
             raise DataError(f"{_where(path, row, ids[row])}: {column} {excerpt(value)} is not "
                             f"an integer; labels must be integer class numbers (e.g. 0..3), or "
                             f"label names joined with LABEL_SEPARATOR when "
@@ -174,10 +173,9 @@ def _multilabel_text(path, labels, ids, column, spec):
     ('NORM | MI' -> 'NORM|MI'; '' = no label); DataError names the first row with an empty
     name between separators ('NORM||MI', 'MI|')."""
     text = {}
-    for value in map(str, np.unique(labels)):     # a few distinct label sets: check each once
+    for value, row in _distinct(labels):          # a few distinct label sets: check each once
         tidy = spec.tidy(value)
         if tidy is None:
-            row = np.flatnonzero(labels == value)[0]
             raise DataError(f"{_where(path, row, ids[row])}: {column} {excerpt(value)} has an "
                             f"empty label name; a multi-label {column} holds label names joined "
                             f"with LABEL_SEPARATOR={spec.separator!r} (e.g. "
@@ -185,6 +183,14 @@ def _multilabel_text(path, labels, ids, column, spec):
                             f"none")
         text[value] = tidy
     return np.asarray([text[v] for v in labels], dtype=str)
+
+
+def _distinct(values):
+    """(value, first row) of each distinct value, in the order of their first rows: checking
+    these finds the first bad row."""
+    unique, first = np.unique(values, return_index=True)
+    order = np.argsort(first)
+    return [(str(v), int(r)) for v, r in zip(unique[order], first[order])]
 
 
 def _parse_signals(path, signals, ids, column):

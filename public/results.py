@@ -491,6 +491,14 @@ def evaluation_text(info):
                   f"ONNX file size: {kb2(int8['bytes'])} KB"]
         lines += [f"{split} split: " + ', '.join(f"{m} {v:.4f}" for m, v in int8[split].items())
                   for split in ('val', 'test') if int8.get(split)]
+        if int8.get('method') == 'qat':
+            ptq = int8.get('ptq') or {}
+            lines.append(f"Quantization-aware training: {int8['epochs']} epoch(s) of fine-tuning "
+                         f"with fake quantization (QAT_EPOCHS). Post-training INT8 of the same "
+                         f"model, for comparison ({kb2(ptq['bytes'])} KB):" if ptq.get('bytes')
+                         else f"Quantization-aware training: {int8['epochs']} epoch(s).")
+            lines += [f"  {split} split: " + ', '.join(f"{m} {v:.4f}" for m, v in ptq[split].items())
+                      for split in ('val', 'test') if ptq.get(split)]
         lines.append('')
     refit = info.get('refit')
     if refit:
@@ -542,7 +550,7 @@ def write_result_files(folder, *, result, name, model_name, lr, settings, onnx_b
               'confusion': result.confusion or {}, **(info or {})}
     if refit:
         record['refit'] = {k: v for k, v in refit.items()
-                           if k not in ('state_dict', 'onnx', 'int8_onnx', 'per_subject')}
+                           if k not in ('state_dict', 'onnx', 'int8_onnx', 'per_subject', 'model')}
     write_settings(settings, os.path.join(folder, 'params_used.py'))
     write_info(folder, record)
     rows = list(getattr(result, 'per_subject', None) or []) + list((refit or {}).get('per_subject', []))

@@ -164,7 +164,10 @@ def _row(candidate, settings, key, result=None, status=None):
         row.update(xx=xx, yy=yy, int8_bytes=result.int8['bytes'],
                    onnx_kb=size_kb(result.int8['bytes']),
                    score=selection_score(result.int8[settings.SELECT_ON], settings.SELECT_METRIC),
-                   int8_metrics={'val': result.int8['val'], 'test': result.int8['test']})
+                   int8_metrics={'val': result.int8['val'], 'test': result.int8['test'],
+                                 'method': result.int8.get('method', 'ptq'),
+                                 **({'ptq': {s: result.int8['ptq'][s] for s in ('val', 'test')}}
+                                    if result.int8.get('ptq') else {})})
     return row
 
 

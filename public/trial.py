@@ -185,6 +185,7 @@ class TrialResult:
     int8_onnx: bytes = None
     per_subject: list = field(default_factory=list)   # rows of per_subject.csv
     refit: dict = None        # REFIT: the model retrained on train + validation (see refit())
+    model: object = None      # the trained model (CPU), for run_job's QAT; never sent back
     node: str = ''            # where it ran ('local', or the Ray node id)
     attempts: int = 1
 
@@ -239,6 +240,7 @@ def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='t
             if latency:
                 result.latency_ms = onnx_latency_ms(onnx_path, settings.LATENCY_RUNS)
             result.status = STATUS_OK
+            result.model = model
             if getattr(settings, 'REFIT', False):
                 result.refit = refit(build_model, lr, outcome, data, settings,
                                      onnx_path + '.refit.onnx', progress, desc)
@@ -291,6 +293,7 @@ def refit(build_model, lr, outcome, data, settings, onnx_path, progress=False, d
     with open(onnx_path, 'rb') as f:
         info['onnx'] = f.read()
     info['state_dict'] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    info['model'] = model          # for run_job's QAT; dropped before the result goes back
     info['wall_s'] = time.perf_counter() - start
     return info
 
@@ -395,6 +398,18 @@ def run_job(spec, data):
             except Exception as exc:
                 result.status = STATUS_FAILED
                 result.error = f"INT8 quantization failed: {type(exc).__name__}: {exc}"
+        if result.status == STATUS_OK and spec.quantize and spec.settings.QAT_EPOCHS:
+            try:
+                _add_qat(result, spec, onnx_path, data)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:
+                result.status = STATUS_FAILED
+                result.error = (f"quantization-aware training failed: {type(exc).__name__}: "
+                                f"{exc}\n{traceback.format_exc()}")
+        result.model = None
+        if result.refit:
+            result.refit.pop('model', None)
         return result
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -428,12 +443,34 @@ def _add_int8(result, float_path, data, settings):
     return result
 
 
-def _int8_of(float_path, data, splits):
+def _add_qat(result, spec, float_path, data):
+    """QAT_EPOCHS: fine-tune the trained model with fake quantization and make ITS INT8
+    file the deliverable; the post-training INT8 figures are kept beside (int8['ptq'])."""
+    from public.qat import qat_int8
+    settings = spec.settings
+    model = result.model
+    if model is None:                     # a stand-in trainer: rebuild from the weights
+        model = spec.build()
+        if getattr(settings, 'NORMALIZE', 'none') == 'segment':
+            add_normalization(model)
+        model.load_state_dict(result.state_dict)
+    qat_path = float_path + '.qat.onnx'
+    ptq = {k: v for k, v in result.int8.items()}
+    qat_int8(model, data.trial, spec.lr, settings, settings.QAT_EPOCHS, calibration_sample(data),
+             qat_path, data.in_channels, data.input_size, settings.ONNX_OPSET, data.device)
+    measured, result.int8_onnx = _measure_int8(qat_path, data, ('val', 'test'))
+    result.int8 = dict(measured, method='qat', epochs=settings.QAT_EPOCHS, ptq=ptq)
+    if result.refit:                      # the deliverable is the refit model: QAT it too
+        qat_int8(result.refit['model'], data.trial, spec.lr, settings, settings.QAT_EPOCHS,
+                 calibration_sample(data), qat_path + '.refit', data.in_channels,
+                 data.input_size, settings.ONNX_OPSET, data.device)
+        measured, result.refit['int8_onnx'] = _measure_int8(qat_path + '.refit', data, ('test',))
+        result.refit['int8'] = dict(measured, method='qat', ptq=result.refit.get('int8'))
+
+
+def _measure_int8(int8_path, data, splits):
     from public.export import onnx_predict
-    from public.quantize import quantize_int8
-    int8_path = float_path + '.int8.onnx'
-    size = quantize_int8(float_path, int8_path, calibration_sample(data))
-    measured = {'bytes': size}
+    measured = {'bytes': os.path.getsize(int8_path)}
     for split, x, y in (('val', data.trial.x_val, data.trial.y_val.cpu().numpy()),
                         ('test', data.x_test, data.y_test)):
         if split in splits and len(x):
@@ -444,3 +481,10 @@ def _int8_of(float_path, data, splits):
             measured[split] = {}
     with open(int8_path, 'rb') as f:
         return measured, f.read()
+
+
+def _int8_of(float_path, data, splits):
+    from public.quantize import quantize_int8
+    int8_path = float_path + '.int8.onnx'
+    quantize_int8(float_path, int8_path, calibration_sample(data))
+    return _measure_int8(int8_path, data, splits)
