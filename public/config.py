@@ -107,9 +107,10 @@ _RULES = {
     'QUANTIZE_INT8': ('True or False', lambda v: isinstance(v, bool), KEY2),
     'QAT_EPOCHS': ('an int >= 0 (0 = no quantization-aware training)',
                    lambda v: _is_int(v) and v >= 0, KEY2),
-    'PRUNE_FRACTIONS': ('a list/tuple of distinct numbers in (0, 1) (() = no pruned candidates)',
-                        lambda v: _is_seq(v) and all(_is_number(f) and 0 < f < 1 for f in v)
-                        and len(set(v)) == len(v), KEY2),
+    'PRUNE_FRACTIONS': ('a list/tuple of numbers in (0, 1), distinct in whole percent '
+                        '(() = no pruned candidates)',
+                        lambda v: _is_seq(v) and all(_is_number(f) and 0.005 <= f < 0.995 for f in v)
+                        and len({round(100 * f) for f in v}) == len(v)),
     'PRUNE_EPOCHS': ('an int >= 0 (fine-tuning epochs after pruning)',
                      lambda v: _is_int(v) and v >= 0, KEY2),
     'TEMP_DIR': ('a non-empty path string', lambda v: _is_str(v) and v != ''),

@@ -16,7 +16,7 @@ Which module holds what (one direction: this module -> loaders -> public.segment
     public/dataset.py        this module: LOADERS, detect_format, load_data, encode_labels,
                              split_by_subject, split_by_folds, num_classes, length_policy
 
-A loader module imports public.segments only, never this module (tests/test_data_layout.py
+A loader module imports public.segments only, never this module (tests/test_dataset.py
 checks it), and exposes `load(path, options) -> Segments`. To add a format: write
 `public/format_<name>.py` with such a `load`, add one line to LOADERS below (its name, file
 endings and how messages describe it) and allow the name in DATA_FORMAT's rule
@@ -80,8 +80,10 @@ def length_policy(settings):
 
 
 def label_spec(settings):
-    """The label rules of the settings (LABEL_MODE, LABEL_SEPARATOR, CLASSES)."""
-    return LabelSpec(settings.LABEL_MODE, settings.LABEL_SEPARATOR, tuple(settings.CLASSES))
+    """The label rules of the settings (LABEL_MODE, LABEL_SEPARATOR, CLASSES). Settings
+    written before LABEL_MODE existed (an older params_used.py) are multi-class."""
+    return LabelSpec(getattr(settings, 'LABEL_MODE', 'multiclass'),
+                     getattr(settings, 'LABEL_SEPARATOR', '|'), tuple(settings.CLASSES))
 
 
 def load_data(path, settings, progress=True):
@@ -103,8 +105,9 @@ def encode_labels(segments, settings, source):
     multi-class), 1/0 via POSITIVE_LABELS (int64 (N,), binary), or multi-hot in CLASSES
     order (float32 (N, K), LABEL_MODE='multilabel'). An unknown label is a DataError naming
     the source, the segment, the label and CLASSES."""
-    if settings.LABEL_MODE == 'multilabel':
-        return _multi_hot(segments, label_spec(settings), source)
+    spec = label_spec(settings)
+    if spec.multilabel:
+        return _multi_hot(segments, spec, source)
     if not settings.CLASSES:
         return segments.labels(settings.POSITIVE_LABELS)
     index = {str(c): i for i, c in enumerate(settings.CLASSES)}

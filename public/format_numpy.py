@@ -16,8 +16,8 @@ a 0/1 row [1, 1, 0, 0, 0] under CLASSES ('NORM', 'MI', 'STTC', 'CD', 'HYP') is '
 an all-zero row ''.
 
     np.savez('ptbxl.npz', x=signals, y=multi_hot, subject=patient_ids, fold=strat_fold)
-    segments = load_numpy('ptbxl.npz', LengthPolicy(1000),
-                          label_spec=LabelSpec('multilabel', '|', ('NORM', 'MI', 'STTC', 'CD', 'HYP')))
+    spec = LabelSpec('multilabel', '|', ('NORM', 'MI', 'STTC', 'CD', 'HYP'))
+    segments = load_numpy('ptbxl.npz', LengthPolicy(1000), label_spec=spec)
 
 A bad array raises DataError naming the file, the array and index, what is wrong and the
 rule. Arrays are read whole (no parse cache: np.load is already fast).
@@ -95,7 +95,7 @@ def _read_arrays(path):
                             f"{_reason(exc)}") from None
     if 'x' not in arrays:
         raise DataError(f"{path}: has no array 'x' (arrays: {', '.join(arrays) or 'none'}); a "
-                        f".npz needs x (N, L) or (N, C, L), optionally y, subject and id (N,)")
+                        f".npz needs x (N, L) or (N, C, L), optionally y, subject, fold and id (N,)")
     return arrays
 
 

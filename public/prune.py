@@ -408,7 +408,7 @@ def pruned_size(build, fraction, in_channels, input_size, opset):
     from public.scaling import _like_trained      # here, not at import: scaling may import us
     probe = _like_trained(build()).eval()
     example = torch.zeros(2, in_channels, input_size, 1)
-    pruned = prune_model(build().eval(), fraction, example)
+    pruned = _like_trained(prune_model(probe, fraction, example), seed=1)
     with tempfile.TemporaryDirectory(prefix='atml-prune-') as folder:
         return export_onnx(pruned, os.path.join(folder, 'probe.onnx'), in_channels,
                            input_size, opset)

@@ -55,7 +55,7 @@ STAGE1_COLUMNS = (['model', 'lr', 'status', 'stop_reason', 'epochs', 'best_epoch
                   + _METRIC_COLUMNS
                   + ['select_on', 'select_metric', 'score', 'xx', 'yy', 'pruned', 'onnx_kb',
                      'onnx_bytes'] + _TAIL)
-STAGE2_COLUMNS = (['candidate', 'channel_scale', 'fc_scale', 'predicted_bytes', 'status',
+STAGE2_COLUMNS = (['candidate', 'channel_scale', 'fc_scale', 'prune_fraction', 'predicted_bytes', 'status',
                    'stop_reason', 'epochs', 'best_epoch'] + _METRIC_COLUMNS
                   + ['select_on', 'select_metric', 'score', 'xx', 'yy', 'meets_metric', 'onnx_kb',
                      'onnx_bytes', 'int8_bytes', 'int8_metrics', 'lr'] + _TAIL)
@@ -479,6 +479,10 @@ def evaluation_text(info):
     if 'channel_scale' in info:
         lines += [f"Channel scaling factor: {info['channel_scale']}",
                   f"FC scaling factor: {info['fc_scale']}"]
+    if info.get('prune_fraction'):
+        lines.append(f"Pruned: {100 * info['prune_fraction']:.0f} % of the channels and hidden "
+                     f"units removed after training (smallest L1 norm), then fine-tuned; "
+                     f"saved.pth holds the pruned shapes (result.json: pruned_shapes)")
     int8 = info.get('int8')
     if int8:
         lines.append(f"INT8 ONNX file size: {kb2(int8['bytes'])} KB "

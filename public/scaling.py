@@ -39,10 +39,12 @@ class Candidate:
     fc_scale: int
     config: dict
     predicted_bytes: int
+    prune: float = 0.0        # PRUNE_FRACTIONS: this fraction of channels removed after training
 
     @property
     def name(self):
-        return f"c{self.channel_scale}-f{self.fc_scale}"
+        base = f"c{self.channel_scale}-f{self.fc_scale}"
+        return f"{base}-p{round(100 * self.prune)}" if self.prune else base
 
 
 class SizeBudget:
@@ -112,13 +114,7 @@ def plan_candidates(settings, input_size, in_channels, num_classes=2, probe_dir=
                     out = model(torch.zeros(2, in_channels, input_size, 1))
                 if tuple(out.shape) != (2, num_classes):
                     raise ValueError(f"output shape {tuple(out.shape)}, expected (2, {num_classes})")
-                size = export_onnx(_like_trained(model), probe, in_channels, input_size,
-                                   settings.ONNX_OPSET)
-                if settings.QUANTIZE_INT8:
-                    # INT8 files vary by a few bytes with the weights: a prediction, re-checked
-                    # on the trained model.
-                    size = quantize_int8(probe, probe + '.int8', calibration_x)
-                    os.remove(probe + '.int8')
+                size = _probe_size(model, probe, settings, in_channels, input_size, calibration_x)
             except SettingsError:
                 raise
             except Exception as exc:
@@ -127,9 +123,30 @@ def plan_candidates(settings, input_size, in_channels, num_classes=2, probe_dir=
                     f"does not give a model that builds and runs on input "
                     f"(N, {in_channels}, {input_size}, 1): {type(exc).__name__}: {exc}") from exc
             candidates.append(Candidate(c, f, config, size))
+            for fraction in settings.PRUNE_FRACTIONS:
+                # Which channels go depends on the trained weights; how many does not, so
+                # the pruned probe's file has the pruned model's exact size.
+                from public.prune import prune_model
+                pruned = prune_model(_like_trained(model), fraction,
+                                     torch.zeros(2, in_channels, input_size, 1)).eval()
+                size = _probe_size(pruned, probe, settings, in_channels, input_size,
+                                   calibration_x)
+                candidates.append(Candidate(c, f, config, size, prune=fraction))
     if os.path.exists(probe):
         os.remove(probe)
-    return sorted(candidates, key=lambda k: (k.predicted_bytes, k.channel_scale, k.fc_scale))
+    return sorted(candidates, key=lambda k: (k.predicted_bytes, k.channel_scale, k.fc_scale,
+                                             k.prune))
+
+
+def _probe_size(model, probe, settings, in_channels, input_size, calibration_x):
+    """The exact ONNX size of `model` once trained (the INT8 size when QUANTIZE_INT8)."""
+    size = export_onnx(_like_trained(model), probe, in_channels, input_size, settings.ONNX_OPSET)
+    if settings.QUANTIZE_INT8:
+        # INT8 files vary by a few bytes with the weights: a prediction, re-checked on the
+        # trained model.
+        size = quantize_int8(probe, probe + '.int8', calibration_x)
+        os.remove(probe + '.int8')
+    return size
 
 
 def stage_two_key(settings):
@@ -152,7 +169,8 @@ def _meets_metric(row, settings):
 
 def _row(candidate, settings, key, result=None, status=None):
     fields = dict(candidate=candidate.name, channel_scale=candidate.channel_scale,
-                  fc_scale=candidate.fc_scale, predicted_bytes=candidate.predicted_bytes,
+                  fc_scale=candidate.fc_scale, prune_fraction=candidate.prune or '',
+                  predicted_bytes=candidate.predicted_bytes,
                   lr=repr(settings.LEARNING_RATE), meets_metric=False)
     if result is None:
         return dict(fields, status=status, seed=settings.SEED, settings_key=key,
@@ -265,7 +283,7 @@ class StageTwo:
             spec = TrialSpec(key=k.name, lr=self.settings.LEARNING_RATE, settings=self.settings,
                              build=functools.partial(build_from_config, k.config),
                              quantize=self.settings.QUANTIZE_INT8, trainer=self.trainer,
-                             progress=self.progress)
+                             progress=self.progress, prune=k.prune)
             return Job(key=k.name, fn=_run_job, payload=spec)
         return None
 
@@ -370,5 +388,9 @@ def _save_candidate(settings, candidate, result, candidate_dir, key):
                            onnx_bytes=result.onnx_bytes, int8_onnx=result.int8_onnx,
                            info={'channel_scale': candidate.channel_scale,
                                  'fc_scale': candidate.fc_scale, 'config': candidate.config,
+                                 **({'prune_fraction': candidate.prune,
+                                     'pruned_shapes': {k: list(v.shape) for k, v in
+                                                       result.state_dict.items()}}
+                                    if candidate.prune else {}),
                                  'int8': result.int8, 'settings_key': key})
     replace_folder(os.path.dirname(candidate_dir), os.path.basename(candidate_dir), build)

@@ -203,8 +203,10 @@ def check_model_runs(model, data):
 
 
 def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='train',
-              latency=True):
-    """Build a fresh seeded model, train, evaluate on val and test, export and check ONNX."""
+              latency=True, prune_fraction=0.0):
+    """Build a fresh seeded model, train, evaluate on val and test, export and check ONNX.
+    With prune_fraction, the trained model then loses that fraction of its channels and
+    hidden units (smallest L1 norm first, public/prune.py) and is fine-tuned PRUNE_EPOCHS."""
     start = time.perf_counter()
     result = TrialResult(status=STATUS_FAILED)
     try:
@@ -216,6 +218,10 @@ def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='t
         result.params = sum(p.numel() for p in model.parameters())
         check_model_runs(model, data)
         outcome = train_model(model, data.trial, lr, settings, data.device, progress, desc)
+        if prune_fraction and outcome.stop_reason != STOP_DIVERGED:
+            model, outcome = _prune_and_tune(model, outcome, prune_fraction, data, settings,
+                                             progress, desc)
+            result.params = sum(p.numel() for p in model.parameters())
         result.epochs, result.best_epoch = outcome.epochs, outcome.best_epoch
         result.stop_reason, result.history = outcome.stop_reason, outcome.history
         result.state_dict = {k: v.detach().cpu() for k, v in outcome.state_dict.items()}
@@ -241,7 +247,7 @@ def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='t
                 result.latency_ms = onnx_latency_ms(onnx_path, settings.LATENCY_RUNS)
             result.status = STATUS_OK
             result.model = model
-            if getattr(settings, 'REFIT', False):
+            if getattr(settings, 'REFIT', False) and not prune_fraction:
                 result.refit = refit(build_model, lr, outcome, data, settings,
                                      onnx_path + '.refit.onnx', progress, desc)
     except KeyboardInterrupt:
@@ -251,6 +257,26 @@ def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='t
         result.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
     result.wall_s = time.perf_counter() - start
     return result
+
+
+def _prune_and_tune(model, outcome, fraction, data, settings, progress, desc):
+    """The pruned model, fine-tuned PRUNE_EPOCHS epochs (best validation loss kept) at the
+    learning rate the base run ended with; its outcome continues the base run's history."""
+    import copy
+    from public.prune import prune_model
+    example = data.trial.x_train[:2].unsqueeze(-1)
+    pruned = prune_model(model, fraction, example).to(data.device)
+    if not settings.PRUNE_EPOCHS:
+        return pruned, outcome
+    tune = copy.copy(settings)
+    tune.NUM_EPOCHS = settings.PRUNE_EPOCHS
+    last_lr = outcome.history[-1][3] if outcome.history else settings.LEARNING_RATE
+    fine = train_model(pruned, data.trial, last_lr, tune, data.device, progress,
+                       f"{desc} pruned")
+    offset = outcome.epochs
+    return pruned, dataclasses.replace(
+        fine, epochs=offset + fine.epochs, best_epoch=offset + fine.best_epoch,
+        history=list(outcome.history) + [(offset + e, *rest) for e, *rest in fine.history])
 
 
 def evaluate(model, x, y, subjects, split, data, progress=False):
@@ -358,6 +384,7 @@ class TrialSpec:
     quantize: bool = False    # stage two with QUANTIZE_INT8: add the INT8 model
     trainer: object = None    # run_trial, or a stand-in of the same signature (tests)
     progress: bool = False
+    prune: float = 0.0        # stage two's pruned candidates: the fraction of channels removed
 
 
 _ON_DEVICE = {}     # per process: id(shared data) -> (data, its copy with tensors on data.device)
@@ -386,7 +413,8 @@ def run_job(spec, data):
         onnx_path = os.path.join(scratch, 'trial.onnx')
         trainer = spec.trainer or run_trial
         result = trainer(spec.build, spec.lr, data, spec.settings, onnx_path,
-                         progress=spec.progress, desc=spec.key)
+                         progress=spec.progress, desc=spec.key,
+                         **({'prune_fraction': spec.prune} if spec.prune else {}))
         if result.status == STATUS_OK and result.onnx is None and os.path.exists(onnx_path):
             with open(onnx_path, 'rb') as f:
                 result.onnx = f.read()

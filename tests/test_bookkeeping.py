@@ -30,6 +30,7 @@ NOT_TRIAL = {
     'FC_SCALES': 'the candidate is a column', 'METRIC_TARGET': 'decides the winner',
     'SIZE_TARGET_KB': 'decides feasibility', 'TEMP_DIR': 'a path', 'FINAL_RESULT_DIR': 'a path',
     'WORKERS': 'parallelism; results equal the serial run', 'RAY_ADDRESS': 'where it runs',
+    'PRUNE_FRACTIONS': 'which candidates exist; the candidate (c4-f2-p50) is a column',
 }
 
 
@@ -48,7 +49,7 @@ def test_every_keyed_setting_changes_the_key(make_settings):
                'SKIP_BAD_FILES': True, 'SELECT_ON': 'test', 'SELECT_METRIC': 'f1',
                'QUANTIZE_INT8': True, 'TEST_DIR': '', 'DATA_DIR': '/elsewhere',
                'AUGMENT': False, 'NORMALIZE': 'segment', 'CLASS_WEIGHTS': 'balanced',
-               'REFIT': True, 'LABEL_SEPARATOR': ';', 'PRUNE_FRACTIONS': (0.5,)}
+               'REFIT': True, 'LABEL_SEPARATOR': ';'}
     needs = {'LABEL_MODE': dict(LABEL_MODE='multilabel', CLASSES=('A', 'B')),
              'QAT_EPOCHS': dict(QAT_EPOCHS=2, QUANTIZE_INT8=True)}
     for name in trial_settings(2):
