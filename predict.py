@@ -184,17 +184,17 @@ def load_session(path):
     return session, model_input.name, channels, length
 
 
-def load_segments(path, fmt, input_size, pad_tolerance, shorter='error', longer='error'):
-    """Segments of the data path (any ATML format), every one fitted to input_size."""
-    from public import formats
-    from public.dataset import LengthPolicy, detect_format, load_folder
+def load_segments(path, fmt, input_size, pad_tolerance, shorter='error', longer='error',
+                  classes=(), multilabel=False):
+    """Segments of the data path (any ATML format, through public.dataset's LOADERS), every
+    one fitted to input_size. A multi-label model reads multi-label sources (labels are
+    read, then ignored)."""
+    from public.dataset import LOADERS, LengthPolicy, detect_format
+    from public.segments import LabelSpec, LoadOptions
     policy = LengthPolicy(input_size, pad_tolerance, shorter, longer)
     fmt = detect_format(path) if fmt == 'auto' else fmt
-    if fmt == 'txt':
-        return load_folder(path, input_size, progress=False, length_policy=policy)
-    if fmt == 'csv':
-        return formats.load_csv(path, policy)
-    return formats.load_numpy(path, policy)
+    labels = LabelSpec('multilabel', classes=tuple(classes)) if multilabel and classes else LabelSpec()
+    return LOADERS[fmt].load(path, LoadOptions(policy, progress=False, labels=labels))
 
 
 def softmax(logits):
@@ -248,9 +248,11 @@ def run(args):
     if input_size is None:
         raise PredictError(f"{args.model}: the model's input length is dynamic; give "
                            f"--input-size")
+    multilabel, classes = trained_task(args.model)
+    multilabel = multilabel or args.multilabel
     try:
         segments = load_segments(args.data, args.format, input_size, policy['pad_tolerance'],
-                                 policy['shorter'], policy['longer'])
+                                 policy['shorter'], policy['longer'], classes, multilabel)
     except DataError as exc:
         raise PredictError(str(exc)) from None
     if note:
@@ -262,8 +264,6 @@ def run(args):
     if channels is not None and leads != channels:
         raise PredictError(f"{args.model}: the model takes {channels} lead(s) (input "
                            f"[N, {channels}, {input_size}, 1]), but {args.data} has {leads}")
-    multilabel, classes = trained_task(args.model)
-    multilabel = multilabel or args.multilabel
     probabilities = predict(session, input_name, segments.x, args.batch, multilabel)
     if args.snap:
         probabilities = snap(probabilities)

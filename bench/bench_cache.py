@@ -28,7 +28,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from public import dataset                                       # noqa: E402
+from public import dataset, format_txt                           # noqa: E402
 
 CHUNK = 1 << 24
 
@@ -49,12 +49,12 @@ def hashed(name, data):
 
 def unverified_load_folder(folder, cache):
     """load_folder with load_cached(verify=False): the cached load before verification."""
-    verified = dataset.load_cached
-    dataset.load_cached = functools.partial(verified, verify=False)
+    verified = format_txt.load_cached          # the name the txt loader calls
+    format_txt.load_cached = functools.partial(verified, verify=False)
     try:
         return dataset.load_folder(folder, 1250, cache, progress=False)
     finally:
-        dataset.load_cached = verified
+        format_txt.load_cached = verified
 
 
 def main():

@@ -157,8 +157,10 @@ def _cross_checks(s, source):
                             f"metrics on training data mean nothing), got both {s.DATA_DIR!r}")
     if s.SELECT_ON == 'test' and not s.TEST_DIR:
         raise SettingsError(f"{source}: SELECT_ON='test' needs a test set, got TEST_DIR=''")
-    if s.SELECT_METRIC == 'auc' and s.CLASSES and len(s.CLASSES) > 2:
-        raise SettingsError(f"{source}: SELECT_METRIC='auc' is for binary tasks, got "
+    if (s.SELECT_METRIC == 'auc' and s.CLASSES and len(s.CLASSES) > 2
+            and s.LABEL_MODE != 'multilabel'):
+        raise SettingsError(f"{source}: SELECT_METRIC='auc' is for binary and multi-label "
+                            f"tasks (macro over the labels), got "
                             f"CLASSES={s.CLASSES!r} ({len(s.CLASSES)} classes)")
     if s.LABEL_MODE == 'multilabel' and len(s.CLASSES) < 2:
         raise SettingsError(f"{source}: LABEL_MODE='multilabel' needs CLASSES naming the labels "

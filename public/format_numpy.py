@@ -95,7 +95,8 @@ def _read_arrays(path):
                             f"{_reason(exc)}") from None
     if 'x' not in arrays:
         raise DataError(f"{path}: has no array 'x' (arrays: {', '.join(arrays) or 'none'}); a "
-                        f".npz needs x (N, L) or (N, C, L), optionally y, subject, fold and id (N,)")
+                        f".npz needs x (N, L) or (N, C, L), optionally y, subject, fold and id "
+                        f"(N,)")
     return arrays
 
 

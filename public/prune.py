@@ -153,9 +153,10 @@ class _ChannelTrace(fx.Interpreter):
             self._fail(n, "uses a parameter outside a layer")
         inputs = self._inputs(n)
         if not isinstance(result, torch.Tensor):
-            if inputs and not (n.op == 'call_method' and n.target in _METADATA
-                               or n.op == 'call_function' and n.target is getattr
-                               and n.args[1] in ('shape', 'ndim')):
+            reads_shape = ((n.op == 'call_method' and n.target in _METADATA)
+                           or (n.op == 'call_function' and n.target is getattr
+                               and n.args[1] in ('shape', 'ndim')))
+            if inputs and not reads_shape:
                 self._fail(n, "turns channels into a non-tensor value")
             return None
         if not inputs:

@@ -112,7 +112,7 @@ def test_lr_min_above_lr_max_is_rejected_and_equal_is_accepted():
 @pytest.mark.parametrize('overrides,message', [
     (['PAD_TOLERANCE=1250'], r'PAD_TOLERANCE must be < INPUT_SIZE, got PAD_TOLERANCE=1250 and '
                              r'INPUT_SIZE=1250'),
-    (["SELECT_METRIC='auc'", 'CLASSES=(0, 1, 2)'], r"SELECT_METRIC='auc' is for binary tasks"),
+    (["SELECT_METRIC='auc'", 'CLASSES=(0, 1, 2)'], r"SELECT_METRIC='auc' is for binary and multi-label"),
 ])
 def test_settings_that_contradict_each_other_are_rejected(overrides, message):
     with pytest.raises(SettingsError, match=message):

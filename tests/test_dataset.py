@@ -1,13 +1,19 @@
-"""Tests of public/dataset.py: the original file format, bad files, the parse cache, the split."""
+"""Tests of public/dataset.py and the modules it picks from: the original .txt folder format
+(public/format_txt.py), bad files, the parse cache (public/segments.py), the split, and the
+layout of the data path (a loader module never imports public.dataset)."""
+import ast
 import os
 import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import public.dataset as dataset
+import public.segments as segments_module
 from conftest import ROOT, write_segment
 from public.dataset import (DataError, LengthPolicy, cache_entry, excerpt, load_cached,
                             load_folder, parse_filename, save_cached, split_by_subject)
@@ -600,3 +606,91 @@ def test_two_processes_writing_the_cache_at_once(tmp_path, mode):
         assert final.from_cache       # the key of both processes' last round
     np.testing.assert_array_equal(final.x, truth.x)
     assert not list(cache.glob('*.tmp')), 'temporary files left behind'
+
+
+# ----------------------------------------------------------------------------- layout
+
+def _imported_modules(path):
+    """Every module a source file imports, at any depth ('from public import x' counts as
+    public.x), by parsing it: nothing is executed."""
+    names = set()
+    for node in ast.walk(ast.parse(Path(path).read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):       # a relative import: always reported
+            names.add('.' * node.level + (node.module or ''))
+    return names
+
+
+def _loader_modules():
+    return sorted({sys.modules[loader.load.__module__] for loader in dataset.LOADERS.values()},
+                  key=lambda module: module.__name__)
+
+
+def test_every_format_has_a_loader_module_of_its_own():
+    assert list(dataset.LOADERS) == ['txt', 'csv', 'numpy']
+    modules = [sys.modules[loader.load.__module__].__name__ for loader in dataset.LOADERS.values()]
+    assert modules == ['public.format_txt', 'public.format_csv', 'public.format_numpy']
+
+
+@pytest.mark.parametrize('module', _loader_modules(), ids=lambda m: m.__name__)
+def test_a_loader_module_imports_only_the_shared_data_module(module):
+    """The data path has one direction: public.dataset -> loaders -> public.segments."""
+    public = {name for name in _imported_modules(module.__file__)
+              if name.startswith(('public', '.'))}
+    allowed = {'public.segments', 'public.errors'}
+    assert {name for name in public if not name.startswith(tuple(allowed))} == set(), \
+        f"{module.__name__} imports {sorted(public)}; a loader imports only {sorted(allowed)}"
+
+
+def test_the_shared_data_module_imports_no_other_data_module():
+    public = {name for name in _imported_modules(segments_module.__file__)
+              if name.startswith(('public', '.'))}
+    assert public <= {'public.errors', 'public.errors.DataError'}, public
+
+
+def test_a_new_format_is_one_loader_and_one_table_line(tmp_path, make_settings, monkeypatch):
+    """detect_format and load_data need nothing but the LOADERS line."""
+    seen = []
+
+    def load_wav(path, options):
+        seen.append((path, options))
+        return 'segments'
+
+    monkeypatch.setitem(dataset.LOADERS, 'wav', dataset.Loader(load_wav, ('.wav',), 'a .wav file'))
+    path = tmp_path / 'ecg.wav'
+    path.write_bytes(b'RIFF')
+    assert dataset.detect_format(str(path)) == 'wav'
+    settings = make_settings(DATA_DIR=str(path), TEST_DIR='', INPUT_SIZE=100, PAD_TOLERANCE=3,
+                             CACHE_DIR=str(tmp_path / 'cache'))
+    assert dataset.load_data(str(path), settings, progress=False) == 'segments'
+    (_, options), = seen
+    assert options.policy == LengthPolicy(100, 3) and options.cache_dir == str(tmp_path / 'cache')
+    assert options.labels == dataset.LabelSpec('multiclass', '|', ())
+    unknown = tmp_path / 'ecg.edf'
+    unknown.write_bytes(b'0')
+    with pytest.raises(DataError, match=r"cannot tell the data format: expected a folder of \.txt "
+                                        r"files, a \.csv file, a \.npy/\.npz file or a \.wav file"):
+        dataset.detect_format(str(unknown))
+
+
+@pytest.mark.parametrize('name, expected', [('train.csv', 'csv'), ('X.NPZ', 'numpy'),
+                                            ('x.npy', 'numpy'), ('folder', 'txt')])
+def test_detect_format(tmp_path, name, expected):
+    path = tmp_path / name
+    if expected == 'txt':
+        path.mkdir()
+    assert dataset.detect_format(str(path)) == expected
+
+
+def test_detect_format_names_missing_and_unknown_paths(tmp_path):
+    with pytest.raises(DataError, match=r"nowhere: data path does not exist"):
+        dataset.detect_format(str(tmp_path / 'nowhere'))
+    (tmp_path / 'notes.md').write_text('')
+    with pytest.raises(DataError, match=r"notes\.md: cannot tell the data format: expected a "
+                                        r"folder of \.txt files, a \.csv file or a \.npy/\.npz "
+                                        r"file \(or set DATA_FORMAT\)"):
+        dataset.detect_format(str(tmp_path / 'notes.md'))

@@ -1,4 +1,5 @@
-"""Tests of public/formats.py (CSV and NumPy loaders) and of the seed data shapes they serve.
+"""Tests of the CSV and NumPy loaders (public/format_csv.py, public/format_numpy.py; also
+re-exported by public/formats.py) and of the seed data shapes they serve.
 
 Every data set is generated in tmp_path: the Tianchi heartbeat CSV (4 classes, 205 samples,
 an unlabelled test file), .npz/.npy arrays, and seed 002's 8-lead x 5000 .txt folder with
@@ -9,9 +10,11 @@ import os
 import numpy as np
 import pytest
 
+import public.format_csv as format_csv
 import public.formats as formats
 from public.dataset import DataError, LengthPolicy, load_folder
-from public.formats import load_csv, load_numpy
+from public.format_csv import load_csv
+from public.format_numpy import load_numpy
 
 RNG_SEED = 0
 
@@ -44,6 +47,10 @@ def write_tianchi(path, signals, labels=None, ids=None, subjects=None, raw_label
 def tianchi_data(n=12, length=205, seed=RNG_SEED):
     rng = np.random.default_rng(seed)
     return rng.random((n, length)).astype(np.float32), np.arange(n) % 4
+
+
+def test_formats_module_still_offers_both_loaders():
+    assert formats.load_csv is load_csv and formats.load_numpy is load_numpy
 
 
 # ----------------------------------------------------------------------------- CSV
@@ -86,7 +93,7 @@ def test_subject_column_gives_subjects(tmp_path):
 def test_regular_rows_take_the_vectorised_path(tmp_path, monkeypatch):
     def no_row_by_row(*args):
         raise AssertionError("row-by-row parser used for a regular file")
-    monkeypatch.setattr(formats, '_parse_row', no_row_by_row)
+    monkeypatch.setattr(format_csv, '_parse_row', no_row_by_row)
     signals, labels = tianchi_data(n=50)
     assert load_csv(write_tianchi(tmp_path / 'train.csv', signals, labels),
                     LengthPolicy(205)).x.shape == (50, 1, 205)

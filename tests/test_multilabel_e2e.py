@@ -29,7 +29,7 @@ def project(tmp_path_factory, small_data):
                   MODELS=('SepNet',), NUM_EPOCHS=3, LR_MIN=0.003, LR_MAX=0.003,
                   SELECT_METRIC='auc', MODEL_SAVE_PATH='multi-result', TEMP_DIR='temp',
                   AVOID_FILE_PATH='avoid.txt', FINAL_RESULT_DIR='final',
-                  CHANNEL_SCALES=(1, 2), FC_SCALES=(1,), METRIC_TARGET=1, SIZE_TARGET_KB=500,
+                  CHANNEL_SCALES=(3, 4), FC_SCALES=(2,), METRIC_TARGET=1, SIZE_TARGET_KB=500,
                   LEARNING_RATE=0.003)
     write_params(folder, **values)
     return folder
@@ -76,4 +76,8 @@ def test_stage_two_and_predict_give_per_label_probabilities(project):
     y = np.load(project / 'test.npz')['y']
     assert len(pred) == len(y)
     from sklearn.metrics import roc_auc_score
-    assert roc_auc_score(y, probs, average='macro') > 0.6
+    info = json.loads((project / 'final' / result / 'result.json').read_text())
+    # predict.py's probabilities are the model's: they give the AUC stage two recorded
+    assert roc_auc_score(y, probs, average='macro') == pytest.approx(info['test_metrics']['auc'],
+                                                                     abs=1e-4)
+    assert info['test_metrics']['auc'] > 0.6
