@@ -2,6 +2,7 @@
 
     pruned = prune_model(trained, 0.5, example_input)     # a new, physically smaller model
     size = pruned_size(build, 0.5, in_channels=1, input_size=1250, opset=18)  # exact bytes
+    build = copy_builder(pruned)                           # picklable, for TrialSpec.build
     zeroed = unstructured_prune(trained, 0.5)              # for comparison: same file size
 
 `prune_model` removes `fraction` of the output channels of every prunable Conv1d (with the
@@ -397,21 +398,30 @@ def prune_model(model, fraction, example_input):
     return pruned.train(was_training)
 
 
+def pruned_probe(build, fraction, in_channels, input_size):
+    """build()'s model with distinct random values in every tensor, pruned by `fraction`
+    (eval mode): exported, it has the exact file size of the trained pruned model.
+
+    The exporter stores identical initializers once, so an untrained model (BatchNorm all
+    ones / zeros) would export smaller; public/scaling.py's _like_trained gives the values.
+    For QUANTIZE_INT8, quantize this probe's export as plan_candidates does."""
+    from public.scaling import _like_trained      # here, not at import: scaling may import us
+    probe = _like_trained(build()).eval()
+    example = torch.zeros(2, in_channels, input_size, 1)
+    return _like_trained(prune_model(probe, fraction, example), seed=1).eval()
+
+
 def pruned_size(build, fraction, in_channels, input_size, opset):
     """Exact ONNX size in bytes of build()'s model pruned by `fraction`, before any training.
 
     build: zero-arg callable giving a fresh model, as it is exported (with
-    add_normalization when NORMALIZE='segment'). The probe's tensors get distinct random
-    values (public/scaling.py's _like_trained: the exporter stores identical initializers
-    once); pruning keeps kept_units(n, fraction) of each group whichever channels they are,
-    so a pruned trained model has the same tensor shapes and the same file size."""
+    add_normalization when NORMALIZE='segment'). Pruning keeps kept_units(n, fraction) of
+    each group whichever channels they are, so the probe (pruned_probe) and a pruned
+    trained model have the same tensor shapes and, with distinct values, the same size."""
     from public.export import export_onnx
-    from public.scaling import _like_trained      # here, not at import: scaling may import us
-    probe = _like_trained(build()).eval()
-    example = torch.zeros(2, in_channels, input_size, 1)
-    pruned = _like_trained(prune_model(probe, fraction, example), seed=1)
+    probe = pruned_probe(build, fraction, in_channels, input_size)
     with tempfile.TemporaryDirectory(prefix='atml-prune-') as folder:
-        return export_onnx(pruned, os.path.join(folder, 'probe.onnx'), in_channels,
+        return export_onnx(probe, os.path.join(folder, 'probe.onnx'), in_channels,
                            input_size, opset)
 
 
@@ -436,4 +446,5 @@ def copy_builder(model):
     return functools.partial(copy.deepcopy, model)
 
 
-__all__ = ['prune_model', 'pruned_size', 'kept_units', 'unstructured_prune', 'copy_builder']
+__all__ = ['prune_model', 'pruned_size', 'pruned_probe', 'kept_units', 'unstructured_prune',
+           'copy_builder']

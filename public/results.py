@@ -481,8 +481,9 @@ def evaluation_text(info):
                   f"FC scaling factor: {info['fc_scale']}"]
     if info.get('prune_fraction'):
         lines.append(f"Pruned: {100 * info['prune_fraction']:.0f} % of the channels and hidden "
-                     f"units removed after training (smallest L1 norm), then fine-tuned; "
-                     f"saved.pth holds the pruned shapes (result.json: pruned_shapes)")
+                     f"units removed after training (smallest L1 norm), then fine-tuned. "
+                     f"saved.pth loads into public.prune.prune_model(build_from_config(config), "
+                     f"{info['prune_fraction']}, example_input) (config: result.json)")
     int8 = info.get('int8')
     if int8:
         lines.append(f"INT8 ONNX file size: {kb2(int8['bytes'])} KB "

@@ -244,6 +244,39 @@ def test_pruning_dead_channels_leaves_outputs_unchanged(name):
     torch.testing.assert_close(pruned(x), expected, rtol=1e-5, atol=1e-6)
 
 
+class _Residual(nn.Module):
+    """conv2's output is added to conv1's: their channels must be pruned together; the
+    input is added to conv0's output, so conv0's channels (tied to the input) stay."""
+
+    def __init__(self, in_channels=2):
+        super().__init__()
+        self.conv0 = nn.Conv1d(in_channels, in_channels, 5, padding=2)
+        self.conv1 = nn.Conv1d(in_channels, 8, 9, 4)
+        self.bn1 = nn.BatchNorm1d(8)
+        self.conv2 = nn.Conv1d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = to_1d(x)
+        x = x + self.conv0(x)
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return self.fc((h + self.conv2(h)).mean(dim=2))
+
+
+def test_residual_sum_prunes_both_sides_together_and_keeps_input_channels(tmp_path):
+    model = _perturb(_Residual()).eval()
+    x = _example(2)
+    pruned = prune_model(model, 0.5, x).eval()
+    assert pruned.conv0.out_channels == 2                     # tied to the input: frozen
+    assert pruned.conv1.out_channels == pruned.conv2.out_channels == 4
+    assert pruned.conv2.in_channels == pruned.bn1.num_features == pruned.fc.in_features == 4
+    keep = torch.topk(model.conv1.weight.abs().flatten(1).sum(1), 4).indices.sort().values
+    assert torch.equal(pruned.conv2.weight, model.conv2.weight[keep][:, keep])
+    assert pruned(x).shape == (4, 3)
+    _size(pruned, tmp_path / 'r.onnx', in_channels=2)
+    check_onnx(str(tmp_path / 'r.onnx'), pruned, x.squeeze(-1).numpy())
+
+
 def test_sepnet_depthwise_groups_follow_their_channels(tmp_path):
     model = _like_trained(SepNet()).eval()
     pruned = prune_model(model, 0.5, _example())
