@@ -222,6 +222,10 @@ class StageTwo:
         data = self.data
         self.plan = plan_candidates(settings, data.input_size, data.in_channels, data.num_classes,
                                     calibration_x=calibration_sample(data) if settings.QUANTIZE_INT8 else None)
+        if settings.QAT_EPOCHS and self.plan:     # a model QAT cannot take stops the run now
+            from public.qat import check_quantizable
+            check_quantizable(build_from_config(self.plan[0].config), data.in_channels,
+                              data.input_size, settings.ONNX_OPSET)
         self.feasible = [k for k in self.plan if self.budget.fits(k.predicted_bytes)]
         self.outcomes = {}          # candidate name -> its row, once recorded (this key)
         for r in self.table.rows():

@@ -471,6 +471,12 @@ def _add_int8(result, float_path, data, settings):
     return result
 
 
+def qat_learning_rate(lr):
+    """QAT fine-tunes at a fifteenth of the training rate (1e-4 at 0.0015: the best of the
+    rates bench/bench_qat.py tried)."""
+    return lr / 15
+
+
 def _add_qat(result, spec, float_path, data):
     """QAT_EPOCHS: fine-tune the trained model with fake quantization and make ITS INT8
     file the deliverable; the post-training INT8 figures are kept beside (int8['ptq'])."""
@@ -484,12 +490,12 @@ def _add_qat(result, spec, float_path, data):
         model.load_state_dict(result.state_dict)
     qat_path = float_path + '.qat.onnx'
     ptq = {k: v for k, v in result.int8.items()}
-    qat_int8(model, data.trial, spec.lr, settings, settings.QAT_EPOCHS, calibration_sample(data),
+    qat_int8(model, data.trial, qat_learning_rate(spec.lr), settings, settings.QAT_EPOCHS, calibration_sample(data),
              qat_path, data.in_channels, data.input_size, settings.ONNX_OPSET, data.device)
     measured, result.int8_onnx = _measure_int8(qat_path, data, ('val', 'test'))
     result.int8 = dict(measured, method='qat', epochs=settings.QAT_EPOCHS, ptq=ptq)
     if result.refit:                      # the deliverable is the refit model: QAT it too
-        qat_int8(result.refit['model'], data.trial, spec.lr, settings, settings.QAT_EPOCHS,
+        qat_int8(result.refit['model'], data.trial, qat_learning_rate(spec.lr), settings, settings.QAT_EPOCHS,
                  calibration_sample(data), qat_path + '.refit', data.in_channels,
                  data.input_size, settings.ONNX_OPSET, data.device)
         measured, result.refit['int8_onnx'] = _measure_int8(qat_path + '.refit', data, ('test',))
