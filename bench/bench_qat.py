@@ -68,7 +68,7 @@ def load(path, seed, subsample):
 def settings_for(args, seed):
     from public.config import load_settings
     values = dict(NUM_EPOCHS=args.epochs, SEED=seed, DEVICE='cpu', NUM_THREADS=1, WORKERS=1,
-                  LATENCY_RUNS=1, BATCH_SIZE=32, AUGMENT=True, NORMALIZE='none',
+                  LATENCY_RUNS=1, BATCH_SIZE=32, AUGMENT=not args.no_augment, NORMALIZE='none',
                   CLASS_WEIGHTS='none', TEST_DIR='', ONNX_OPSET=18,
                   TEMP_DIR=os.path.join(args.scratch, 'temp'))
     return load_settings([f"{k}={v!r}" for k, v in values.items()],
@@ -264,6 +264,8 @@ def main():
     parser.add_argument('--seeds', default='42', help='comma-separated training seeds')
     parser.add_argument('--epochs', type=int, default=12, help='float training epochs (max)')
     parser.add_argument('--lr', type=float, default=0.0015, help='float training rate')
+    parser.add_argument('--no-augment', action='store_true',
+                        help="float training with AUGMENT=False (the original recipe)")
     parser.add_argument('--qat-epochs', type=int, default=3)
     parser.add_argument('--qat-lr', type=float, default=0.0001, help='QAT fine-tuning rate')
     parser.add_argument('--subsample', type=int, default=0,
@@ -288,7 +290,7 @@ def main():
     log(f"bench_qat {datetime.date.today()}: {os.cpu_count()} CPU cores (load average "
         f"{load_avg:.1f} at start), torch {torch.__version__} ({torch.get_num_threads()} "
         f"thread), onnxruntime {onnxruntime.__version__}")
-    log(f"float: LR {args.lr}, AUGMENT, batch 32, up to {args.epochs} epochs (early stopping "
+    log(f"float: LR {args.lr}, {'no augmentation' if args.no_augment else 'AUGMENT'}, batch 32, up to {args.epochs} epochs (early stopping "
         f"PATIENCE/OVERFIT_GAP of params.py); QAT: {args.qat_epochs} epochs, LR {args.qat_lr} "
         f"(cosine to 0), distillation from the float model, starting from the better (on "
         f"validation) of min/max and 99.99th-percentile ranges of 256 calibration segments")
