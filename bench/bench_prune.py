@@ -36,8 +36,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-TEST_SUBJECTS = ('S51', 'S52', 'S53', 'S55', 'S56', 'S57', 'S58', 'S59', 'S60', 'S61', 'S63',
-                 'S65', 'S66')
+from real_data import TEST_SUBJECTS, subject_split  # noqa: E402,F401
 WIDTH_SCALED = ((1, 1), (2, 1), (2, 2), (3, 2))
 PARENTS = {(4, 2): (0.25, 0.5, 0.75), (3, 3): (0.5,)}
 SPLIT_SEED = 42
@@ -50,31 +49,13 @@ def _name(c, f, fraction=None):
 
 def _prepared(args):
     """The split data of this process (loaded once per worker)."""
-    if 'data' in _DATA:
-        return _DATA['data']
-    import torch
-    from public.dataset import split_by_subject
-    from public.training import TrialData
-    from public.trial import PreparedData
-    d = np.load(args.npz)
-    x = d['x'].astype(np.float32)[:, None, :]
-    y = (d['rhythm'] == 'AFIB').astype(np.int64)
-    subjects = d['subject']
-    held = np.isin(subjects, TEST_SUBJECTS)
-    rest = np.flatnonzero(~held)
-    inner_tr, inner_val = split_by_subject(subjects[rest], y[rest], 0.2, SPLIT_SEED)
-    tr, va, te = rest[inner_tr], rest[inner_val], np.flatnonzero(held)
-    if args.train_segments and args.train_segments < len(tr):
-        tr = np.sort(np.random.default_rng(SPLIT_SEED).choice(tr, args.train_segments, replace=False))
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    data = PreparedData(trial=TrialData(xt[tr], yt[tr], xt[va], yt[va]),
-                        x_test=xt[te], y_test=y[te], onnx_sample=x[va[:32]], in_channels=1,
-                        input_size=1250, num_classes=2, device=torch.device('cpu'), summary='')
-    summary = dict(train=(len(tr), len(np.unique(subjects[tr])), float(y[tr].mean())),
-                   val=(len(va), len(np.unique(subjects[va])), float(y[va].mean())),
-                   test=(len(te), len(np.unique(subjects[te])), float(y[te].mean())),
-                   val_subjects=sorted(np.unique(subjects[va]).tolist()))
-    _DATA.update(data=(data, summary))
+    if 'data' not in _DATA:
+        data, split = subject_split(args.npz, SPLIT_SEED, args.train_segments, onnx_sample=32)
+        summary = {k: (len(i), len(np.unique(split.subjects[i])), float(split.y[i].mean()))
+                   for k, i in (('train', split.train), ('val', split.val),
+                                ('test', split.test))}
+        summary['val_subjects'] = sorted(np.unique(split.subjects[split.val]).tolist())
+        _DATA.update(data=(data, summary))
     return _DATA['data']
 
 

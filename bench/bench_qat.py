@@ -33,36 +33,13 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-TEST_SUBJECTS = ('S51', 'S52', 'S53', 'S55', 'S56', 'S57', 'S58', 'S59', 'S60', 'S61', 'S63',
-                 'S65', 'S66')
+from real_data import TEST_SUBJECTS, subject_split  # noqa: E402,F401
 
 
 def load(path, seed, subsample):
     """PreparedData of the split (train / validation subjects by seed, fixed test subjects)."""
-    import torch
-    from public.dataset import split_by_subject
-    from public.training import TrialData
-    from public.trial import PreparedData
-    d = np.load(path)
-    x = d['x'].astype(np.float32)[:, None, :]
-    y = (d['rhythm'] == 'AFIB').astype(np.int64)
-    subjects = d['subject']
-    held = np.isin(subjects, TEST_SUBJECTS)
-    rest = np.flatnonzero(~held)
-    tr, va = split_by_subject(subjects[rest], y[rest], 0.2, seed)
-    tr, va = rest[tr], rest[va]
-    if subsample and subsample < len(tr):
-        tr = np.sort(np.random.default_rng(seed).permutation(tr)[:subsample])
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    data = PreparedData(trial=TrialData(xt[tr], yt[tr], xt[va], yt[va]),
-                        x_test=xt[held], y_test=y[held], onnx_sample=x[va[:16]], in_channels=1,
-                        input_size=1250, num_classes=2, device=torch.device('cpu'), summary='',
-                        test_subjects=subjects[held])
-    split = (f"train {len(tr)} segments / {len(np.unique(subjects[tr]))} subjects, validation "
-             f"{len(va)} / {len(np.unique(subjects[va]))}, test {held.sum()} / "
-             f"{len(TEST_SUBJECTS)} (AF {y[tr].mean():.0%} / {y[va].mean():.0%} / "
-             f"{y[held].mean():.0%})")
-    return data, split
+    data, split = subject_split(path, seed, subsample)
+    return data, split.describe()
 
 
 def settings_for(args, seed):
