@@ -105,3 +105,23 @@ def test_stage_two_delivers_the_refit_model(prepared, make_settings):
     info = json.load(open(os.path.join(final, 'result.json')))
     assert info['refit']['epochs'] >= 1 and info['refit']['test_metrics']
     assert json.loads(rows[0]['refit'])['epochs'] == info['refit']['epochs']
+
+
+def test_a_refit_best_folder_is_rebuilt_whole_from_the_store(prepared, make_settings):
+    # The best folder is derived: lost (e.g. a crash while it was replaced), the next start
+    # rebuilds it from the store, with the refit and the validation-chosen models both.
+    import shutil
+    settings = make_settings(NUM_EPOCHS=2, REFIT=True)
+    run_stage_one(settings, prepared, [TinyNet], NoInterrupts(), log=lambda m: None,
+                  progress=False)
+    model_dir = os.path.join(settings.MODEL_SAVE_PATH, 'TinyNet')
+    [name] = result_folders(model_dir)
+    folder = os.path.join(model_dir, name)
+    before = {f: open(os.path.join(folder, f), 'rb').read() for f in
+              ('saved.onnx', 'saved.val.onnx', 'saved.pth', 'saved.val.pth')}
+    shutil.rmtree(folder)
+    run_stage_one(settings, prepared, [TinyNet], NoInterrupts(), log=lambda m: None,
+                  progress=False)
+    for f, blob in before.items():
+        assert open(os.path.join(folder, f), 'rb').read() == blob, f
+    assert 'saved.val.onnx' in open(os.path.join(folder, 'evaluation_metrics.txt')).read()
