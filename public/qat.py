@@ -105,21 +105,21 @@ def check_quantizable(model, in_channels=None, input_size=None, opset=18):
 def _check_operators(prepared, model):
     for node in prepared.graph.node:
         if node.domain not in ('', 'ai.onnx') or node.op_type not in _OPS:
-            path, kind = _module_of(model, node.name)
-            raise SettingsError(
-                f"QAT (QAT_EPOCHS > 0) cannot quantize ONNX operator {node.op_type!r} "
-                f"(node {node.name!r}, from module {path or '(model)'!r} of type {kind}); "
-                f"supported operators: {', '.join(sorted(_OPS))}. "
-                f"Set QAT_EPOCHS=0 (post-training INT8 only) for this model")
+            raise _unsupported(model, node, '', f"supported operators: {', '.join(sorted(_OPS))}",
+                               ' (post-training INT8 only)')
         for attribute, allowed in _ATTRIBUTE_RULES.get(node.op_type, {}).items():
             value = _attributes(node).get(attribute, allowed[0])
             if value not in allowed:
-                path, kind = _module_of(model, node.name)
-                raise SettingsError(
-                    f"QAT (QAT_EPOCHS > 0) cannot quantize ONNX operator {node.op_type!r} with "
-                    f"{attribute}={value!r} (node {node.name!r}, from module "
-                    f"{path or '(model)'!r} of type {kind}); supported: {attribute} in "
-                    f"{list(allowed)}. Set QAT_EPOCHS=0 for this model")
+                raise _unsupported(model, node, f" with {attribute}={value!r}",
+                                   f"supported: {attribute} in {list(allowed)}")
+
+
+def _unsupported(model, node, detail, supported, fallback=''):
+    path, kind = _module_of(model, node.name)
+    return SettingsError(
+        f"QAT (QAT_EPOCHS > 0) cannot quantize ONNX operator {node.op_type!r}{detail} "
+        f"(node {node.name!r}, from module {path or '(model)'!r} of type {kind}); "
+        f"{supported}. Set QAT_EPOCHS=0{fallback} for this model")
 
 
 def _module_of(model, node_name):

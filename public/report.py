@@ -145,14 +145,9 @@ def _fill_scores(frame, settings):
 # ----------------------------------------------------------------------------- writing
 
 def _write_atomic(path, text):
+    from public.results import write_atomic
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, 'w', encoding='utf-8') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, text, step=False)
 
 
 def _keep_data_summary(folder, data_summary):

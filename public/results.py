@@ -80,15 +80,18 @@ def durable(what):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def write_atomic(path, text):
-    """Write a text file whole or not at all (temp file, fsync, rename)."""
+def write_atomic(path, text, step=True):
+    """Write a text file whole or not at all (temp file, fsync, rename); returns path.
+    step=False for derived files outside the crash tests' step list (the report)."""
     tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:6]}.atml-tmp"
-    with open(tmp, 'w', newline='') as f:
+    with open(tmp, 'w', newline='', encoding='utf-8') as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    durable(f"write {os.path.basename(path)}")
+    if step:
+        durable(f"write {os.path.basename(path)}")
+    return path
 
 
 # ----------------------------------------------------------------------------- the tables

@@ -61,13 +61,18 @@ def test_a_refit_trial_trains_on_all_subjects_for_the_chosen_epochs(prepared, ma
     assert off.val_metrics == result.val_metrics, 'REFIT does not change the validated trial'
 
 
-def test_stage_one_delivers_the_refit_model_and_says_so(prepared, make_settings):
+def _refit_stage_one(make_settings, prepared):
+    """(settings, TinyNet's best folder) of a stage one with REFIT (one learning rate)."""
     settings = make_settings(NUM_EPOCHS=2, REFIT=True)
     run_stage_one(settings, prepared, [TinyNet], NoInterrupts(), log=lambda m: None,
                   progress=False)
     model_dir = os.path.join(settings.MODEL_SAVE_PATH, 'TinyNet')
     [name] = result_folders(model_dir)
-    folder = os.path.join(model_dir, name)
+    return settings, os.path.join(model_dir, name)
+
+
+def test_stage_one_delivers_the_refit_model_and_says_so(prepared, make_settings):
+    settings, folder = _refit_stage_one(make_settings, prepared)
     files = set(os.listdir(folder))
     assert {'saved.onnx', 'saved.pth', 'saved.val.onnx', 'saved.val.pth'} <= files
     info = json.load(open(os.path.join(folder, 'result.json')))
@@ -111,12 +116,7 @@ def test_a_refit_best_folder_is_rebuilt_whole_from_the_store(prepared, make_sett
     # The best folder is derived: lost (e.g. a crash while it was replaced), the next start
     # rebuilds it from the store, with the refit and the validation-chosen models both.
     import shutil
-    settings = make_settings(NUM_EPOCHS=2, REFIT=True)
-    run_stage_one(settings, prepared, [TinyNet], NoInterrupts(), log=lambda m: None,
-                  progress=False)
-    model_dir = os.path.join(settings.MODEL_SAVE_PATH, 'TinyNet')
-    [name] = result_folders(model_dir)
-    folder = os.path.join(model_dir, name)
+    settings, folder = _refit_stage_one(make_settings, prepared)
     before = {f: open(os.path.join(folder, f), 'rb').read() for f in
               ('saved.onnx', 'saved.val.onnx', 'saved.pth', 'saved.val.pth')}
     shutil.rmtree(folder)
