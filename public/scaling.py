@@ -240,8 +240,9 @@ class StageTwo:
         for k in self.plan:
             fate = 'train' if self.budget.fits(k.predicted_bytes) else 'over size budget: never trained'
             done = ' (finished earlier: not retrained)' if k.name in self.outcomes and fate == 'train' else ''
-            log(f"  {k.name:>8}  channels {k.config.get('channels', '?')}, fc {k.config.get('fc_hidden', '?')}: "
-                f"{k.predicted_bytes} bytes ({size_kb(k.predicted_bytes)} KB)  {fate}{done}")
+            pruned = f" pruned {100 * k.prune:.0f} %" if k.prune else ''
+            log(f"  {k.name:>8}  channels {k.config.get('channels', '?')}, fc {k.config.get('fc_hidden', '?')}"
+                f"{pruned}: {k.predicted_bytes} bytes ({size_kb(k.predicted_bytes)} KB)  {fate}{done}")
         if self.outcomes:
             log(f"Resuming from {self.table.path}: {len(self.outcomes)} candidate(s) already recorded")
         recorded = {r['candidate'] for r in self.table.rows()
