@@ -288,9 +288,17 @@ class StageTwo:
             spec = TrialSpec(key=k.name, lr=self.settings.LEARNING_RATE, settings=self.settings,
                              build=functools.partial(build_from_config, k.config),
                              quantize=self.settings.QUANTIZE_INT8, trainer=self.trainer,
-                             progress=self.progress, prune=k.prune)
+                             progress=self.progress, prune=k.prune,
+                             refit_above=self._refit_above())
             return Job(key=k.name, fn=_run_job, payload=spec)
         return None
+
+    def _refit_above(self):
+        # REFIT only a candidate that could be delivered: one meeting METRIC_TARGET, or the
+        # best so far (the fallback publishes the best under the size cap).
+        scores = [float(r['score']) for r in self.outcomes.values()
+                  if r['status'] == STATUS_OK and r['score'] != '']
+        return min(max(scores, default=0.0), self.settings.METRIC_TARGET / 100)
 
     def obsolete(self, job):
         first = self._first_meeting()

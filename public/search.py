@@ -264,12 +264,20 @@ class StageOne:
             spec = TrialSpec(key=f"{name}@{lr_key(lr)}", lr=lr, settings=self.settings,
                              build=functools.partial(_build, self.models[name], data.input_size,
                                                      data.in_channels, data.num_classes),
-                             trainer=self.trainer, progress=self.progress)
+                             trainer=self.trainer, progress=self.progress,
+                             refit_above=self.best_score(name))
             return Job(key=spec.key, fn=_run_job, payload=spec)
         return None
 
     def obsolete(self, job):
         return job.payload.key.split('@')[0] in self.done
+
+    def best_score(self, name):
+        """The best score recorded for a model under this key (0 before any): REFIT retrains
+        only a trial that reaches it, as only such a trial can become the best folder."""
+        scores = [float(r['score']) for r in self.rows
+                  if r['model'] == name and r['status'] == STATUS_OK and r['score'] != '']
+        return max(scores, default=0.0)
 
     def record(self, outcome):
         spec = outcome.job.payload

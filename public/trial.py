@@ -247,9 +247,6 @@ def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='t
                 result.latency_ms = onnx_latency_ms(onnx_path, settings.LATENCY_RUNS)
             result.status = STATUS_OK
             result.model = model
-            if getattr(settings, 'REFIT', False) and not prune_fraction:
-                result.refit = refit(build_model, lr, outcome, data, settings,
-                                     onnx_path + '.refit.onnx', progress, desc)
     except KeyboardInterrupt:
         raise
     except Exception as exc:
@@ -290,9 +287,10 @@ def evaluate(model, x, y, subjects, split, data, progress=False):
 
 def refit(build_model, lr, outcome, data, settings, onnx_path, progress=False, desc='refit'):
     """REFIT: a fresh seeded model trained on every training subject (train + validation)
-    for the epochs validation chose (best_epoch), at the learning rates the validated run
-    used in those epochs; scored on the test split only (it has seen the validation
-    subjects), exported and checked. Returns what the result folder needs of it."""
+    for the epochs validation chose (outcome.best_epoch), at the learning rates the
+    validated run used in those epochs (outcome.history); scored on the test split only
+    (it has seen the validation subjects), exported and checked. Returns what the result
+    folder needs of it."""
     start = time.perf_counter()
     from public.training import refit_schedule, train_fixed
     seed_everything(settings.SEED)
@@ -385,6 +383,8 @@ class TrialSpec:
     trainer: object = None    # run_trial, or a stand-in of the same signature (tests)
     progress: bool = False
     prune: float = 0.0        # stage two's pruned candidates: the fraction of channels removed
+    refit_above: float = 0.0  # REFIT only a trial whose deciding score reaches this (the best
+                              # recorded when it was dispatched): the others cannot be delivered
 
 
 _ON_DEVICE = {}     # per process: id(shared data) -> (data, its copy with tensors on data.device)
@@ -435,6 +435,16 @@ def run_job(spec, data):
                 result.status = STATUS_FAILED
                 result.error = (f"quantization-aware training failed: {type(exc).__name__}: "
                                 f"{exc}\n{traceback.format_exc()}")
+        if (result.status == STATUS_OK and getattr(spec.settings, 'REFIT', False)
+                and not spec.prune
+                and deciding_score(result, spec.settings) >= spec.refit_above - 1e-5):   # rows hold 6 digits
+            try:
+                _add_refit(result, spec, onnx_path, data)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:
+                result.status = STATUS_FAILED
+                result.error = f"REFIT failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
         result.model = None
         if result.refit:
             result.refit.pop('model', None)
@@ -462,12 +472,8 @@ def calibration_sample(data, count=256):
 
 
 def _add_int8(result, float_path, data, settings):
-    """Quantize the trained model's ONNX and measure the INT8 model with onnxruntime; with
-    REFIT, the refit model (the deliverable) is quantized too and measured on the test split."""
+    """Quantize the trained model's ONNX and measure the INT8 model with onnxruntime."""
     result.int8, result.int8_onnx = _int8_of(float_path, data, ('val', 'test'))
-    if result.refit:
-        result.refit['int8'], result.refit['int8_onnx'] = _int8_of(
-            float_path + '.refit.onnx', data, ('test',))
     return result
 
 
@@ -494,12 +500,33 @@ def _add_qat(result, spec, float_path, data):
              qat_path, data.in_channels, data.input_size, settings.ONNX_OPSET, data.device)
     measured, result.int8_onnx = _measure_int8(qat_path, data, ('val', 'test'))
     result.int8 = dict(measured, method='qat', epochs=settings.QAT_EPOCHS, ptq=ptq)
-    if result.refit:                      # the deliverable is the refit model: QAT it too
-        qat_int8(result.refit['model'], data.trial, qat_learning_rate(spec.lr), settings, settings.QAT_EPOCHS,
-                 calibration_sample(data), qat_path + '.refit', data.in_channels,
+
+
+def deciding_score(result, settings):
+    """The score the search decides on: the INT8 model's when there is one (stage two with
+    QUANTIZE_INT8), else the float model's, on SELECT_ON by SELECT_METRIC."""
+    from public.test import selection_score
+    metrics = result.int8[settings.SELECT_ON] if result.int8 else result.selected(settings.SELECT_ON)
+    return selection_score(metrics, settings.SELECT_METRIC) if metrics else 0.0
+
+
+def _add_refit(result, spec, float_path, data):
+    """REFIT the trial (refit()), then make the refit model's INT8 file as the validated
+    model's was made (post-training, or QAT), measured on the test split."""
+    settings = spec.settings
+    path = float_path + '.refit.onnx'
+    result.refit = refit(spec.build, spec.lr, result, data, settings, path, spec.progress,
+                         spec.key)
+    if not spec.quantize:
+        return
+    result.refit['int8'], result.refit['int8_onnx'] = _int8_of(path, data, ('test',))
+    if settings.QAT_EPOCHS:
+        from public.qat import qat_int8
+        qat_int8(result.refit['model'], data.trial, qat_learning_rate(spec.lr), settings,
+                 settings.QAT_EPOCHS, calibration_sample(data), path + '.qat', data.in_channels,
                  data.input_size, settings.ONNX_OPSET, data.device)
-        measured, result.refit['int8_onnx'] = _measure_int8(qat_path + '.refit', data, ('test',))
-        result.refit['int8'] = dict(measured, method='qat', ptq=result.refit.get('int8'))
+        measured, result.refit['int8_onnx'] = _measure_int8(path + '.qat', data, ('test',))
+        result.refit['int8'] = dict(measured, method='qat', ptq=result.refit['int8'])
 
 
 def _measure_int8(int8_path, data, splits):

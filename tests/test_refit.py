@@ -17,7 +17,7 @@ from public.interrupts import NoInterrupts
 from public.results import ResultsTable, STAGE1_COLUMNS
 from public.search import result_folders, run_stage_one
 from public.training import refit_schedule
-from public.trial import STATUS_OK, run_trial
+from public.trial import STATUS_OK
 
 
 def _onnx_out(path, x):
@@ -32,11 +32,16 @@ def test_refit_schedule_replays_the_validated_runs_learning_rates():
     assert refit_schedule(history, 0.003, 1) == [0.003]
 
 
+def _job(settings, prepared, tmp_path, refit_above=0.0):
+    from public.trial import TrialSpec, run_job
+    return run_job(TrialSpec(key='TinyNet@0.003', build=TinyNet, lr=0.003, settings=settings,
+                             refit_above=refit_above), prepared)
+
+
 def test_a_refit_trial_trains_on_all_subjects_for_the_chosen_epochs(prepared, make_settings,
                                                                   tmp_path):
     settings = make_settings(NUM_EPOCHS=3, REFIT=True)
-    result = run_trial(lambda: TinyNet(), 0.003, prepared, settings, str(tmp_path / 'r.onnx'),
-                       progress=False)
+    result = _job(settings, prepared, tmp_path)
     assert result.status == STATUS_OK, result.error
     refit = result.refit
     assert refit['epochs'] == result.best_epoch >= 1
@@ -51,14 +56,40 @@ def test_a_refit_trial_trains_on_all_subjects_for_the_chosen_epochs(prepared, ma
     with torch.no_grad():
         expected = model.eval()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(_onnx_out(str(tmp_path / 'refit.onnx'), x), expected, atol=1e-4)
+    assert 'model' not in refit and result.model is None, 'no model object goes back'
     # seeded: the same refit again gives the same weights
-    again = run_trial(lambda: TinyNet(), 0.003, prepared, settings, str(tmp_path / 's.onnx'),
-                      progress=False)
+    again = _job(settings, prepared, tmp_path)
     assert all(torch.equal(again.refit['state_dict'][k], v) for k, v in refit['state_dict'].items())
-    off = run_trial(lambda: TinyNet(), 0.003, prepared, make_settings(NUM_EPOCHS=3),
-                    str(tmp_path / 'o.onnx'), progress=False)
+    off = _job(make_settings(NUM_EPOCHS=3), prepared, tmp_path)
     assert off.refit is None
     assert off.val_metrics == result.val_metrics, 'REFIT does not change the validated trial'
+
+
+def test_only_a_trial_that_can_become_the_best_is_refit(prepared, make_settings, tmp_path):
+    from public.trial import deciding_score
+    settings = make_settings(NUM_EPOCHS=2, REFIT=True)
+    result = _job(settings, prepared, tmp_path, refit_above=0.0)
+    score = deciding_score(result, settings)
+    assert result.refit is not None
+    assert _job(settings, prepared, tmp_path, refit_above=round(score, 6)).refit is not None
+    assert _job(settings, prepared, tmp_path, refit_above=score + 0.01).refit is None
+
+
+def test_stage_one_refits_only_trials_that_reach_the_models_best(prepared, make_settings):
+    # Three learning rates: every trial whose score is below the best recorded before it
+    # was dispatched is not refit; the best trial always is.
+    settings = make_settings(NUM_EPOCHS=2, REFIT=True, LR_MIN=0.001, LR_MAX=0.003,
+                             STEP=0.001)
+    run_stage_one(settings, prepared, [TinyNet], NoInterrupts(), log=lambda m: None,
+                  progress=False)
+    rows = ResultsTable(os.path.join(settings.MODEL_SAVE_PATH, 'results.csv'),
+                        STAGE1_COLUMNS).rows()
+    assert len(rows) == 3
+    best = float('-inf')
+    for row in rows:                                  # serial: dispatched in table order
+        score = float(row['score'])
+        assert bool(row['refit']) == (score >= best - 1e-5), (row['lr'], score, best)
+        best = max(best, score)
 
 
 def _refit_stage_one(make_settings, prepared):
