@@ -7,7 +7,7 @@ Data: the shared .npz (AF = rhythm 'AFIB'). Subjects S51 S52 S53 S55 S56 S57 S58
 S61 S63 S65 S66 are the held-out test set; of the other 40, 20 % (seeded, as ATML splits)
 validate. For each stage-two candidate cN-fM (ss_model.AFNet(generate_config(N, M, 1250)))
 and seed: train float with public.trial.run_trial (LR 0.0015, AUGMENT, up to --epochs with
-the normal early stopping, batch 32, 1 thread), then measure on validation and test
+the normal early stopping, --batch (32), 1 thread), then measure on validation and test
   float  the PyTorch model,
   PTQ    public.quantize.quantize_int8 calibrated on public.trial.calibration_sample's 256
          training segments, run in onnxruntime,
@@ -45,7 +45,7 @@ def load(path, seed, subsample):
 def settings_for(args, seed):
     from public.config import load_settings
     values = dict(NUM_EPOCHS=args.epochs, SEED=seed, DEVICE='cpu', NUM_THREADS=1, WORKERS=1,
-                  LATENCY_RUNS=1, BATCH_SIZE=32, AUGMENT=not args.no_augment, NORMALIZE='none',
+                  LATENCY_RUNS=1, BATCH_SIZE=args.batch, AUGMENT=not args.no_augment, NORMALIZE='none',
                   CLASS_WEIGHTS='none', TEST_DIR='', ONNX_OPSET=18,
                   TEMP_DIR=os.path.join(args.scratch, 'temp'))
     return load_settings([f"{k}={v!r}" for k, v in values.items()],
@@ -241,6 +241,7 @@ def main():
     parser.add_argument('--seeds', default='42', help='comma-separated training seeds')
     parser.add_argument('--epochs', type=int, default=12, help='float training epochs (max)')
     parser.add_argument('--lr', type=float, default=0.0015, help='float training rate')
+    parser.add_argument('--batch', type=int, default=32, help='float training batch size')
     parser.add_argument('--no-augment', action='store_true',
                         help="float training with AUGMENT=False (the original recipe)")
     parser.add_argument('--qat-epochs', type=int, default=3)
@@ -267,7 +268,7 @@ def main():
     log(f"bench_qat {datetime.date.today()}: {os.cpu_count()} CPU cores (load average "
         f"{load_avg:.1f} at start), torch {torch.__version__} ({torch.get_num_threads()} "
         f"thread), onnxruntime {onnxruntime.__version__}")
-    log(f"float: LR {args.lr}, {'no augmentation' if args.no_augment else 'AUGMENT'}, batch 32, up to {args.epochs} epochs (early stopping "
+    log(f"float: LR {args.lr}, {'no augmentation' if args.no_augment else 'AUGMENT'}, batch {args.batch}, up to {args.epochs} epochs (early stopping "
         f"PATIENCE/OVERFIT_GAP of params.py); QAT: {args.qat_epochs} epochs, LR {args.qat_lr} "
         f"(cosine to 0), distillation from the float model, starting from the better (on "
         f"validation) of min/max and 99.99th-percentile ranges of 256 calibration segments")

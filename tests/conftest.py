@@ -181,3 +181,34 @@ def seed_models():
     if fresh:        # a later import must run (and register) again
         sys.modules.pop('public.seed_models', None)
         vars(public).pop('seed_models', None)
+
+
+@pytest.fixture
+def two_node_cluster(monkeypatch):
+    """Ray's own cluster_utils.Cluster on this machine: a head and one worker node, 1 CPU
+    each, every file of it in one short /tmp folder (Unix socket paths are limited to 107
+    bytes), removed afterwards. Cluster writes the head's address to
+    <RAY_TMPDIR or /tmp>/ray/ray_current_cluster whatever temp_dir says, and fails where
+    that folder does not exist yet (a fresh machine): RAY_TMPDIR points it into the folder."""
+    import tempfile
+    ray = pytest.importorskip('ray')
+    from ray.cluster_utils import Cluster
+    assert not ray.is_initialized()
+    temp = tempfile.mkdtemp(prefix='cl-', dir='/tmp')
+    os.makedirs(os.path.join(temp, 'ray'))
+    monkeypatch.setenv('RAY_TMPDIR', temp)
+    cluster = None
+    try:
+        cluster = Cluster(initialize_head=True,
+                          head_node_args={'num_cpus': 1, 'temp_dir': temp})
+        # Both "nodes" share one session folder on this machine: without their own
+        # runtime_resources folder, the second node's agent would re-unpack the shipped
+        # working_dir (rmtree + unzip) under a worker the first one already started there.
+        cluster.add_node(num_cpus=1, runtime_env_dir_name='runtime_resources_node2')
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)

@@ -2,8 +2,6 @@
 one worker node, 1 CPU each); a small stage one attached to it through RAY_ADDRESS runs
 trials on both nodes and records the same results as the serial search."""
 import os
-import shutil
-import tempfile
 
 import pytest
 
@@ -16,20 +14,8 @@ ray = pytest.importorskip('ray')
 
 
 @pytest.fixture
-def cluster():
-    from ray.cluster_utils import Cluster
-    temp = tempfile.mkdtemp(prefix='cl-', dir='/tmp')        # short enough for Unix sockets
-    c = Cluster(initialize_head=True, head_node_args={'num_cpus': 1, 'temp_dir': temp})
-    try:
-        # Both "nodes" share one session folder on this machine: each needs its own folder
-        # for the shipped project (see tests/test_executor.py's cluster test).
-        c.add_node(num_cpus=1, runtime_env_dir_name='runtime_resources_node2')
-        c.wait_for_nodes()
-        yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
+def cluster(two_node_cluster):
+    return two_node_cluster
 
 
 def _run(settings, prepared, executor=None):

@@ -300,42 +300,29 @@ class TestRayPrivate:
 
 # ----------------------------------------------------------------------------- Ray, cluster
 
-def test_ray_cluster_of_two_nodes_runs_jobs_on_both_and_survives(tmp_path, monkeypatch):
-    pytest.importorskip('ray')
+def test_ray_cluster_of_two_nodes_runs_jobs_on_both_and_survives(tmp_path, monkeypatch,
+                                                                two_node_cluster):
     import ray
-    from ray.cluster_utils import Cluster
+    cluster = two_node_cluster
+    logs = []
+    with RayExecutor({'x': [1.0]}, address=cluster.address, log=logs.append) as ex:
+        assert ex.capacity == 2
+        jobs = [Job(f'n{i}', ray_jobs.sleep_pid, {'dir': str(tmp_path), 'name': f'n{i}',
+                                                 's': 1}) for i in range(4)]
+        outcomes = run_all(ex, jobs)
+        nodes = {n['NodeID'][:8] for n in ray.nodes() if n['Alive']}
+    assert all(o.ok for o in outcomes), '\n'.join(o.error for o in outcomes)
+    assert {o.node for o in outcomes} == nodes and len(nodes) == 2
+    assert all(o.result[0] == o.node for o in outcomes)
+    for _, module_file in (o.result for o in outcomes):    # shipped as working_dir
+        assert not module_file.startswith(str(ROOT)), module_file
     assert not ray.is_initialized()
-    temp = tempfile.mkdtemp(prefix='cl-', dir='/tmp')   # short enough for Unix sockets
-    cluster = Cluster(initialize_head=True, head_node_args={'num_cpus': 1, 'temp_dir': temp})
-    try:
-        # Both "nodes" share one session folder on this machine: without their own
-        # runtime_resources folder, the second node's agent would re-unpack the shipped
-        # working_dir (rmtree + unzip) under a worker the first one already started there.
-        cluster.add_node(num_cpus=1, runtime_env_dir_name='runtime_resources_node2')
-        cluster.wait_for_nodes()
-        logs = []
-        with RayExecutor({'x': [1.0]}, address=cluster.address, log=logs.append) as ex:
-            assert ex.capacity == 2
-            jobs = [Job(f'n{i}', ray_jobs.sleep_pid, {'dir': str(tmp_path), 'name': f'n{i}',
-                                                     's': 1}) for i in range(4)]
-            outcomes = run_all(ex, jobs)
-            nodes = {n['NodeID'][:8] for n in ray.nodes() if n['Alive']}
-        assert all(o.ok for o in outcomes), '\n'.join(o.error for o in outcomes)
-        assert {o.node for o in outcomes} == nodes and len(nodes) == 2
-        assert all(o.result[0] == o.node for o in outcomes)
-        for _, module_file in (o.result for o in outcomes):    # shipped as working_dir
-            assert not module_file.startswith(str(ROOT)), module_file
-        assert not ray.is_initialized()
-        # only disconnected: the cluster still runs, found through RAY_ADDRESS this time
-        monkeypatch.setenv('RAY_ADDRESS', cluster.address)
-        with RayExecutor({'x': [2.0]}, log=logs.append) as ex:
-            [o] = run_all(ex, [Job('again', ray_jobs.scaled_sum, 1)])
-        assert o.ok and o.result == 2.0 and o.node in nodes
-        assert all(line.startswith(f'Ray: cluster {cluster.address}, 2 node(s)') for line in logs)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
+    # only disconnected: the cluster still runs, found through RAY_ADDRESS this time
+    monkeypatch.setenv('RAY_ADDRESS', cluster.address)
+    with RayExecutor({'x': [2.0]}, log=logs.append) as ex:
+        [o] = run_all(ex, [Job('again', ray_jobs.scaled_sum, 1)])
+    assert o.ok and o.result == 2.0 and o.node in nodes
+    assert all(line.startswith(f'Ray: cluster {cluster.address}, 2 node(s)') for line in logs)
 
 
 # ----------------------------------------------------------------------------- Ray, Ctrl+C

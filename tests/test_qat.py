@@ -72,6 +72,44 @@ def _all_segments(prepared):
                            np.asarray(prepared.x_test)])
 
 
+def _output_step(int8):
+    """One quantization step of the INT8 model's logits: the scale of the DequantizeLinear
+    that gives the graph's output."""
+    (output,) = [o.name for o in int8.graph.output]
+    producers = {out: node for node in int8.graph.node for out in node.output}
+    node = producers[output]
+    while node.op_type != 'DequantizeLinear':       # e.g. a Reshape/Squeeze after it
+        node = producers[node.input[0]]
+    scales = {t.name: numpy_helper.to_array(t) for t in int8.graph.initializer}
+    return float(scales[node.input[1]])
+
+
+def _unfused_logits(int8, x):
+    """onnxruntime running the file's QDQ graph node by node (graph optimisations off): each
+    QuantizeLinear / DequantizeLinear and float Conv/Gemm as written, no fused integer
+    kernels, so the same result on every CPU."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(int8.SerializeToString(), options,
+                                   providers=['CPUExecutionProvider'])
+    name = session.get_inputs()[0].name
+    return session.run(None, {name: np.asarray(x, dtype=np.float32)[..., None]})[0]
+
+
+def _assert_same_as_onnxruntime(got, expected, int8, x):
+    """PyTorch's fake-quantized graph computes what the INT8 file says: equal to onnxruntime
+    running the QDQ graph as written. onnxruntime's fused integer kernels (what
+    public.qat.onnx_logits and deployment run) equal it too on CPUs with VNNI / AVX-512
+    (0.0 difference measured); on AVX2-only x86 CPUs their u8s8 kernels (VPMADDUBSW)
+    saturate 16-bit pair sums, which moves the logits by a quantization step or two
+    (measured: up to 2 steps, in 20-75 % of the logits, on an AVX2-only EPYC)."""
+    np.testing.assert_allclose(got, _unfused_logits(int8, x), atol=1e-4)
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.98
+    steps = np.abs(got - expected) / _output_step(int8)
+    assert steps.max() <= 3.01, steps.max()
+
 # ----------------------------------------------------------------------------- the file
 
 def test_int8_file_runs_in_onnxruntime_with_int8_weights(prepared, settings, calibration,
@@ -158,8 +196,7 @@ def test_onnxruntime_agrees_with_the_fake_quantized_pytorch_graph(outcome, prepa
     expected = onnx_predict(str(path), x)
     with torch.no_grad():
         got = outcome.graph(torch.from_numpy(x).unsqueeze(-1)).numpy()
-    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.98
-    assert np.allclose(got, expected, atol=1e-4)
+    _assert_same_as_onnxruntime(got, expected, outcome.int8, x)
     assert outcome.graph.weight_mismatch() == 0.0, 'int8 weights and int32 biases as onnxruntime'
     # ... and it is the quantized graph: with every Q/DQ and weight left float it computes
     # something else (the float model with the fine-tuned weights)
@@ -384,6 +421,5 @@ def test_supported_models_run_in_pytorch_exactly_as_in_onnxruntime(build, prepar
     with torch.no_grad():
         got = out.graph(torch.from_numpy(x).unsqueeze(-1)).numpy()
     expected = qat.onnx_logits(out.int8, x)
-    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.98
-    assert np.allclose(got, expected, atol=1e-4)
+    _assert_same_as_onnxruntime(got, expected, out.int8, x)
     assert out.graph.weight_mismatch() == 0.0
