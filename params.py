@@ -63,6 +63,7 @@ FC_SCALES = (1, 2, 3, 4, 5)      # hidden FC width scaling factors tried
 METRIC_TARGET = 90               # percent; the minimum of F1/accuracy/precision/recall must reach it
 SIZE_TARGET_KB = 60              # ONNX file size cap in KB (1 KB = 1024 bytes)
 QUANTIZE_INT8 = False            # True: also build an INT8 ONNX (onnxruntime static quantization); its size and metrics decide
+INT8_REDUCE_RANGE = True         # True: INT8 weights in 7 bits, so the file computes the same on every CPU (x86 without VNNI saturates 8-bit weights); False: full 8-bit weights
 QAT_EPOCHS = 0                   # > 0 (needs QUANTIZE_INT8): the INT8 model is fine-tuned this many epochs with fake quantization (quantization-aware training)
 PRUNE_FRACTIONS = ()             # e.g. (0.25, 0.5): pruned variants of each width are also candidates (whole channels removed by L1 norm)
 PRUNE_EPOCHS = 3                 # fine-tuning epochs after pruning

@@ -47,6 +47,7 @@ def settings_for(args, seed):
     values = dict(NUM_EPOCHS=args.epochs, SEED=seed, DEVICE='cpu', NUM_THREADS=1, WORKERS=1,
                   LATENCY_RUNS=1, BATCH_SIZE=args.batch, AUGMENT=not args.no_augment, NORMALIZE='none',
                   CLASS_WEIGHTS='none', TEST_DIR='', ONNX_OPSET=18,
+                  INT8_REDUCE_RANGE=not args.full_range,
                   TEMP_DIR=os.path.join(args.scratch, 'temp'))
     return load_settings([f"{k}={v!r}" for k, v in values.items()],
                          params_path=os.path.join(ROOT, 'params.py'))
@@ -117,7 +118,8 @@ def run_candidate(args, name, seed, data, log):
 
     ptq_path = os.path.join(folder, 'ptq.int8.onnx')
     start = time.perf_counter()
-    row['ptq_bytes'] = quantize_int8(float_path, ptq_path, calibration)
+    row['ptq_bytes'] = quantize_int8(float_path, ptq_path, calibration,
+                                     reduce_range=settings.INT8_REDUCE_RANGE)
     row['ptq_s'] = time.perf_counter() - start
     row['ptq_val'] = scores(onnx_predict(ptq_path, x_val), y_val, float_val)
     row['ptq_test'] = scores(onnx_predict(ptq_path, x_test), y_test, float_test)
@@ -167,11 +169,11 @@ def run_candidate(args, name, seed, data, log):
         worst.append(f"{label} {subject} {agree:.1%}")
     log(f"    test subject whose INT8 classes agree least with float: {', '.join(worst)}")
     if args.sensitivity:
-        sensitivity(args, model, data, calibration, float_val, log)
+        sensitivity(args, model, data, calibration, float_val, log, settings.INT8_REDUCE_RANGE)
     return row
 
 
-def sensitivity(args, model, data, calibration, float_val, log):
+def sensitivity(args, model, data, calibration, float_val, log, reduce_range):
     """Where PTQ's error comes from, on (up to --sensitivity) validation segments."""
     import tempfile
     from public import qat
@@ -179,7 +181,8 @@ def sensitivity(args, model, data, calibration, float_val, log):
     x = data.trial.x_val[:n].unsqueeze(-1)
     with tempfile.TemporaryDirectory() as tmp:
         prepared = qat._prepare(model, 1, 1250, 18, tmp)
-    graph = qat.FakeQuantGraph(prepared, qat._quantize(prepared, calibration))
+    graph = qat.FakeQuantGraph(prepared, qat._quantize(prepared, calibration, None, reduce_range),
+                               reduce_range)
     rows = qat.quantization_sensitivity(graph, x, kl_to(float_val[:n]))
     base = rows[0][1]
     log(f"    PTQ error by source (validation KL from float on {n} segments; lower = that "
@@ -244,6 +247,8 @@ def main():
     parser.add_argument('--batch', type=int, default=32, help='float training batch size')
     parser.add_argument('--no-augment', action='store_true',
                         help="float training with AUGMENT=False (the original recipe)")
+    parser.add_argument('--full-range', action='store_true',
+                        help='INT8_REDUCE_RANGE=False: 8-bit weights (saturate on x86 without VNNI)')
     parser.add_argument('--qat-epochs', type=int, default=3)
     parser.add_argument('--qat-lr', type=float, default=0.0001, help='QAT fine-tuning rate')
     parser.add_argument('--subsample', type=int, default=0,
@@ -268,6 +273,11 @@ def main():
     log(f"bench_qat {datetime.date.today()}: {os.cpu_count()} CPU cores (load average "
         f"{load_avg:.1f} at start), torch {torch.__version__} ({torch.get_num_threads()} "
         f"thread), onnxruntime {onnxruntime.__version__}")
+    import subprocess
+    flags = subprocess.run(['sh', '-c', 'grep -o -w -m1 -E "avx512_vnni|avx_vnni" /proc/cpuinfo'],
+                           capture_output=True, text=True).stdout.split()
+    log(f"INT8 weights: {'8-bit (full range)' if args.full_range else '7-bit (reduce_range)'}; "
+        f"this CPU {'has ' + flags[0] if flags else 'has no VNNI (AVX2 u8s8 kernels saturate 8-bit weights)'}")
     log(f"float: LR {args.lr}, {'no augmentation' if args.no_augment else 'AUGMENT'}, batch {args.batch}, up to {args.epochs} epochs (early stopping "
         f"PATIENCE/OVERFIT_GAP of params.py); QAT: {args.qat_epochs} epochs, LR {args.qat_lr} "
         f"(cosine to 0), distillation from the float model, starting from the better (on "

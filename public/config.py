@@ -105,6 +105,7 @@ _RULES = {
     'METRIC_TARGET': ('a number in (0, 100]', lambda v: _is_number(v) and 0 < v <= 100),
     'SIZE_TARGET_KB': ('a number > 0', lambda v: _is_number(v) and v > 0),
     'QUANTIZE_INT8': ('True or False', lambda v: isinstance(v, bool), KEY2),
+    'INT8_REDUCE_RANGE': ('True or False', lambda v: isinstance(v, bool), KEY2),
     'QAT_EPOCHS': ('an int >= 0 (0 = no quantization-aware training)',
                    lambda v: _is_int(v) and v >= 0, KEY2),
     'PRUNE_FRACTIONS': ('a list/tuple of numbers in (0, 1), distinct in whole percent '
@@ -125,7 +126,12 @@ _RULES = {
 # ATML computed before they were added, so they stay out of the settings key there and the
 # rows of an earlier version remain reusable (results.settings_key).
 INTRODUCED_AT = {'LABEL_MODE': 'multiclass', 'LABEL_SEPARATOR': '|', 'REFIT': False,
-                 'QAT_EPOCHS': 0, 'PRUNE_FRACTIONS': (), 'PRUNE_EPOCHS': 3}
+                 'QAT_EPOCHS': 0, 'PRUNE_FRACTIONS': (), 'PRUNE_EPOCHS': 3,
+                 'INT8_REDUCE_RANGE': False}
+
+# Settings that change nothing unless another one is on: out of the settings key while that
+# one is off (a float-only stage two does not depend on how INT8 weights are quantized).
+ONLY_WITH = {'INT8_REDUCE_RANGE': 'QUANTIZE_INT8'}
 
 # The original ATML spelt LEARNING_RATE as LEARING_RATE; old params.py files keep working.
 _ALIASES = {'LEARING_RATE': 'LEARNING_RATE'}

@@ -176,11 +176,11 @@ def _prepare(model, in_channels, input_size, opset, tmp):
     return prepared
 
 
-def _quantize(prepared, calibration_x, percentile=None):
+def _quantize(prepared, calibration_x, percentile=None, reduce_range=False):
     """onnxruntime's INT8 QDQ model of the float graph `prepared` (as public/quantize.py
     writes it, before the names are compacted). percentile: activation ranges from that
     percentile of the calibration values (onnxruntime's Percentile calibration) instead of
-    their min/max."""
+    their min/max. reduce_range: 7-bit weights (public/quantize.py)."""
     import contextlib
     import io
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
@@ -202,7 +202,7 @@ def _quantize(prepared, calibration_x, percentile=None):
             quantize_static(src, dst, _Segments(prepared.graph.input[0].name, calibration_x),
                             quant_format=QuantFormat.QDQ, per_channel=True,
                             weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                            **options)
+                            reduce_range=bool(reduce_range), **options)
         return onnx.load(dst)
 
 
@@ -247,16 +247,17 @@ def _channel_view(scale, axis, rank):
     return scale.reshape(shape)
 
 
-def int8_weight_scale(weight, axis):
-    """onnxruntime's symmetric int8 weight scale: max |w| / 127 per channel along axis (per
-    tensor when axis is None), computed in float64 and stored as float32; 1.0 for zeros."""
+def int8_weight_scale(weight, axis, qmax=127):
+    """onnxruntime's symmetric int8 weight scale: max |w| / qmax per channel along axis (per
+    tensor when axis is None), computed in float64 and stored as float32; 1.0 for zeros.
+    qmax: 127, or 64 with reduce_range."""
     magnitude = weight.detach().abs()
     if axis is None:
         absmax = magnitude.max()
     else:
         dims = [d for d in range(weight.dim()) if d != axis % weight.dim()]
         absmax = magnitude.amax(dim=dims) if dims else magnitude
-    scale = (absmax.double() * 2.0 / 254.0).float()
+    scale = (absmax.double() * 2.0 / float(2 * qmax)).float()
     return torch.where(scale.double() < np.finfo(np.float32).tiny, torch.ones_like(scale), scale)
 
 
@@ -264,9 +265,11 @@ class FakeQuantGraph(nn.Module):
     """An onnxruntime INT8 QDQ graph run in PyTorch, with the float weights it quantizes as
     trainable parameters (see the module docstring). Input (N, C, L, 1), output logits."""
 
-    def __init__(self, prepared, qdq):
+    def __init__(self, prepared, qdq, reduce_range=False):
         super().__init__()
         self.prepared = prepared
+        self.reduce_range = bool(reduce_range)
+        self.weight_qmax = 64 if self.reduce_range else 127     # onnxruntime's weight range
         self.input_name = prepared.graph.input[0].name
         self.output_name = prepared.graph.output[0].name
         self._param_keys = {}                 # float initializer name -> parameter key
@@ -361,9 +364,10 @@ class FakeQuantGraph(nn.Module):
             if step[0] == 'weight':
                 _, out, key, axis, _ = step
                 weight = self.weights[key]
-                scale = int8_weight_scale(weight, axis)
+                scale = int8_weight_scale(weight, axis, self.weight_qmax)
                 s = _channel_view(scale, axis, weight.dim())
-                q = torch.clamp(torch.round(weight.detach() / s), -128, 127)
+                q = torch.clamp(torch.round(weight.detach() / s), -self.weight_qmax,
+                                self.weight_qmax)
                 env[out] = weight if self.float_weights else weight + (q * s - weight).detach()
                 scales[out] = scale
             elif step[0] == 'bias':
@@ -404,7 +408,8 @@ class FakeQuantGraph(nn.Module):
 
     def recalibrate(self, calibration_x, percentile=None):
         """Let onnxruntime quantize the current weights (new activation ranges) and run that."""
-        return self.load_qdq(_quantize(self.float_model(), calibration_x, percentile))
+        return self.load_qdq(_quantize(self.float_model(), calibration_x, percentile,
+                                       self.reduce_range))
 
     def weight_mismatch(self):
         """Largest |simulated - onnxruntime| over the dequantized int8 weights and int32
@@ -416,10 +421,11 @@ class FakeQuantGraph(nn.Module):
                 if step[0] == 'weight':
                     _, out, key, axis, scale_name = step
                     weight = self.weights[key]
-                    scale = int8_weight_scale(weight, axis)
+                    scale = int8_weight_scale(weight, axis, self.weight_qmax)
                     scales[out] = scale
                     s = _channel_view(scale, axis, weight.dim())
-                    simulated = torch.clamp(torch.round(weight / s), -128, 127) * s
+                    simulated = torch.clamp(torch.round(weight / s), -self.weight_qmax,
+                                            self.weight_qmax) * s
                 elif step[0] == 'bias':
                     _, out, key, act_scale, weight_out, scale_name = step
                     scale = (env[act_scale].float() * scales[weight_out]).reshape(-1)
@@ -751,6 +757,7 @@ def qat_finetune(model, data, lr, settings, epochs, calibration_x, in_channels, 
         raise SettingsError(f"ranges must hold None or percentiles in (0, 100], got "
                             f"ranges={ranges!r}")
     check_quantizable(model)
+    reduce_range = getattr(settings, 'INT8_REDUCE_RANGE', False)
     calibration_x = np.asarray(calibration_x, dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         prepared = _prepare(model, in_channels, input_size, opset, tmp)
@@ -760,11 +767,11 @@ def qat_finetune(model, data, lr, settings, epochs, calibration_x, in_channels, 
     val_targets = _val_targets(objective, data, device)
     starts = {}
     for percentile in ranges:
-        int8 = _quantize(prepared, calibration_x, percentile)
+        int8 = _quantize(prepared, calibration_x, percentile, reduce_range)
         starts[percentile] = (_int8_val_loss(int8, data, objective, val_targets), int8)
     percentile = min(starts, key=lambda p: (starts[p][0], ranges.index(p)))
     best_loss, int8 = starts[percentile]
-    graph = FakeQuantGraph(prepared, int8).to(device)
+    graph = FakeQuantGraph(prepared, int8, reduce_range).to(device)
     best = (0, copy.deepcopy(graph.weights.state_dict()), graph.qdq)
     history = [(0, math.nan, best_loss)]
     if epochs:

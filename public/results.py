@@ -33,7 +33,7 @@ import uuid
 
 import pandas as pd
 
-from public.config import INTRODUCED_AT, settings_dict, trial_settings, write_settings
+from public.config import INTRODUCED_AT, ONLY_WITH, settings_dict, trial_settings, write_settings
 from public.errors import BusyError
 from public.test import METRIC_NAMES, score_digits, selection_score
 
@@ -217,7 +217,8 @@ def settings_key(settings, stage=1, extra=None):
     rows with another key are kept but never reused."""
     values = settings_dict(settings)
     keyed = {k: values[k] for k in trial_settings(stage)
-             if k not in INTRODUCED_AT or values[k] != INTRODUCED_AT[k]}
+             if (k not in INTRODUCED_AT or values[k] != INTRODUCED_AT[k])
+             and (k not in ONLY_WITH or values[ONLY_WITH[k]])}
     keyed.update(extra or {})
     blob = json.dumps(keyed, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]

@@ -144,7 +144,8 @@ def _probe_size(model, probe, settings, in_channels, input_size, calibration_x):
     if settings.QUANTIZE_INT8:
         # INT8 files vary by a few bytes with the weights: a prediction, re-checked on the
         # trained model.
-        size = quantize_int8(probe, probe + '.int8', calibration_x)
+        size = quantize_int8(probe, probe + '.int8', calibration_x,
+                             reduce_range=settings.INT8_REDUCE_RANGE)
         os.remove(probe + '.int8')
     return size
 

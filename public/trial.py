@@ -473,7 +473,7 @@ def calibration_sample(data, count=256):
 
 def _add_int8(result, float_path, data, settings):
     """Quantize the trained model's ONNX and measure the INT8 model with onnxruntime."""
-    result.int8, result.int8_onnx = _int8_of(float_path, data, ('val', 'test'))
+    result.int8, result.int8_onnx = _int8_of(float_path, data, ('val', 'test'), settings)
     return result
 
 
@@ -519,7 +519,7 @@ def _add_refit(result, spec, float_path, data):
                          spec.key)
     if not spec.quantize:
         return
-    result.refit['int8'], result.refit['int8_onnx'] = _int8_of(path, data, ('test',))
+    result.refit['int8'], result.refit['int8_onnx'] = _int8_of(path, data, ('test',), settings)
     if settings.QAT_EPOCHS:
         from public.qat import qat_int8
         qat_int8(result.refit['model'], data.trial, qat_learning_rate(spec.lr), settings,
@@ -544,8 +544,9 @@ def _measure_int8(int8_path, data, splits):
         return measured, f.read()
 
 
-def _int8_of(float_path, data, splits):
+def _int8_of(float_path, data, splits, settings):
     from public.quantize import quantize_int8
     int8_path = float_path + '.int8.onnx'
-    quantize_int8(float_path, int8_path, calibration_sample(data))
+    quantize_int8(float_path, int8_path, calibration_sample(data),
+                  reduce_range=settings.INT8_REDUCE_RANGE)
     return _measure_int8(int8_path, data, splits)

@@ -51,7 +51,9 @@ def test_every_keyed_setting_changes_the_key(make_settings):
                'AUGMENT': False, 'NORMALIZE': 'segment', 'CLASS_WEIGHTS': 'balanced',
                'REFIT': True, 'LABEL_SEPARATOR': ';'}
     needs = {'LABEL_MODE': dict(LABEL_MODE='multilabel', CLASSES=('A', 'B')),
-             'QAT_EPOCHS': dict(QAT_EPOCHS=2, QUANTIZE_INT8=True)}
+             'QAT_EPOCHS': dict(QAT_EPOCHS=2, QUANTIZE_INT8=True),
+             # keyed only with INT8 on: test_int8_weight_range_keys_only_int8_runs
+             'INT8_REDUCE_RANGE': dict(INT8_REDUCE_RANGE=False, QUANTIZE_INT8=True)}
     for name in trial_settings(2):
         value = changed.get(name)
         if value is None and name not in needs:
@@ -73,6 +75,22 @@ def test_settings_added_later_keep_old_keys_at_their_neutral_value(make_settings
     expected = hashlib.sha1(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()[:10]
     assert settings_key(base, 2) == expected
     assert settings_key(make_settings(REFIT=True), 2) != expected
+
+
+def test_int8_weight_range_keys_only_int8_runs(make_settings):
+    """INT8_REDUCE_RANGE changes the INT8 file, so it is in the key of an INT8 stage two
+    (at False, the earlier 8-bit files, the earlier key); a float-only run ignores it."""
+    from public.config import INTRODUCED_AT
+    assert INTRODUCED_AT['INT8_REDUCE_RANGE'] is False
+    assert make_settings().INT8_REDUCE_RANGE is True, "params.py's default"
+    float_only = {settings_key(make_settings(INT8_REDUCE_RANGE=v), 2) for v in (True, False)}
+    assert len(float_only) == 1
+    int8 = {v: settings_key(make_settings(QUANTIZE_INT8=True, INT8_REDUCE_RANGE=v), 2)
+            for v in (True, False)}
+    assert int8[True] != int8[False]
+    assert int8[False] not in float_only and int8[True] not in float_only
+    with pytest.raises(SettingsError, match=r"INT8_REDUCE_RANGE.*True or False"):
+        make_settings(INT8_REDUCE_RANGE='yes')
 
 
 def test_a_grid_of_a_billion_rates_is_refused_up_front(make_settings):

@@ -98,17 +98,46 @@ def _unfused_logits(int8, x):
     return session.run(None, {name: np.asarray(x, dtype=np.float32)[..., None]})[0]
 
 
+def _weight_qmax(int8):
+    """The largest |int8 weight| of the file's weighted nodes (<= 64 with reduce_range)."""
+    weights = [numpy_helper.to_array(t) for t in int8.graph.initializer
+               if t.data_type == onnx.TensorProto.INT8]
+    return max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+
+
 def _assert_same_as_onnxruntime(got, expected, int8, x):
     """PyTorch's fake-quantized graph computes what the INT8 file says: equal to onnxruntime
-    running the QDQ graph as written. onnxruntime's fused integer kernels (what
-    public.qat.onnx_logits and deployment run) equal it too on CPUs with VNNI / AVX-512
-    (0.0 difference measured); on AVX2-only x86 CPUs their u8s8 kernels (VPMADDUBSW)
-    saturate 16-bit pair sums, which moves the logits by a quantization step or two
-    (measured: up to 2 steps, in 20-75 % of the logits, on an AVX2-only EPYC)."""
+    running the QDQ graph as written, on every CPU. With 7-bit weights (INT8_REDUCE_RANGE,
+    the default) onnxruntime's fused integer kernels (what ATML measures and deploys) equal it
+    too. With full 8-bit weights they do on CPUs with VNNI / AVX-512, but on AVX2-only x86
+    CPUs the u8s8 kernels (VPMADDUBSW) saturate 16-bit pair sums (measured on an AVX2-only
+    EPYC: up to 2 output steps in these tests, logits off by up to 7.6 on trained models)."""
     np.testing.assert_allclose(got, _unfused_logits(int8, x), atol=1e-4)
-    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.98
-    steps = np.abs(got - expected) / _output_step(int8)
-    assert steps.max() <= 3.01, steps.max()
+    if _weight_qmax(int8) <= 64:
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+    else:
+        assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.98
+
+def _with(settings, **values):
+    out = copy.copy(settings)
+    for name, value in values.items():
+        setattr(out, name, value)
+    return out
+
+
+def test_full_8_bit_weights_are_simulated_exactly_too(prepared, settings, calibration):
+    """INT8_REDUCE_RANGE=False: int8 weights use [-127, 127] and the PyTorch graph still
+    computes the file's QDQ arithmetic (onnxruntime unfused, any CPU)."""
+    out = qat.qat_finetune(_afnet(prepared), prepared.trial, 1e-3,
+                           _with(settings, INT8_REDUCE_RANGE=False), 1, calibration, 1, 1250,
+                           OPSET)
+    assert not out.graph.reduce_range and _weight_qmax(out.int8) > 64
+    x = _all_segments(prepared)
+    with torch.no_grad():
+        got = out.graph(torch.from_numpy(x).unsqueeze(-1)).numpy()
+    _assert_same_as_onnxruntime(got, qat.onnx_logits(out.int8, x), out.int8, x)
+    assert out.graph.weight_mismatch() == 0.0
+
 
 # ----------------------------------------------------------------------------- the file
 
@@ -138,13 +167,16 @@ def test_int8_file_runs_in_onnxruntime_with_int8_weights(prepared, settings, cal
     assert np.isfinite(logits).all()
 
 
+@pytest.mark.parametrize('reduce_range', [True, False], ids=['7-bit', '8-bit'])
 def test_epoch_zero_with_min_max_ranges_is_post_training_quantization_byte_for_byte(
-        prepared, settings, calibration, tmp_path):
+        prepared, settings, calibration, tmp_path, reduce_range):
     model = _afnet(prepared)
     export_onnx(model, str(tmp_path / 'float.onnx'), 1, 1250, OPSET)
-    quantize_int8(str(tmp_path / 'float.onnx'), str(tmp_path / 'ptq.onnx'), calibration)
-    outcome = qat.qat_finetune(model, prepared.trial, 1e-3, settings, 0, calibration, 1, 1250,
-                               OPSET, ranges=(None,))
+    quantize_int8(str(tmp_path / 'float.onnx'), str(tmp_path / 'ptq.onnx'), calibration,
+                  reduce_range=reduce_range)
+    outcome = qat.qat_finetune(model, prepared.trial, 1e-3,
+                               _with(settings, INT8_REDUCE_RANGE=reduce_range), 0, calibration,
+                               1, 1250, OPSET, ranges=(None,))
     qat.write_int8(outcome.int8, str(tmp_path / 'qat0.onnx'))
     assert (tmp_path / 'qat0.onnx').read_bytes() == (tmp_path / 'ptq.onnx').read_bytes()
 
@@ -190,6 +222,7 @@ def test_ranges_are_min_max_or_percentiles(prepared, settings, calibration, rang
 
 
 def test_onnxruntime_agrees_with_the_fake_quantized_pytorch_graph(outcome, prepared, tmp_path):
+    assert outcome.graph.reduce_range and _weight_qmax(outcome.int8) <= 64, 'the default'
     x = _all_segments(prepared)
     path = tmp_path / 'm.onnx'
     qat.write_int8(outcome.int8, str(path))
