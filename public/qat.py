@@ -15,7 +15,10 @@ weight, quantized every step with onnxruntime's formula. So fine-tuning sees exa
 quantization the exported file does, wherever onnxruntime put it: BatchNorm kept after
 SiLU (AFNet) or folded into the Conv by the pre-processing (SepNet), ReLU removed into the
 uint8 range, scales shared by Flatten and Unsqueeze, the logits themselves quantized.
-onnxruntime's placement rules are read from its output, not re-implemented.
+onnxruntime's placement rules are read from its output, not re-implemented. Weights are
+int8 in [-127, 127], or [-64, 64] with settings.INT8_REDUCE_RANGE (the default; see
+public/quantize.py: on x86 CPUs without VNNI, onnxruntime's kernels saturate full-range
+weights, and no fine-tuning of the exact arithmetic can make up for that).
 
 The loss is train_model's (CrossEntropyLoss for class labels, BCEWithLogitsLoss for
 multi-hot labels) against the float model's own probabilities (distillation): INT8 should
