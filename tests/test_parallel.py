@@ -130,7 +130,7 @@ def test_stage_two_a_larger_candidate_finishing_first_does_not_win(prepared, mak
     small, larger, largest = _names(settings, prepared)
     (tmp_path / 'calls').mkdir()
     trainer = ScriptedTrainer(tmp_path / 'calls', scores={small: 0.93, larger: 0.99},
-                              delays={small: 4.0})
+                              delays={small: 1.0}, after={small: larger})
     folder, met, rows, log = _stage_two(settings, prepared, trainer, executor)
     assert met and f'{small} meets both targets: the smallest such model' in log
     assert os.path.basename(folder) == '93-93'
