@@ -14,7 +14,8 @@ reduce_range). On x86 CPUs without VNNI, onnxruntime's u8s8 kernels add pairs of
 uint8 x int8 products in 16 bits (VPMADDUBSW), which saturates with full-range weights: the
 same file then computes something else than on a VNNI, ARM or exact-integer device (measured
 on an AVX2-only EPYC: logits off by up to 7.6, validation min-metric off by up to 14 points).
-With 7-bit weights no pair sum can saturate, so the file computes the same everywhere.
+With 7-bit weights no pair sum can saturate, so the file computes the same everywhere (up to
+a rounding step of the output).
 """
 import contextlib
 import logging
