@@ -18,7 +18,6 @@ import argparse
 import datetime
 import functools
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -27,7 +26,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from real_data import subject_split  # noqa: E402
+from real_data import cpu_name, cpu_vnni, make_log, subject_split  # noqa: E402
 
 
 def logits(path, x, exact):
@@ -64,20 +63,10 @@ def main():
     from public.quantize import quantize_int8
     from public.trial import calibration_sample, run_trial
     torch.set_num_threads(1)
-    out = open(args.out, 'w') if args.out else None
-
-    def log(line):
-        print(line, flush=True)
-        if out:
-            out.write(line + '\n')
-            out.flush()
-    cpu = subprocess.run(['sh', '-c', "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
-                         capture_output=True, text=True).stdout.strip()
-    vnni = subprocess.run(['sh', '-c', 'grep -o -w -m1 -E "avx512_vnni|avx_vnni" /proc/cpuinfo'],
-                          capture_output=True, text=True).stdout.split()
-    log(f"bench_int8_kernels {datetime.date.today()}: {os.cpu_count()} CPU cores, {cpu}, "
-        f"{vnni[0] if vnni else 'no VNNI'}; torch {torch.__version__}, onnxruntime "
-        f"{onnxruntime.__version__}")
+    log = make_log(args.out)
+    log(f"bench_int8_kernels {datetime.date.today()}: {os.cpu_count()} CPU cores, "
+        f"{cpu_name()}, {cpu_vnni() or 'no VNNI'}; torch "
+        f"{torch.__version__}, onnxruntime {onnxruntime.__version__}")
     data, split = subject_split(seed=args.seed)
     log(f"seed {args.seed}: {split.describe()}")
     values = dict(NUM_EPOCHS=args.epochs, SEED=args.seed, DEVICE='cpu', NUM_THREADS=1,

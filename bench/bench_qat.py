@@ -33,7 +33,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from real_data import TEST_SUBJECTS, subject_split  # noqa: E402,F401
+from real_data import TEST_SUBJECTS, cpu_vnni, make_log, subject_split  # noqa: E402,F401
 
 
 def load(path, seed, subsample):
@@ -261,23 +261,15 @@ def main():
     args = parser.parse_args()
     import torch
     torch.set_num_threads(1)
-    out = open(args.out, 'w') if args.out else None
-
-    def log(line):
-        print(line, flush=True)
-        if out:
-            out.write(line + '\n')
-            out.flush()
+    log = make_log(args.out)
     import onnxruntime
     load_avg = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
     log(f"bench_qat {datetime.date.today()}: {os.cpu_count()} CPU cores (load average "
         f"{load_avg:.1f} at start), torch {torch.__version__} ({torch.get_num_threads()} "
         f"thread), onnxruntime {onnxruntime.__version__}")
-    import subprocess
-    flags = subprocess.run(['sh', '-c', 'grep -o -w -m1 -E "avx512_vnni|avx_vnni" /proc/cpuinfo'],
-                           capture_output=True, text=True).stdout.split()
+    vnni = cpu_vnni()
     log(f"INT8 weights: {'8-bit (full range)' if args.full_range else '7-bit (reduce_range)'}; "
-        f"this CPU {'has ' + flags[0] if flags else 'has no VNNI (AVX2 u8s8 kernels saturate 8-bit weights)'}")
+        f"this CPU {'has ' + vnni if vnni else 'has no VNNI (its u8s8 kernels saturate 8-bit weights)'}")
     log(f"float: LR {args.lr}, {'no augmentation' if args.no_augment else 'AUGMENT'}, batch {args.batch}, up to {args.epochs} epochs (early stopping "
         f"PATIENCE/OVERFIT_GAP of params.py); QAT: {args.qat_epochs} epochs, LR {args.qat_lr} "
         f"(cosine to 0), distillation from the float model, starting from the better (on "

@@ -55,3 +55,36 @@ def subject_split(path=NPZ, seed=42, subsample=0, onnx_sample=16):
                         device=torch.device('cpu'), summary='', test_subjects=subjects[te],
                         val_subjects=subjects[va])
     return data, Split(tr, va, te, subjects, y)
+
+
+def make_log(path=''):
+    """log(line): print it, and append it to `path` too when one is given."""
+    out = open(path, 'w') if path else None
+
+    def log(line):
+        print(line, flush=True)
+        if out:
+            out.write(line + '\n')
+            out.flush()
+    return log
+
+
+def _cpuinfo(field):
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((line.split(':', 1)[1].strip() for line in f
+                         if line.split(':', 1)[0].strip() == field), '')
+    except OSError:
+        return ''
+
+
+def cpu_name():
+    import platform
+    return _cpuinfo('model name') or platform.machine()
+
+
+def cpu_vnni():
+    """'avx512_vnni' / 'avx_vnni' when this x86 CPU has VNNI (onnxruntime's u8s8 kernels
+    then sum exactly), '' otherwise (README, "INT8 on CPUs without VNNI")."""
+    flags = _cpuinfo('flags').split()
+    return next((v for v in ('avx512_vnni', 'avx_vnni') if v in flags), '')
