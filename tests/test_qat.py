@@ -72,18 +72,6 @@ def _all_segments(prepared):
                            np.asarray(prepared.x_test)])
 
 
-def _output_step(int8):
-    """One quantization step of the INT8 model's logits: the scale of the DequantizeLinear
-    that gives the graph's output."""
-    (output,) = [o.name for o in int8.graph.output]
-    producers = {out: node for node in int8.graph.node for out in node.output}
-    node = producers[output]
-    while node.op_type != 'DequantizeLinear':       # e.g. a Reshape/Squeeze after it
-        node = producers[node.input[0]]
-    scales = {t.name: numpy_helper.to_array(t) for t in int8.graph.initializer}
-    return float(scales[node.input[1]])
-
-
 def _unfused_logits(int8, x):
     """onnxruntime running the file's QDQ graph node by node (graph optimisations off): each
     QuantizeLinear / DequantizeLinear and float Conv/Gemm as written, no fused integer
