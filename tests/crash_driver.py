@@ -8,7 +8,7 @@
 3. The final state on disk (results table up to timing columns, avoid.txt entries, every
    file of the results folders, summary) must equal the reference's.
 Each run is a forked child of this process (torch is imported once, data parsed once):
-deterministic, no timing involved. Prints one JSON line: {"steps": N, "mismatches": [...]}.
+deterministic, no timing involved. The kill points run side by side, one per core. Prints one JSON line: {"steps": N, "mismatches": [...]}.
 """
 import json
 import os
@@ -132,6 +132,29 @@ def diff(a, b):
     return [k for k in keys if a.get(k) != b.get(k)]
 
 
+def case(stage, work, k, steps, reference, train, test, cache, data):
+    """Kill a run right after step k, rerun it, compare with the reference: writes
+    work/case-<k>.json ({} when equal, else what differs)."""
+    root = os.path.join(work, f"kill-{k}")
+    settings = settings_for(stage, root, train, test, cache)
+    killed = in_child(stage, settings, data, {'ATML_KILL_AT_STEP': str(k)})
+    resumed = in_child(stage, settings, data, {})
+    got = snapshot(root)
+    outcome = {}
+    if killed != -signal.SIGKILL or resumed != 0 or got != reference:
+        outcome = {'step': k, 'after': steps[k - 1], 'killed': killed, 'resumed': resumed,
+                   'differs': diff(reference, got)[:6]}
+    else:
+        shutil.rmtree(root)
+    with open(os.path.join(work, f"case-{k}.json"), 'w') as f:
+        json.dump(outcome, f)
+
+
+def _reap(running):
+    pid, _ = os.wait()
+    running.pop(pid, None)
+
+
 def main(stage, work, train, test, cache):
     from public.trial import prepare_data
     ref_root = os.path.join(work, 'reference')
@@ -144,18 +167,36 @@ def main(stage, work, train, test, cache):
     with open(log) as f:
         steps = [line.split(' ', 1)[1].strip() for line in f]
     reference = snapshot(ref_root)
+    # The kill points are independent (each in its own folder): up to one case per core runs
+    # at a time, each in a forked child that reports to work/case-<k>.json.
+    running, width = {}, max(1, min(4, os.cpu_count() or 1))
+    for k in range(1, len(steps) + 1):
+        if len(running) >= width:
+            _reap(running)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                case(stage, work, k, steps, reference, train, test, cache, data)
+                code = 0
+            except BaseException:
+                import traceback
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        running[pid] = k
+    while running:
+        _reap(running)
     mismatches = []
     for k in range(1, len(steps) + 1):
-        root = os.path.join(work, f"kill-{k}")
-        settings = settings_for(stage, root, train, test, cache)
-        killed = in_child(stage, settings, data, {'ATML_KILL_AT_STEP': str(k)})
-        resumed = in_child(stage, settings, data, {})
-        got = snapshot(root)
-        if killed != -signal.SIGKILL or resumed != 0 or got != reference:
-            mismatches.append({'step': k, 'after': steps[k - 1], 'killed': killed,
-                               'resumed': resumed, 'differs': diff(reference, got)[:6]})
-        else:
-            shutil.rmtree(root)
+        path = os.path.join(work, f"case-{k}.json")
+        if not os.path.exists(path):
+            mismatches.append({'step': k, 'after': steps[k - 1], 'error': 'the case crashed'})
+            continue
+        with open(path) as f:
+            outcome = json.load(f)
+        if outcome:
+            mismatches.append(outcome)
     print(json.dumps({'steps': len(steps), 'names': steps, 'mismatches': mismatches}))
     return 0
 
