@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import os
 import shutil
+import time
 from dataclasses import dataclass
 
 from public.errors import SettingsError
@@ -26,8 +27,8 @@ from public.results import (STAGE2_COLUMNS, ResultsTable, atml_made, best_rank, 
                             read_info, recover_folders, replace_folder, settings_key,
                             trial_row, write_info, write_result_files)
 from public.test import score_digits, selection_score
-from public.trial import (STATUS_DIVERGED, STATUS_FAILED, STATUS_OK, TrialResult, TrialSpec,
-                          calibration_sample)
+from public.trial import (STATUS_DIVERGED, STATUS_FAILED, STATUS_OK, STATUS_SPECULATIVE,
+                          TrialResult, TrialSpec, calibration_sample, deciding_score)
 
 STAGE2_CSV = 'stage2_results.csv'
 STATUS_OVER_SIZE = 'over-size'
@@ -190,6 +191,13 @@ def _row(candidate, settings, key, result=None, status=None):
     return row
 
 
+def _outcome_result(outcome):
+    result = outcome.result if outcome.ok else TrialResult(status=STATUS_FAILED,
+                                                           error=outcome.error)
+    result.node, result.attempts = outcome.node, outcome.attempts
+    return result
+
+
 def _run_job(spec, data):
     from public.trial import run_job
     return run_job(spec, data)
@@ -230,7 +238,8 @@ class StageTwo:
         self.feasible = [k for k in self.plan if self.budget.fits(k.predicted_bytes)]
         self.outcomes = {}          # candidate name -> its row, once recorded (this key)
         for r in self.table.rows():
-            if r['settings_key'] != self.key or r['status'] in (STATUS_FAILED, STATUS_OVER_SIZE):
+            if r['settings_key'] != self.key or r['status'] in (STATUS_FAILED, STATUS_OVER_SIZE,
+                                                                 STATUS_SPECULATIVE):
                 continue
             if r['status'] == STATUS_OK and not os.path.isdir(self._dir(r['candidate'])):
                 continue            # its files are gone: train it again
@@ -252,6 +261,10 @@ class StageTwo:
             if not self.budget.fits(k.predicted_bytes) and k.name not in recorded:
                 self.table.append(_row(k, settings, self.key, status=STATUS_OVER_SIZE))
         self.queue = [k for k in self.feasible if k.name not in self.outcomes]
+        self.pos = 0                  # how far the walk of the serial order has committed
+        self.waiting = {}             # name -> Outcome: finished, a smaller one still open
+        self.dispatched = {}          # name -> time.time() when it was handed out
+        self.speculative = {'trials': 0, 'seconds': 0.0, 'cancelled': 0}
         for k in self.feasible:
             if self.outcomes.get(k.name, {}).get('status') == STATUS_DIVERGED:
                 log(f"  {k.name}: diverged in an earlier run; not retrained")
@@ -276,16 +289,52 @@ class StageTwo:
         return next(i for i, k in enumerate(self.feasible) if k.name == name)
 
     def _first_meeting(self):
+        """The index of the decided answer (every smaller candidate committed), or None."""
+        decided, row = self.winner()
+        return self._index(row['candidate']) if row is not None else None
+
+    def _bound(self):
+        """The smallest index whose outcome (committed or waiting) meets both targets: the
+        serial answer is this candidate or a smaller one, so larger ones are never needed."""
         meeting = [self._index(n) for n, r in self.outcomes.items() if self._meets(r)]
-        return min(meeting) if meeting else None
+        for name, outcome in self.waiting.items():
+            result = _outcome_result(outcome)
+            if result.status == STATUS_OK:
+                row = _row(self.feasible[self._index(name)], self.settings, self.key, result)
+                if self._meets({k: str(v) for k, v in row.items()}):
+                    meeting.append(self._index(name))
+        return min(meeting, default=None)
+
+    def _beyond(self, name):
+        bound = self._bound()
+        return bound is not None and self._index(name) > bound
+
+    # -- the serial order: outcomes are committed smallest first, as the serial search would
+    def _walk(self):
+        """Commit waiting outcomes in the order of `feasible` until one is missing, or the
+        answer is decided (a committed candidate meets both targets): larger candidates
+        are then never reached by the serial search, and waiting ones become speculative."""
+        while self.pos < len(self.feasible) and self._first_meeting() is None:
+            name = self.feasible[self.pos].name
+            if name in self.outcomes:           # committed (this run or an earlier one)
+                self.pos += 1
+            elif name in self.waiting:
+                self._commit(self.waiting.pop(name))
+                self.pos += 1
+            else:
+                return
+        if self._first_meeting() is not None:
+            for name in list(self.waiting):
+                self._record_speculative(self.waiting.pop(name))
 
     def next_job(self):
-        first = self._first_meeting()
+        self._walk()
         while self.queue:
             k = self.queue.pop(0)
-            if first is not None and self._index(k.name) > first:
+            if self._beyond(k.name):
                 self.queue = []             # a smaller candidate already meets both targets
                 return None
+            self.dispatched[k.name] = time.time()
             spec = TrialSpec(key=k.name, lr=self.settings.LEARNING_RATE, settings=self.settings,
                              build=functools.partial(build_from_config, k.config),
                              quantize=self.settings.QUANTIZE_INT8, trainer=self.trainer,
@@ -302,15 +351,46 @@ class StageTwo:
         return min(max(scores, default=0.0), self.settings.METRIC_TARGET / 100)
 
     def obsolete(self, job):
-        first = self._first_meeting()
-        return first is not None and self._index(job.key) > first
+        if self._beyond(job.key):
+            self.speculative['cancelled'] += 1
+            self.speculative['seconds'] += time.time() - self.dispatched.get(job.key, time.time())
+            return True
+        return False
 
     def record(self, outcome):
+        """A finished job: held until every smaller candidate is committed."""
+        if self._beyond(outcome.job.key):
+            self._record_speculative(outcome)
+        else:
+            self.waiting[outcome.job.key] = outcome
+        self._walk()
+
+    def _record_speculative(self, outcome):
+        k = self.feasible[self._index(outcome.job.key)]
+        result = _outcome_result(outcome)
+        row = _row(k, self.settings, self.key, result)
+        row.update(status=STATUS_SPECULATIVE, meets_metric=False,
+                   error="ran ahead of the serial order; not used: a smaller candidate meets "
+                         "both targets")
+        self.table.append(row)
+        self.speculative['trials'] += 1
+        self.speculative['seconds'] += float(result.wall_s or 0.0)
+
+    def speculative_note(self):
+        s = self.speculative
+        if not (s['trials'] or s['cancelled']):
+            return ''
+        return (f"Speculative work: {s['trials']} candidate(s) trained ahead of the serial "
+                f"order and not used ({s['seconds']:.0f} s of worker time; rows marked "
+                f"'{STATUS_SPECULATIVE}'), {s['cancelled']} running candidate(s) cancelled")
+
+    def _commit(self, outcome):
         settings = self.settings
         k = self.feasible[self._index(outcome.job.key)]
-        result = outcome.result if outcome.ok else TrialResult(status=STATUS_FAILED,
-                                                               error=outcome.error)
-        result.node, result.attempts = outcome.node, outcome.attempts
+        result = _outcome_result(outcome)
+        if (getattr(result, 'refit', None)
+                and deciding_score(result, settings) < self._refit_above() - 1e-5):
+            result.refit = None     # started ahead of the serial order: the serial bar is higher
         if result.status == STATUS_OK and not settings.QUANTIZE_INT8 and result.onnx_bytes != k.predicted_bytes:
             self.log(f"  warning: {k.name}: trained ONNX is {result.onnx_bytes} bytes, predicted "
                      f"{k.predicted_bytes}")
@@ -391,6 +471,9 @@ def run_stage_two(settings, data, interrupts, log=print, progress=True, trainer=
     finally:
         if own:
             executor.shutdown()
+    note = stage.speculative_note()
+    if note:
+        log(note)
     with interrupts.critical():
         return stage.finish()
 

@@ -34,7 +34,8 @@ from public.results import (STAGE1_COLUMNS, ResultsTable, atml_made, best_rank, 
                             settings_key, trial_row, write_atomic, write_info, write_result_files,
                             MODEL_FILES)
 from public.test import percent
-from public.trial import STATUS_DIVERGED, STATUS_FAILED, STATUS_OK, TrialResult, TrialSpec
+from public.trial import (STATUS_DIVERGED, STATUS_FAILED, STATUS_OK, STATUS_SPECULATIVE,
+                          TrialResult, TrialSpec, deciding_score)
 
 RESULTS_CSV = 'results.csv'
 SUMMARY_CSV = 'summary.csv'
@@ -197,7 +198,14 @@ class StageOne:
         self.key = settings_key(settings)
         self.candidates = learning_rate_candidates(settings.LR_MIN, settings.LR_MAX,
                                                    settings.STEP)
-        self.queue = [(name, lr) for name in self.models for lr in self.candidates]
+        # The serial order: model by model, learning rates in grid order. The serial search
+        # walks it one candidate at a time; `self.pos` is how far this search has walked.
+        self.order = [(name, lr) for name in self.models for lr in self.candidates]
+        self.pos = 0
+        self.waiting = {}              # key -> Outcome: finished, not yet reached by the walk
+        self.dispatched = {}           # key -> time.time() when it was handed out (this run)
+        self.discarded = set()         # keys the walk decided the serial search never runs
+        self.speculative = {'trials': 0, 'seconds': 0.0, 'cancelled': 0}
         self.done = set()              # models whose search ended (target, or cannot build)
         self.announced = set()
         self.rows = []                 # this key's rows, in table order
@@ -213,6 +221,7 @@ class StageOne:
         all_rows = self.table.rows()
         self.rows = [r for r in all_rows if r['settings_key'] == self.key]
         finished = self.finished()
+        self.finished_before = set(finished)
         if all_rows:
             other = len(all_rows) - len(self.rows)
             self.log(f"Resuming from {self.table.path}: {len(finished)} finished trial(s) will "
@@ -240,37 +249,120 @@ class StageOne:
         return {(r['model'], r['lr']): r for r in self.rows
                 if r['status'] in (STATUS_OK, STATUS_DIVERGED)}
 
-    # -- the dispatch loop's questions
-    def next_job(self):
-        finished = self.finished()
-        while self.queue:
-            name, lr = self.queue[0]
-            if name in self.done:
-                self.queue.pop(0)
-                continue
-            if name not in self.announced:
-                self.announced.add(name)
-                self.log(f"{name}: searching {len(self.candidates)} learning rate(s)")
-            self.queue.pop(0)
-            if (name, lr_key(lr)) in finished:
-                self.log(f"  {name} lr={lr_key(lr)}: finished in an earlier run; skipped")
-                continue
-            hit = self.avoid.pruned_by(lr, name, self.key)
-            if hit:
-                scope = f"for {hit[1]}" if hit[1] else 'for every model'
-                self.log(f"  {name} lr={lr_key(lr)}: pruned (avoid.txt has {hit[0]!r} {scope}, within 2*STEP)")
-                continue
-            data = self.data
-            spec = TrialSpec(key=f"{name}@{lr_key(lr)}", lr=lr, settings=self.settings,
-                             build=functools.partial(_build, self.models[name], data.input_size,
-                                                     data.in_channels, data.num_classes),
-                             trainer=self.trainer, progress=self.progress,
-                             refit_above=self.best_score(name))
-            return Job(key=spec.key, fn=_run_job, payload=spec)
+    # -- the serial order: decisions are applied only as the serial search would reach them
+    @staticmethod
+    def _key(name, lr):
+        return f"{name}@{lr_key(lr)}"
+
+    def _skip_reason(self, name, lr):
+        """Why the serial search, standing at this candidate now, would not train it (None:
+        it would train it). Only committed outcomes count: they are the serial prefix."""
+        if name in self.done:
+            return 'its model is done'
+        if (name, lr_key(lr)) in self.finished_before:
+            return 'finished in an earlier run; skipped'
+        hit = self.avoid.pruned_by(lr, name, self.key)
+        if hit:
+            scope = f"for {hit[1]}" if hit[1] else 'for every model'
+            return f"skipped (avoid.txt has {hit[0]!r} {scope}, within 2*STEP)"
         return None
 
+    def _walk(self):
+        """Walk the serial order as far as committed outcomes allow: skip what the serial
+        search skips, commit a waiting outcome where the serial search would train; stop at
+        the first candidate it would train whose outcome has not arrived."""
+        while self.pos < len(self.order):
+            name, lr = self.order[self.pos]
+            key = self._key(name, lr)
+            if name not in self.done and name not in self.announced:
+                self.announced.add(name)
+                self.log(f"{name}: searching {len(self.candidates)} learning rate(s)")
+            why = self._skip_reason(name, lr)
+            if why is None and key not in self.waiting:
+                return                          # the serial search would train it: wait
+            self.pos += 1
+            if why is None:
+                self._commit(self.waiting.pop(key))
+                continue
+            if why != 'its model is done':
+                self.log(f"  {name} lr={lr_key(lr)}: {why}")
+            self._discard(key, why)
+
+    def _discard(self, key, why):
+        """The serial search never trains `key`: a waiting outcome becomes a speculative row
+        (kept, drives nothing); a running job is cancelled by obsolete()."""
+        self.discarded.add(key)
+        outcome = self.waiting.pop(key, None)
+        if outcome is not None:
+            self._record_speculative(outcome, why)
+
+    def _record_speculative(self, outcome, why):
+        spec = outcome.job.payload
+        result = _outcome_result(outcome)
+        row = trial_row(result, self.settings, self.key, model=spec.key.split('@')[0],
+                        lr=lr_key(spec.lr), pruned=False)
+        row.update(status=STATUS_SPECULATIVE,
+                   error=f"ran ahead of the serial order; not used: {why}")
+        self.table.append(row)
+        self.speculative['trials'] += 1
+        self.speculative['seconds'] += float(result.wall_s or 0.0)
+
+    def speculative_note(self):
+        """One line on the work done ahead of the serial order and thrown away, or ''."""
+        s = self.speculative
+        if not (s['trials'] or s['cancelled']):
+            return ''
+        return (f"Speculative work: {s['trials']} trial(s) ran ahead of the serial order and "
+                f"were not used ({s['seconds']:.0f} s of worker time; rows marked "
+                f"'{STATUS_SPECULATIVE}'), {s['cancelled']} running trial(s) cancelled")
+
+    # -- the dispatch loop's questions
+    def next_job(self):
+        """The next candidate to start. The serial search's next one first; then those no
+        unfinished earlier candidate can prune (farther than 2*STEP from every earlier
+        candidate of their model still open; the next model's first rates); then the rest,
+        in serial order (they may turn out speculative)."""
+        self._walk()
+        open_ = []                             # undecided, not yet handed out, in serial order
+        for i in range(self.pos, len(self.order)):
+            name, lr = self.order[i]
+            key = self._key(name, lr)
+            if key in self.dispatched or key in self.discarded:
+                continue
+            if self._skip_reason(name, lr) is not None:
+                continue                       # the walk will skip it when it gets there
+            open_.append((i, name, lr, key))
+        if not open_:
+            return None
+        reach = 2 * self.settings.STEP * (1 + 1e-9)
+        choice = open_[0] if open_[0][0] == self.pos else None
+        if choice is None:
+            for i, name, lr, key in open_:
+                earlier = [e_lr for e_name, e_lr in self.order[self.pos:i] if e_name == name
+                           and self._key(e_name, e_lr) not in self.discarded
+                           and self._skip_reason(e_name, e_lr) is None]
+                if all(abs(lr - e) > reach for e in earlier):
+                    choice = (i, name, lr, key)
+                    break
+        choice = choice or open_[0]
+        _, name, lr, key = choice
+        self.dispatched[key] = time.time()
+        data = self.data
+        spec = TrialSpec(key=key, lr=lr, settings=self.settings,
+                         build=functools.partial(_build, self.models[name], data.input_size,
+                                                 data.in_channels, data.num_classes),
+                         trainer=self.trainer, progress=self.progress,
+                         refit_above=self.best_score(name))
+        return Job(key=spec.key, fn=_run_job, payload=spec)
+
     def obsolete(self, job):
-        return job.payload.key.split('@')[0] in self.done
+        name, lr = job.payload.key.split('@')[0], job.payload.lr
+        if job.key in self.discarded or self._skip_reason(name, lr) is not None:
+            self.discarded.add(job.key)
+            self.speculative['cancelled'] += 1
+            self.speculative['seconds'] += time.time() - self.dispatched.get(job.key, time.time())
+            return True
+        return False
 
     def best_score(self, name):
         """The best score recorded for a model under this key (0 before any): REFIT retrains
@@ -280,13 +372,21 @@ class StageOne:
         return max(scores, default=0.0)
 
     def record(self, outcome):
+        """A finished job: held until the walk of the serial order reaches it."""
+        if outcome.job.key in self.discarded:
+            self._record_speculative(outcome, 'the serial search skips it')
+        else:
+            self.waiting[outcome.job.key] = outcome
+        self._walk()
+
+    def _commit(self, outcome):
+        """Apply a finished trial as the serial search would at this point of its order."""
         spec = outcome.job.payload
         name, lr = spec.key.split('@')[0], spec.lr
-        result = outcome.result if outcome.ok else TrialResult(status=STATUS_FAILED,
-                                                               error=outcome.error)
-        result.node, result.attempts = outcome.node, outcome.attempts
+        result = _outcome_result(outcome)
         settings = self.settings
         score = self.score(result)
+        _drop_unneeded_refit(result, settings, self.best_score(name))
         pruned = result.status == STATUS_DIVERGED or (
             result.status == STATUS_OK and score < settings.AVOID_PARAM)
         row = trial_row(result, settings, self.key, model=name, lr=lr_key(lr), pruned=pruned)
@@ -390,7 +490,8 @@ class StageOne:
             if not os.path.isdir(store):
                 continue
             recover_folders(store)
-            rows = {r['lr'] for r in self.rows if r['model'] == name}
+            rows = {r['lr'] for r in self.rows
+                    if r['model'] == name and r['status'] != STATUS_SPECULATIVE}
             for entry in os.listdir(store):
                 if entry not in rows:
                     shutil.rmtree(os.path.join(store, entry), ignore_errors=True)
@@ -400,6 +501,23 @@ class StageOne:
         summary = summarize(self.settings, self.rows, list(self.models))
         write_atomic(os.path.join(self.root, SUMMARY_CSV), summary.to_csv(index=False))
         return summary
+
+
+def _outcome_result(outcome):
+    """The TrialResult of an Outcome (a failed job becomes a failed result)."""
+    result = outcome.result if outcome.ok else TrialResult(status=STATUS_FAILED,
+                                                           error=outcome.error)
+    result.node, result.attempts = outcome.node, outcome.attempts
+    return result
+
+
+def _drop_unneeded_refit(result, settings, bar):
+    """REFIT is decided at dispatch against the best score then recorded; a trial started
+    ahead of the serial order may see a lower bar than the serial search would. Undo a refit
+    the serial search would not have made (its score is below the bar at commit time), so
+    the row and the files are the serial search's."""
+    if getattr(result, 'refit', None) and deciding_score(result, settings) < bar - 1e-5:
+        result.refit = None
 
 
 def _run_job(spec, data):
@@ -432,6 +550,9 @@ def run_stage_one(settings, data, models, interrupts, log=print, progress=True, 
     finally:
         if own:
             executor.shutdown()
+    note = stage.speculative_note()
+    if note:
+        log(note)
     return stage.write_summary()
 
 
@@ -441,7 +562,7 @@ def summarize(settings, rows, model_names):
     from public.test import METRIC_NAMES
     out = []
     for name in model_names:
-        mine = [r for r in rows if r['model'] == name]
+        mine = [r for r in rows if r['model'] == name and r['status'] != STATUS_SPECULATIVE]
         ok = [r for r in mine if r['status'] == STATUS_OK]
         entry = {'model': name, 'trials': len(mine), 'pruned': sum(r['pruned'] == 'True' for r in mine),
                  'failed': sum(r['status'] == STATUS_FAILED for r in mine)}

@@ -27,6 +27,9 @@ from public.recipe import add_normalization
 from public.training import STOP_DIVERGED, TrialData, seed_everything, train_model
 
 STATUS_OK, STATUS_DIVERGED, STATUS_FAILED = 'ok', 'diverged', 'failed'
+# A trial the parallel search ran ahead of the serial order and the serial search never
+# reaches (pruned by an earlier result, its model done): its row is kept, it decides nothing.
+STATUS_SPECULATIVE = 'speculative'
 
 
 @dataclass

@@ -153,7 +153,7 @@ def test_avoid_lines_of_other_settings_do_not_prune(prepared, make_settings):
                           DATA_DIR=first.DATA_DIR.rstrip('/') + '/../train')
     _, log = _search(other, prepared)
     assert [r['lr'] for r in _rows(other) if r['settings_key'] == settings_key(other)] == ['0.002']
-    assert 'lr=0.002: pruned (avoid.txt' not in log
+    assert 'lr=0.002: skipped (avoid.txt' not in log
 
 
 def test_a_foreign_line_in_results_csv_is_moved_out_and_pandas_reads_the_table(prepared,

@@ -113,7 +113,7 @@ def test_stage_one_results_table_has_one_row_per_trial(stage_one):
         assert int(r['onnx_kb']) == math.ceil(int(r['onnx_bytes']) / 1024)
         assert float(r['latency_ms']) > 0 and int(r['params']) > 0 and float(r['wall_s']) > 0
         assert 0 <= float(r['test_f1']) <= 1 and 0 <= float(r['val_recall']) <= 1
-    assert first.stdout.count('lr=0.003: pruned (avoid.txt has 0.002 for ') == 3
+    assert first.stdout.count('lr=0.003: skipped (avoid.txt has 0.002 for ') == 3
 
 
 def test_stage_one_best_folders_are_complete_and_consistent(stage_one, small_data):

@@ -65,18 +65,23 @@ def test_parallel_stage_one_equals_the_serial_search(prepared, make_settings, tm
         assert differ == {}, differ
 
 
-def test_a_result_prunes_queued_rates_but_a_running_trial_is_recorded(prepared, make_settings,
-                                                                     tmp_path, executor):
-    # 0.001 (fast, bad) prunes 0.002 and 0.003; 0.002 already runs beside it: it finishes and
-    # is recorded; 0.003 was still queued: skipped.
+def test_a_result_prunes_queued_rates_and_a_running_trial_becomes_speculative(
+        prepared, make_settings, tmp_path, executor):
+    # 0.001 (fast, bad) prunes 0.002 and 0.003; 0.002 already runs beside it (4 s): the
+    # serial search never trains it, so it is cancelled and decides nothing; 0.003 was
+    # still queued: skipped. (An outcome that arrives first becomes a 'speculative' row:
+    # test_serial_order.py.)
     (tmp_path / 'calls').mkdir()
     trainer = ScriptedTrainer(tmp_path / 'calls', scores={'TinyNet@0.001': 0.5},
                               delays={'TinyNet@0.002': 4.0})
     settings = make_settings(LR_MIN=0.001, LR_MAX=0.006, STEP=0.001, AVOID_PARAM=0.8)
     rows, log = _stage_one(settings, prepared, [TinyNet], executor, trainer)
-    assert sorted(r['lr'] for r in rows) == ['0.001', '0.002', '0.004', '0.005', '0.006']
-    assert rows[-1]['lr'] == '0.002', 'the slow trial arrived last and was still recorded'
-    assert 'TinyNet lr=0.003: pruned (avoid.txt has 0.001 for TinyNet' in log
+    serial = [r for r in rows if r['status'] != 'speculative']
+    assert [r['lr'] for r in serial] == ['0.001', '0.004', '0.005', '0.006']
+    assert 'TinyNet@0.002' in trainer.calls() and len(rows) == 4
+    assert 'avoid.txt has 0.002' not in log, 'a speculative trial prunes nothing'
+    assert 'Speculative work: 0 trial(s)' in log and '1 running trial(s) cancelled' in log
+    assert 'TinyNet lr=0.003: skipped (avoid.txt has 0.001 for TinyNet' in log
     assert 'TinyNet@0.003' not in trainer.calls()
 
 
@@ -135,7 +140,8 @@ def test_stage_two_a_larger_candidate_finishing_first_does_not_win(prepared, mak
     assert met and f'{small} meets both targets: the smallest such model' in log
     assert os.path.basename(folder) == '93-93'
     assert largest not in trainer.calls(), 'nothing larger than a meeting candidate starts'
-    assert [r['candidate'] for r in rows if r['status'] == 'ok'] == [larger, small]
+    assert [r['candidate'] for r in rows if r['status'] == 'ok'] == [small]
+    assert [r['candidate'] for r in rows if r['status'] == 'speculative'] == [larger]
 
 
 def test_stage_two_once_the_answer_is_certain_larger_running_candidates_are_cancelled(

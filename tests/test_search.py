@@ -161,7 +161,7 @@ def test_pruning_skips_neighbours_of_a_bad_rate_within_its_model(prepared, make_
     entries = AvoidList(settings.AVOID_FILE_PATH, settings.STEP).entries
     assert sorted((e[0], e[1]) for e in entries) == sorted(
         (lr, m) for m in ('TinyNet', 'TinyNetB') for lr in (0.001, 0.0025, 0.004))
-    assert 'lr=0.0015: pruned (avoid.txt has 0.001 for TinyNet, within 2*STEP)' in log
+    assert 'lr=0.0015: skipped (avoid.txt has 0.001 for TinyNet, within 2*STEP)' in log
     assert list(summary['pruned']) == [3, 3]
 
 
@@ -172,7 +172,7 @@ def test_a_users_bare_line_prunes_every_model(prepared, make_settings, tmp_path)
     rows = _rows(settings)
     for model in ('TinyNet', 'TinyNetB'):
         assert [r['lr'] for r in rows if r['model'] == model] == ['0.001', '0.004']
-    assert 'pruned (avoid.txt has 0.0025 for every model' in log
+    assert 'skipped (avoid.txt has 0.0025 for every model' in log
     assert (tmp_path / 'avoid.txt').read_text() == '# by hand\n0.0025\n'
 
 
