@@ -10,8 +10,11 @@ Make the folders from the shared real data (40 subjects x 3 repeats for training
 
 Each run is `python train_multi.py` as a user runs it, in a fresh scratch project (the data
 cache is warmed once before the timed runs), with every trial forced to run in both modes
-(AVOID_PARAM=0, STAGE1_TARGET=100) so that both do the same work. Runs alternate serial /
-parallel. For each run it prints the wall time, Ray's start-up (from the run's log), the
+(AVOID_PARAM=0, STAGE1_TARGET=100) so that both do the same work; `--pruning` keeps
+params.py's AVOID_PARAM and STAGE1_TARGET instead, so that results prune rates and end
+models, and the parallel search runs some trials ahead of the serial order that it then
+does not use (speculative work: its trials and worker seconds are printed; both modes must
+record the same serial rows, which is checked). Runs alternate serial / parallel. For each run it prints the wall time, Ray's start-up (from the run's log), the
 sum of the trials' own wall times, and the peak memory of the whole process tree (driver,
 Ray's processes and workers) sampled every 0.5 s as PSS (shared pages split between the
 processes that map them) and as RSS (shared pages counted in every process). Then the
@@ -88,8 +91,10 @@ def project(args, workers):
         overrides = dict(DATA_DIR=args.train, TEST_DIR=args.test, CACHE_DIR=args.cache,
                          MODELS=tuple(args.models.split(',')), NUM_EPOCHS=args.epochs,
                          LR_MIN=0.0015, LR_MAX=0.0015 + 0.0005 * (args.lrs - 1), STEP=0.0005,
-                         AVOID_PARAM=0.0, STAGE1_TARGET=100, WORKERS=workers,
-                         LATENCY_RUNS=50)
+                         WORKERS=workers, LATENCY_RUNS=50)
+        if not args.pruning:
+            overrides.update(AVOID_PARAM=0.0, STAGE1_TARGET=100)
+        overrides.update(args.set)
     with open(os.path.join(folder, 'params.py'), 'a') as f:
         f.write('\n' + ''.join(f"{k} = {v!r}\n" for k, v in overrides.items()))
     return folder
@@ -112,9 +117,26 @@ def timed_run(args, workers):
         raise SystemExit(f"run failed ({folder}):\n{text[-3000:]}")
     ray = re.search(r'\(([\d.]+) s to start\)', text)
     trials = [float(s) for s in re.findall(r', ([\d.]+) s(?: on node \w+)?\n', text)]
+    spec = re.search(r'Speculative work: (\d+) trial\(s\).*?\(([\d.]+) s of worker time.*?'
+                     r'(\d+) running trial\(s\) cancelled', text)
+    rows = _serial_rows(os.path.join(folder, 'multi-result', 'results.csv'))
     shutil.rmtree(folder)
     return dict(wall=wall, ray=float(ray.group(1)) if ray else 0.0, trials=len(trials),
-                trial_s=sum(trials), pss=peak.pss, rss=peak.rss, procs=peak.procs)
+                trial_s=sum(trials), pss=peak.pss, rss=peak.rss, procs=peak.procs,
+                spec=int(spec.group(1)) if spec else 0, spec_s=float(spec.group(2)) if spec else 0.0,
+                cancelled=int(spec.group(3)) if spec else 0, rows=rows)
+
+
+def _serial_rows(path):
+    """The rows the serial search records (timing columns and speculative rows left out)."""
+    import csv
+    if not os.path.exists(path):
+        return []
+    with open(path, newline='') as f:
+        rows = list(csv.DictReader(f))
+    timing = ('latency_ms', 'wall_s', 'finished_at', 'node', 'attempts')
+    return [{k: v for k, v in r.items() if k not in timing} for r in rows
+            if r.get('status') != 'speculative']
 
 
 def main():
@@ -127,11 +149,20 @@ def main():
     parser.add_argument('--epochs', type=int, default=2)
     parser.add_argument('--runs', type=int, default=3)
     parser.add_argument('--demo', action='store_true', help="the demo's stage one instead")
+    parser.add_argument('--pruning', action='store_true',
+                        help="keep params.py's AVOID_PARAM and STAGE1_TARGET (speculative work)")
+    parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                        help='another setting for both modes (a Python literal), e.g. AVOID_PARAM=0.9')
     args = parser.parse_args()
+    import ast
+    args.set = dict((kv.split('=', 1)[0], ast.literal_eval(kv.split('=', 1)[1])) for kv in args.set)
     what = 'demo (ttdata/)' if args.demo else (
         f"{args.models} x {args.lrs} lr x {args.epochs} epoch(s), train {args.train}")
-    print(f"bench_parallel: {what}; {os.cpu_count()} CPU cores; {args.runs} run(s) per mode, "
-          f"interleaved", flush=True)
+    sys.path.insert(0, os.path.join(ROOT, 'bench'))
+    from real_data import cpu_name, cpu_vnni
+    print(f"bench_parallel: {what}{' (pruning on)' if args.pruning else ''} {args.set or ''}; "
+          f"{os.cpu_count()} CPU cores, {cpu_name()} ({cpu_vnni() or 'no VNNI'}); "
+          f"{args.runs} run(s) per mode, interleaved", flush=True)
     if not args.demo:                  # parse once into the cache: the runs time training
         folder = project(args, 1)
         subprocess.run([sys.executable, '-c', 'from public.config import load_settings; '
@@ -147,9 +178,19 @@ def main():
             print(f"  run {i + 1} WORKERS={workers!r:6}: wall {r['wall']:7.1f} s, Ray start "
                   f"{r['ray']:4.1f} s, {r['trials']} trials ({r['trial_s']:.1f} s of trial time), "
                   f"peak PSS {r['pss']:6.0f} MB / RSS {r['rss']:6.0f} MB over {r['procs']} "
-                  f"processes", flush=True)
-    med = {w: {k: statistics.median(r[k] for r in rs) for k in ('wall', 'ray', 'pss', 'rss')}
+                  f"processes" + (f"; speculative {r['spec']} trial(s) {r['spec_s']:.0f} s, "
+                                  f"{r['cancelled']} cancelled" if workers != 1 else ''),
+                  flush=True)
+    reference = results[1][0]['rows']
+    same = all(r['rows'] == reference for rs in results.values() for r in rs)
+    print(f"serial rows identical in every run of both modes: {same} "
+          f"({len(reference)} rows)")
+    med = {w: {k: statistics.median(r[k] for r in rs)
+               for k in ('wall', 'ray', 'pss', 'rss', 'spec_s', 'trial_s')}
            for w, rs in results.items()}
+    print(f"median speculative worker time {med['auto']['spec_s']:.0f} s of "
+          f"{med['auto']['trial_s'] + med['auto']['spec_s']:.0f} s of trial time "
+          f"({100 * med['auto']['spec_s'] / max(1e-9, med['auto']['trial_s'] + med['auto']['spec_s']):.0f} %)")
     walls = {w: [round(r['wall'], 1) for r in rs] for w, rs in results.items()}
     print(f"median wall: serial {med[1]['wall']:.1f} s {walls[1]}, parallel "
           f"{med['auto']['wall']:.1f} s {walls['auto']}; parallel/serial = "

@@ -378,12 +378,20 @@ def class_names(settings):
 
 # ----------------------------------------------------------------------------- stage one
 
+def _serial_only(frame):
+    """The serial search's rows: 'speculative' ones (run ahead in parallel, never used) left out."""
+    if 'status' in frame.columns:
+        return frame[frame['status'] != 'speculative']
+    return frame
+
+
 def load_stage_one(settings):
     """The current search's trials (numeric), rows from other settings, best folders."""
     root = settings.MODEL_SAVE_PATH
     frame = read_table(os.path.join(root, 'results.csv'))
     key = _key(settings, (('public.results', 'settings_key'), ('public.search', 'settings_key')))
     trials, others = current_rows(frame, key)
+    trials = _serial_only(trials)
     trials = _fill_scores(numeric_trials(trials).reset_index(drop=True), settings)
     if 'model' not in trials.columns:
         trials['model'] = ''
@@ -609,7 +617,7 @@ def load_stage_two(settings, result_folder):
     frame = next((read_table(p) for p in paths if os.path.isfile(p)), pd.DataFrame())
     key = _key(settings, (('public.results', 'stage_two_key'), ('public.scaling', 'stage_two_key')))
     rows, others = current_rows(frame, key)
-    rows = numeric_trials(rows)
+    rows = numeric_trials(_serial_only(rows))
     if rows.empty:
         return rows, others
     if 'candidate' not in rows.columns:
