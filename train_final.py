@@ -11,21 +11,30 @@ to <xx>-<yy>/; temp/ holds the work in progress. Ctrl+C stops cleanly; rerun to 
 """
 import sys
 
-import pandas as pd
-
 from public.cli import log, main, threads_note, worst_subjects_note, write_report
+
+# The folders stage two writes (work in progress, the result, the parse cache).
+STAGE_FOLDERS = ('TEMP_DIR', 'FINAL_RESULT_DIR', 'CACHE_DIR')
 
 
 def run(settings, interrupts):
+    import pandas as pd
+    from public.registry import import_user_module
+    # Before the stage code imports it: a public/ss_model.py that does not import is an
+    # error naming its file and line (public.scaling then finds it in sys.modules).
+    import_user_module('public.ss_model')
+    from public.config import source_of
+    from public.dataset import with_label_lines
     from public.dispatch import make_executor
     from public.results import RunLock, check_writable
     from public.scaling import run_stage_two
     from public.trial import prepare_data
-    check_writable(settings.TEMP_DIR, 'TEMP_DIR')
-    check_writable(settings.FINAL_RESULT_DIR, 'FINAL_RESULT_DIR')
+    for name in STAGE_FOLDERS[:2]:
+        check_writable(getattr(settings, name), name, source_of(settings, name))
     with RunLock(settings.TEMP_DIR, 'train_final.py'):
         log(f"ATML stage two; {threads_note(settings)}")
         data = prepare_data(settings)
+        data.summary = with_label_lines(data.summary, settings)
         log(data.summary)
         with make_executor(settings, data, log) as executor:
             folder, met, rows = run_stage_two(settings, data, interrupts, log=log,
@@ -48,4 +57,4 @@ if __name__ == '__main__':
     if '--report' in sys.argv[1:]:
         from public.report import main as report_main
         sys.exit(report_main(['stage2'] + [a for a in sys.argv[1:] if a != '--report']))
-    sys.exit(main(run, name='train_final.py'))
+    sys.exit(main(run, name='train_final.py', folders=STAGE_FOLDERS))

@@ -12,26 +12,31 @@ Ctrl+C (or SIGTERM) stops cleanly; run it again to resume where it stopped.
 import os
 import sys
 
-import pandas as pd
 
-from public.cli import log, main, threads_note, worst_subjects_note, write_report
+from public.cli import (log, main, stop_if_disk_full, threads_note, worst_subjects_note,
+                        write_report)
+
+# The folders stage one writes (results, scratch, parse cache): a full disk names its setting.
+STAGE_FOLDERS = ('MODEL_SAVE_PATH', 'TEMP_DIR', 'CACHE_DIR')
 
 
 def selected_models(settings):
     """MODELS by name (any registered model, seed models included), or every model that
     public/model.py registers, in definition order (read now: a model appended below the
     file's last line is searched too)."""
-    import public.model  # noqa: F401  (registers its models)
-    from public.registry import get_model_class, model_classes
+    from public.registry import get_model_class, import_user_module, model_classes
+    # A public/model.py that does not import is an error naming its file and line.
+    import_user_module('public.model')              # registers its models
     if not settings.MODELS:
         return [m for m in model_classes() if m.__module__ == 'public.model']
-    import public.seed_models  # noqa: F401  (registers the seed systems' models)
-    import public.small_models  # noqa: F401  (registers the <= 20 KB architectures)
-    from public.config import SettingsError
+    import_user_module('public.seed_models')        # the seed systems' models
+    import_user_module('public.small_models')       # the <= 20 KB architectures
+    from public.config import SettingsError, source_of
     try:
         return [get_model_class(name) for name in settings.MODELS]
     except KeyError as exc:
-        raise SettingsError(f"params.py: MODELS={settings.MODELS!r}: {exc.args[0]}") from None
+        raise SettingsError(f"{source_of(settings, 'MODELS')}: MODELS={settings.MODELS!r}: "
+                            f"{exc.args[0]}") from None
 
 
 def check_avoid_file(settings, model_names):
@@ -47,24 +52,38 @@ def check_avoid_file(settings, model_names):
 
 
 def run(settings, interrupts):
+    import pandas as pd
+    from public.config import source_of
+    from public.dataset import with_label_lines
     from public.dispatch import make_executor
-    from public.results import RunLock, check_writable
-    from public.search import run_stage_one
-    from public.trial import prepare_data
+    from public.results import STAGE1_COLUMNS, ResultsTable, RunLock, check_writable
+    from public.search import RESULTS_CSV, run_stage_one
+    from public.trial import STATUS_FAILED, prepare_data
     model_classes = selected_models(settings)
-    check_writable(settings.MODEL_SAVE_PATH, 'MODEL_SAVE_PATH')
-    check_writable(settings.TEMP_DIR, 'TEMP_DIR')
+    for name in STAGE_FOLDERS[:2]:
+        check_writable(getattr(settings, name), name, source_of(settings, name))
+    table = ResultsTable(os.path.join(settings.MODEL_SAVE_PATH, RESULTS_CSV), STAGE1_COLUMNS)
     with RunLock(settings.MODEL_SAVE_PATH, 'train_multi.py'):
         check_avoid_file(settings, [m.__name__ for m in model_classes])
         log(f"ATML stage one: {len(model_classes)} model(s): "
             f"{', '.join(m.__name__ for m in model_classes)}; {threads_note(settings)}")
         data = prepare_data(settings)
+        data.summary = with_label_lines(data.summary, settings)
         log(data.summary)
-        report = lambda: write_report(settings, data.summary)   # noqa: E731
+
+        def on_record():
+            """After each recorded trial: stop if it failed for a full disk (every later
+            trial would too; its row makes the next run retry it); then the report."""
+            rows = table.rows()
+            if rows and rows[-1]['status'] == STATUS_FAILED:
+                last = rows[-1]
+                stop_if_disk_full(f"{last['model']} lr={last['lr']}", last['error'], settings,
+                                  STAGE_FOLDERS)
+            write_report(settings, data.summary)
         with make_executor(settings, data, log) as executor:
             summary = run_stage_one(settings, data, model_classes, interrupts, log=log,
-                                    executor=executor, on_record=report)
-        page = report()
+                                    executor=executor, on_record=on_record)
+        page = write_report(settings, data.summary)
     show = [c for c in ('model', 'trials', 'pruned', 'failed', 'best_lr', 'result', 'score',
                         'test_f1', 'onnx_kb', 'latency_ms', 'wall_s') if c in summary.columns]
     with pd.option_context('display.width', 100, 'display.max_columns', 30):
@@ -82,4 +101,4 @@ if __name__ == '__main__':
     if '--report' in sys.argv[1:]:
         from public.report import main as report_main
         sys.exit(report_main(['stage1'] + [a for a in sys.argv[1:] if a != '--report']))
-    sys.exit(main(run, name='train_multi.py'))
+    sys.exit(main(run, name='train_multi.py', folders=STAGE_FOLDERS))

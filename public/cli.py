@@ -3,43 +3,134 @@ import os
 import sys
 import time
 
-import torch
-
 from public.config import load_settings
-from public.errors import ATMLError
+from public.errors import (ATMLError, DiskFullError, disk_full_cause, disk_full_reason,
+                           free_bytes)
 from public.interrupts import GracefulInterrupts
+
+# The folders a stage writes, by setting: a full disk is reported as the one of these it is.
+FOLDERS = ('MODEL_SAVE_PATH', 'TEMP_DIR', 'FINAL_RESULT_DIR', 'CACHE_DIR')
+_FULL_BELOW = 1 << 20         # bytes free under which a disk counts as the full one
 
 
 def log(message):
     print(message, flush=True)
 
 
-def main(run, argv=None, name='ATML'):
+def main(run, argv=None, name='ATML', folders=FOLDERS):
     """Load and validate settings, then run(settings, interrupts). Exit codes: 0 done,
-    2 bad settings/data (nothing lost: message names the file or setting), 130 interrupted."""
+    2 a problem the user can fix, nothing lost (bad settings or data: the message names the
+    file or setting, the value and the rule; a full disk: the message names the folder and
+    its setting), 130 interrupted. `folders` are the settings naming the folders the stage
+    writes (which one a full disk is)."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ('-h', '--help') for a in argv):
         log(f"usage: python {name} [--params PATH] [KEY=VALUE ...]\n"
             f"Settings come from params.py; KEY=VALUE overrides one (a Python literal).")
         return 0
     start = time.time()
+    settings = None
     try:
         settings = load_settings(argv)
         with GracefulInterrupts() as interrupts:
             run(settings, interrupts)
-    except ATMLError as exc:
-        log(f"error: {exc}")
-        return 2
     except KeyboardInterrupt as exc:
         log(f"\nInterrupted ({exc or 'SIGINT'}) after {time.time() - start:.0f} s. Finished "
             f"trials are saved; run the same command again to resume.")
         return 130
+    except Exception as exc:          # noqa: BLE001  (only the user-fixable ones are caught)
+        message = clear_message(exc, settings, folders)
+        if message is None:
+            raise
+        log(f"error: {message}")
+        return 2
     log(f"Done in {time.time() - start:.0f} s.")
     return 0
 
 
+def clear_message(exc, settings=None, folders=FOLDERS):
+    """The one-line message of a problem the user can fix, or None (a bug: the traceback
+    is shown). A full disk anywhere in exc's chain (an OSError ENOSPC / EDQUOT, torch's
+    'PytorchStreamWriter failed ... file write failed', a DiskFullError) names the folder
+    and its setting; any other ATMLError is its own message."""
+    cause = disk_full_cause(exc)
+    if cause is not None:
+        return str(disk_full_error(cause, settings, folders))
+    if isinstance(exc, ATMLError):
+        return str(exc)
+    return None
+
+
+def disk_full_error(cause, settings=None, folders=FOLDERS):
+    """A DiskFullError for a disk_full_cause, naming the folder and the setting behind it:
+    the folder the error names, the folder of the file an OSError names, else the folder of
+    `folders` whose disk is full (least free space)."""
+    if isinstance(cause, DiskFullError):
+        error = cause
+    else:
+        filename = getattr(cause, 'filename', None)
+        folder = os.path.dirname(os.path.abspath(filename)) if filename else None
+        if folder is None and settings is not None:
+            folder = _fullest(settings, folders)
+        error = DiskFullError(folder or os.getcwd(), disk_full_reason(cause), cleaned=False)
+    if settings is not None and not error.setting:
+        setting = _setting_of(error.folder, settings, folders)
+        if setting:
+            error = error.moved(setting=setting, value=getattr(settings, setting))
+    return error
+
+
+def _setting_of(folder, settings, folders):
+    """The setting of `folders` whose folder holds folder (the innermost one), or None."""
+    path = os.path.abspath(folder)
+    best = None
+    for name in folders:
+        value = getattr(settings, name, None)
+        if not value:
+            continue
+        root = os.path.abspath(value)
+        try:
+            inside = os.path.commonpath([path, root]) == root
+        except ValueError:
+            continue
+        if inside and (best is None or len(root) > len(best[1])):
+            best = (name, root)
+    return best[0] if best else None
+
+
+def _fullest(settings, folders):
+    """The folder of `folders` with the least free space (where a write of unknown path
+    failed for lack of it), or None."""
+    free = [(free_bytes(getattr(settings, n)), getattr(settings, n)) for n in folders
+            if getattr(settings, n, None)]
+    free = [(b, f) for b, f in free if b is not None]
+    return min(free)[1] if free else None
+
+
+# How a failed trial's error text (its results row) says that a disk is full.
+_DISK_FULL_MARKS = ('No space left on device', 'Disk quota exceeded', '[Errno 28]',
+                    '[Errno 122]', 'PytorchStreamWriter failed', 'file write failed',
+                    'inline_container.cc')
+
+
+def stop_if_disk_full(trial, error, settings, folders=FOLDERS):
+    """Stop a search at the first trial that failed because a disk is full (its row says
+    so; the next run retries it), as every trial after it would fail the same way: raise
+    the DiskFullError naming the folder of `folders` whose disk is full (else TEMP_DIR,
+    where trials write). trial names the trial, error is its row's error text."""
+    error = str(error or '')
+    if not any(mark in error for mark in _DISK_FULL_MARKS):
+        return
+    folder = _fullest(settings, folders) or settings.TEMP_DIR
+    reason = ('Disk quota exceeded' if 'quota' in error or '[Errno 122]' in error
+              else 'No space left on device')
+    raise disk_full_error(DiskFullError(folder, f"{reason}; trial {trial} failed with: "
+                                                f"{error}"), settings, folders)
+
+
 def threads_note(settings):
     """Describe the CPU budget (prepare_data applies NUM_THREADS; each worker does too)."""
+    import torch          # here: a settings error or a broken model file is reported fast
     threads = settings.NUM_THREADS or torch.get_num_threads()
     workers = ('serial (WORKERS=1)' if settings.WORKERS == 1 else
                f"WORKERS={settings.WORKERS!r} concurrent trials")

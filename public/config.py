@@ -149,42 +149,60 @@ def _check_value(name, value, source):
         raise SettingsError(f"{source}: {name} must be {rule}, got {name}={value!r}")
 
 
-def _cross_checks(s, source):
+def _cross_checks(s, source, overridden=()):
+    def where(*names):
+        """Where the settings of a rule came from: 'command line', the params file, or
+        both ('command line (LR_MAX) and params.py (LR_MIN)')."""
+        given = [n for n in names if n in overridden]
+        if not given:
+            return source
+        if len(given) == len(names):
+            return 'command line'
+        rest = [n for n in names if n not in overridden]
+        return f"command line ({', '.join(given)}) and {source} ({', '.join(rest)})"
+
     if s.LR_MIN > s.LR_MAX:
-        raise SettingsError(f"{source}: LR_MIN must be <= LR_MAX, got LR_MIN={s.LR_MIN!r} "
-                            f"and LR_MAX={s.LR_MAX!r}")
+        raise SettingsError(f"{where('LR_MIN', 'LR_MAX')}: LR_MIN must be <= LR_MAX, got "
+                            f"LR_MIN={s.LR_MIN!r} and LR_MAX={s.LR_MAX!r}")
     count = int((s.LR_MAX - s.LR_MIN) / s.STEP + 1e-9) + 1
     if count > MAX_GRID:
-        raise SettingsError(f"{source}: the learning-rate grid LR_MIN={s.LR_MIN!r} .. LR_MAX="
-                            f"{s.LR_MAX!r} step STEP={s.STEP!r} has {count:,} values; at most "
-                            f"{MAX_GRID:,} are allowed (raise STEP or narrow the range)")
+        raise SettingsError(f"{where('LR_MIN', 'LR_MAX', 'STEP')}: the learning-rate grid "
+                            f"LR_MIN={s.LR_MIN!r} .. LR_MAX={s.LR_MAX!r} step STEP={s.STEP!r} "
+                            f"has {count:,} values; at most {MAX_GRID:,} are allowed (raise "
+                            f"STEP or narrow the range)")
     if s.TEST_DIR and os.path.abspath(s.TEST_DIR) == os.path.abspath(s.DATA_DIR):
-        raise SettingsError(f"{source}: TEST_DIR must be another folder than DATA_DIR (test "
-                            f"metrics on training data mean nothing), got both {s.DATA_DIR!r}")
+        raise SettingsError(f"{where('TEST_DIR', 'DATA_DIR')}: TEST_DIR must be another folder "
+                            f"than DATA_DIR (test metrics on training data mean nothing), got "
+                            f"both {s.DATA_DIR!r}")
     if s.SELECT_ON == 'test' and not s.TEST_DIR:
-        raise SettingsError(f"{source}: SELECT_ON='test' needs a test set, got TEST_DIR=''")
+        raise SettingsError(f"{where('SELECT_ON', 'TEST_DIR')}: SELECT_ON='test' needs a test "
+                            f"set, got TEST_DIR=''")
     if (s.SELECT_METRIC == 'auc' and s.CLASSES and len(s.CLASSES) > 2
             and s.LABEL_MODE != 'multilabel'):
-        raise SettingsError(f"{source}: SELECT_METRIC='auc' is for binary and multi-label "
-                            f"tasks (macro over the labels), got "
+        raise SettingsError(f"{where('SELECT_METRIC', 'CLASSES')}: SELECT_METRIC='auc' is for "
+                            f"binary and multi-label tasks (macro over the labels), got "
                             f"CLASSES={s.CLASSES!r} ({len(s.CLASSES)} classes)")
     if s.LABEL_MODE == 'multilabel' and len(s.CLASSES) < 2:
-        raise SettingsError(f"{source}: LABEL_MODE='multilabel' needs CLASSES naming the labels "
-                            f"(at least 2, e.g. ('NORM', 'MI', 'STTC', 'CD', 'HYP')), got "
-                            f"CLASSES={s.CLASSES!r}")
+        raise SettingsError(f"{where('LABEL_MODE', 'CLASSES')}: LABEL_MODE='multilabel' needs "
+                            f"CLASSES naming the labels (at least 2, e.g. ('NORM', 'MI', "
+                            f"'STTC', 'CD', 'HYP')), got CLASSES={s.CLASSES!r}")
     if s.LABEL_MODE == 'multilabel' and s.SELECT_METRIC == 'abs_sum':
-        raise SettingsError(f"{source}: SELECT_METRIC='abs_sum' is not defined for "
-                            f"LABEL_MODE='multilabel'; use 'min4', 'f1', 'accuracy' or 'auc' "
-                            f"(macro over the labels)")
+        raise SettingsError(f"{where('SELECT_METRIC', 'LABEL_MODE')}: SELECT_METRIC='abs_sum' is "
+                            f"not defined for LABEL_MODE='multilabel'; use 'min4', 'f1', "
+                            f"'accuracy' or 'auc' (macro over the labels)")
     if s.QAT_EPOCHS and not s.QUANTIZE_INT8:
-        raise SettingsError(f"{source}: QAT_EPOCHS={s.QAT_EPOCHS!r} trains the INT8 model, so it "
-                            f"needs QUANTIZE_INT8=True, got QUANTIZE_INT8={s.QUANTIZE_INT8!r}")
+        raise SettingsError(f"{where('QAT_EPOCHS', 'QUANTIZE_INT8')}: QAT_EPOCHS="
+                            f"{s.QAT_EPOCHS!r} trains the INT8 model, so it needs "
+                            f"QUANTIZE_INT8=True, got QUANTIZE_INT8={s.QUANTIZE_INT8!r}")
     if s.PAD_TOLERANCE >= s.INPUT_SIZE:
-        raise SettingsError(f"{source}: PAD_TOLERANCE must be < INPUT_SIZE, got "
-                            f"PAD_TOLERANCE={s.PAD_TOLERANCE!r} and INPUT_SIZE={s.INPUT_SIZE!r}")
-    if len(set(s.CHANNEL_SCALES)) != len(s.CHANNEL_SCALES) or len(set(s.FC_SCALES)) != len(s.FC_SCALES):
-        raise SettingsError(f"{source}: CHANNEL_SCALES and FC_SCALES must not repeat a value, got "
-                            f"CHANNEL_SCALES={s.CHANNEL_SCALES!r}, FC_SCALES={s.FC_SCALES!r}")
+        raise SettingsError(f"{where('PAD_TOLERANCE', 'INPUT_SIZE')}: PAD_TOLERANCE must be < "
+                            f"INPUT_SIZE, got PAD_TOLERANCE={s.PAD_TOLERANCE!r} and "
+                            f"INPUT_SIZE={s.INPUT_SIZE!r}")
+    if (len(set(s.CHANNEL_SCALES)) != len(s.CHANNEL_SCALES)
+            or len(set(s.FC_SCALES)) != len(s.FC_SCALES)):
+        raise SettingsError(f"{where('CHANNEL_SCALES', 'FC_SCALES')}: CHANNEL_SCALES and "
+                            f"FC_SCALES must not repeat a value, got CHANNEL_SCALES="
+                            f"{s.CHANNEL_SCALES!r}, FC_SCALES={s.FC_SCALES!r}")
 
 
 def _unknown(name, source):
@@ -223,7 +241,7 @@ def validate(values, source='params.py', overridden=()):
     for name in _RULES:
         _check_value(name, values[name], 'command line' if name in overridden else source)
     settings = SimpleNamespace(**{n: values[n] for n in _RULES})
-    _cross_checks(settings, source)
+    _cross_checks(settings, source, overridden)
     settings.POSITIVE_LABELS = tuple(settings.POSITIVE_LABELS)
     settings.CLASSES = tuple(settings.CLASSES)
     settings.MODELS = tuple(settings.MODELS)
@@ -277,6 +295,15 @@ def load_settings(argv=(), params_path=None):
     settings.PARAMS_PATH = os.path.abspath(params_path)
     settings.OVERRIDES = overrides
     return settings
+
+
+def source_of(settings, name):
+    """Where setting `name` of loaded settings came from, as messages name it: 'command
+    line' for a KEY=VALUE override, else the settings file's name ('params.py')."""
+    if name in (getattr(settings, 'OVERRIDES', None) or {}):
+        return 'command line'
+    path = getattr(settings, 'PARAMS_PATH', None)
+    return os.path.basename(path) if path else 'params.py'
 
 
 def settings_dict(settings):

@@ -28,6 +28,7 @@ CLASSES (LABEL_MODE='multiclass'), or a set of CLASSES joined with LABEL_SEPARAT
 'NORM|MI' (LABEL_MODE='multilabel': a CSV label column or an .npz y of shape (N, K)).
 """
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -92,7 +93,89 @@ def load_data(path, settings, progress=True):
     options = LoadOptions(policy=length_policy(settings), cache_dir=settings.CACHE_DIR,
                           skip_bad=settings.SKIP_BAD_FILES, progress=progress,
                           labels=label_spec(settings))
-    return LOADERS[fmt].load(path, options)
+    segments = LOADERS[fmt].load(path, options)
+    _LABELS_SEEN[os.path.abspath(path)] = _label_counts(segments)
+    return segments
+
+
+# ----------------------------------------------------------------------------- label summary
+
+# Characters a label (a rhythm of a file name) is expected to hold; another one ('AFİB',
+# 'AFIB<b>') is most likely a typo or a stray character, and would silently be class 0.
+PLAIN_LABEL = re.compile(r'[A-Za-z0-9_+() ]*')
+PLAIN_LABEL_RULE = '[A-Za-z0-9_+() ]'
+_LABELS_SEEN = {}       # abspath of a data path -> _label_counts of its latest load_data
+_MAX_LISTED = 30        # distinct labels listed per source (the rest are counted)
+
+
+def _label_counts(segments):
+    """[(label text, segments, first segment's name)] of segments, labels sorted ([] for
+    unlabelled data, or a loader's result that is not a Segments)."""
+    rhythms = getattr(segments, 'rhythms', None)
+    if not getattr(segments, 'has_labels', False) or rhythms is None or not len(rhythms):
+        return []
+    distinct, first, counts = np.unique(np.asarray(segments.rhythms, dtype=str),
+                                        return_index=True, return_counts=True)
+    return [(str(d), int(c), str(segments.names[i])) for d, i, c in zip(distinct, first, counts)]
+
+
+def label_class(label, settings):
+    """What training target label text gets: the class (an int), the CLASSES names it holds
+    (multi-label) or None when it is not one of CLASSES (encode_labels' error)."""
+    spec = label_spec(settings)
+    if spec.multilabel:
+        return [name for name in spec.split(label)]
+    if not settings.CLASSES:
+        return int(label in tuple(settings.POSITIVE_LABELS))
+    index = {str(c): i for i, c in enumerate(settings.CLASSES)}
+    return index.get(label)
+
+
+def with_label_lines(summary, settings):
+    """The data summary (public.trial.prepare_data's) with label_lines(settings) added
+    before its closing 'device: ...' line."""
+    lines = summary.split('\n')
+    tail = [lines.pop()] if lines and lines[-1].startswith('device:') else []
+    return '\n'.join(lines + label_lines(settings) + tail)
+
+
+def label_lines(settings):
+    """Lines for the data summary: every distinct label of DATA_DIR and TEST_DIR (as read
+    by the latest load_data) with its segment count and the class it became, so a stray
+    label ('AFİB<b>' -> 0) is visible; plus a warning per label with characters outside
+    PLAIN_LABEL_RULE, naming its first file."""
+    lines = []
+    for source in (settings.DATA_DIR, settings.TEST_DIR):
+        seen = _LABELS_SEEN.get(os.path.abspath(source)) if source else None
+        if not seen:
+            continue
+        spec = label_spec(settings)
+        shown = []
+        for label, count, _ in seen[:_MAX_LISTED]:
+            target = label_class(label, settings)
+            to = ('' if spec.multilabel else
+                  ' -> not in CLASSES' if target is None else f" -> {target}")
+            shown.append(f"{label!r} {count}{to}")
+        more = len(seen) - _MAX_LISTED
+        rule = ('label: segments' if spec.multilabel else
+                'label: segments -> class' + ('' if settings.CLASSES else
+                                              f" (1 = POSITIVE_LABELS="
+                                              f"{tuple(settings.POSITIVE_LABELS)!r})"))
+        lines.append(f"labels of {source} ({rule}): {', '.join(shown)}"
+                     + (f" and {more} more" if more > 0 else ''))
+        for label, count, name in seen:
+            parts = spec.split(label) if spec.multilabel else [label]
+            odd = sorted({ch for part in parts for ch in part
+                          if not PLAIN_LABEL.fullmatch(ch)})
+            if odd:
+                target = label_class(label, settings)
+                became = ('' if spec.multilabel or target is None else
+                          f"; it is labelled class {target}")
+                lines.append(f"warning: {source}: label {label!r} ({count} segment(s), first "
+                             f"{name}) has character(s) {', '.join(map(repr, odd))} outside "
+                             f"{PLAIN_LABEL_RULE}{became}; check its file name(s) or "
+                             f"label(s)")
+    return lines
 
 
 def num_classes(settings):

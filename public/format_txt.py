@@ -11,11 +11,14 @@ Parsing is the original's main cost (np.loadtxt per file, every epoch). Here a f
 parsed once, in parallel chunks through pandas' C parser, then cached as .npy keyed by the
 folder's listing (names, sizes, mtimes): a file added, edited or removed re-parses the
 folder, a later load of an unchanged folder reads the cache. A bad file raises DataError
-naming the file, the line and the rule, or with skip_bad=True is skipped and counted.
+naming the file, the line and the rule, or with skip_bad=True is skipped and counted; so
+is a bad file name (an <index> that is not letters, digits or _, e.g. a file manager's
+'S1-N-3 copy.txt') and a folder entry that cannot be followed (a symbolic link that loops).
 
 A file name holds one label, so LABEL_MODE='multilabel' needs a CSV or .npz source.
 """
 import concurrent.futures as futures
+import errno
 import io
 import multiprocessing
 import os
@@ -30,7 +33,11 @@ from public.segments import (DataError, LengthPolicy, Segments, cache_entry, exc
 
 FILENAME_PATTERN = re.compile(r'^(?P<subject>S[^-]*)-(?P<rhythm>[^-]*)-(?P<index>[^-]+)\.txt$')
 FILENAME_RULE = "S<subject>-<RHYTHM>-<index>.txt (e.g. S12-AFIB-31.txt, S47--0.txt)"
-_CACHE_VERSION = 7
+# The index numbers a subject's segments: letters, digits and _ ('31', 'x7'). A space or
+# brackets mark a file manager's copy ('S1-N-3 copy.txt', 'S1-N-3 (1).txt'): not a segment.
+INDEX_PATTERN = re.compile(r'[A-Za-z0-9_]+')
+INDEX_RULE = "its <index> must be letters, digits or _ only (e.g. 31)"
+_CACHE_VERSION = 8         # 8: an index with other characters is a bad file name
 _CHUNK = 1000
 
 
@@ -45,11 +52,20 @@ def load(path, options):
                        progress=options.progress, length_policy=options.policy)
 
 
-def parse_filename(name):
-    """(subject, rhythm) of a file name, or DataError naming the file and the pattern."""
+def parse_filename(name, shown=None):
+    """(subject, rhythm) of a file name, or DataError naming the file (as `shown`, default
+    the name), the pattern and, for a bad index, the index and its rule."""
+    shown = shown or name
     match = FILENAME_PATTERN.match(name)
     if not match:
-        raise DataError(f"{name}: file name does not follow the pattern {FILENAME_RULE}")
+        raise DataError(f"{shown}: file name does not follow the pattern {FILENAME_RULE}")
+    index = match['index']
+    if not INDEX_PATTERN.fullmatch(index):
+        copy = any(c.isspace() or c in '()[]' for c in index)
+        raise DataError(f"{shown}: file name does not follow the pattern {FILENAME_RULE}: "
+                        f"{INDEX_RULE}, got index {index!r}"
+                        + ("; it looks like a copy made by a file manager: remove it, or "
+                           "rename it to a new index" if copy else ''))
     return match['subject'], match['rhythm']
 
 
@@ -144,25 +160,49 @@ def _parse_chunk(folder, names, policy, skip_bad):
     return data, good, skipped, excluded
 
 
-def _listing(folder):
+def _listing(folder, skipped=None):
     """(names, stats) of a folder's data files, names sorted; hidden files and folders
     ignored. stats are (size, mtime_ns) per name: what the cache key is made of. One
     scandir pass (DirEntry.stat() stats relative to the open directory) is the cheapest
-    way to stat 60,000 files here."""
+    way to stat 60,000 files here. An entry that cannot be followed (a symbolic link that
+    loops, one that cannot be read) is a DataError naming it, or, given a `skipped` list
+    (SKIP_BAD_FILES=True), appended there as (name, reason) and left out."""
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: data folder does not exist (check DATA_DIR / TEST_DIR "
                         f"in params.py)")
     entries = []
     with os.scandir(folder) as it:
         for entry in it:
-            if not entry.name.startswith('.') and entry.is_file():
+            if entry.name.startswith('.'):
+                continue
+            try:
+                if not entry.is_file():
+                    continue
                 st = entry.stat()
-                entries.append((entry.name, st.st_size, st.st_mtime_ns))
+            except OSError as exc:
+                path = os.path.join(folder, entry.name)
+                if skipped is None:
+                    raise _entry_error(path, exc, " (or set SKIP_BAD_FILES=True to skip "
+                                                  "it)") from None
+                skipped.append((entry.name, str(_entry_error(path, exc))))
+                continue
+            entries.append((entry.name, st.st_size, st.st_mtime_ns))
     if not entries:
         raise DataError(f"{folder}: data folder is empty; it must hold .txt segment files "
                         f"named {FILENAME_RULE}")
     entries.sort()
     return [e[0] for e in entries], [e[1:] for e in entries]
+
+
+def _entry_error(path, exc, hint=''):
+    """The DataError of a folder entry that os.stat cannot follow."""
+    if exc.errno == errno.ELOOP:
+        return DataError(f"{path}: is a symbolic link that loops ({exc.strerror}: it points, "
+                         f"directly or through other links, back to itself); a data folder "
+                         f"must hold segment files or links to them: remove or fix the "
+                         f"link{hint}")
+    return DataError(f"{path}: cannot be read ({exc.strerror or exc}); every entry of a data "
+                     f"folder must be a readable segment file{hint}")
 
 
 def _parse_folder(folder, names, policy, skip_bad, workers, progress):
@@ -201,22 +241,23 @@ def load_folder(folder, input_size, cache_dir=None, skip_bad=False, workers=None
     """All segments of a data folder, parsed once and cached (see the module docstring).
     length_policy (a LengthPolicy) allows padding/excluding/cropping; default: exact."""
     policy = length_policy or LengthPolicy(input_size)
-    all_names, stats = _listing(folder)
+    unlisted = [] if skip_bad else None     # entries that cannot be followed (skip_bad)
+    all_names, stats = _listing(folder, unlisted)
     if cache_dir:
-        key = (repr((_CACHE_VERSION, policy, skip_bad)) + '\0'.join(all_names)).encode()
+        key = (repr((_CACHE_VERSION, policy, skip_bad)) + '\0'.join(all_names)
+               + '\1' + '\0'.join(n for n, _ in unlisted or ())).encode()
         prefix, stem = cache_entry(cache_dir, folder, key + np.asarray(stats, np.int64).tobytes())
         cached = load_cached(stem)
         if cached is not None:       # the listing is unchanged, so its names were checked
             return cached
-    names, skipped = [], []
+    names, skipped = [], list(unlisted or ())
     for name in all_names:
         try:
-            parse_filename(name)
+            parse_filename(name, os.path.join(folder, name))
             names.append(name)
         except DataError as exc:
             if not skip_bad:
-                raise DataError(f"{os.path.join(folder, name)}: file name does not follow "
-                                f"the pattern {FILENAME_RULE}") from None
+                raise
             skipped.append((name, str(exc)))
     x, kept, parse_skipped, excluded = _parse_folder(folder, names, policy, skip_bad,
                                                      workers or min(os.cpu_count() or 1, 8),

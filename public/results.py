@@ -34,7 +34,7 @@ import uuid
 import pandas as pd
 
 from public.config import INTRODUCED_AT, ONLY_WITH, settings_dict, trial_settings, write_settings
-from public.errors import BusyError
+from public.errors import BusyError, DiskFullError, disk_full_cause, disk_full_reason
 from public.test import METRIC_NAMES, score_digits, selection_score
 
 TMP_PREFIX = '.atml-tmp-'
@@ -84,11 +84,17 @@ def write_atomic(path, text, step=True):
     """Write a text file whole or not at all (temp file, fsync, rename); returns path.
     step=False for derived files outside the crash tests' step list (the report)."""
     tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:6]}.atml-tmp"
-    with open(tmp, 'w', newline='', encoding='utf-8') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'w', newline='', encoding='utf-8') as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        _discard(tmp)
+        _raise_disk_full(exc, os.path.dirname(os.path.abspath(path)),
+                         needed=len(text.encode('utf-8')))
+        raise
     if step:
         durable(f"write {os.path.basename(path)}")
     return path
@@ -174,14 +180,19 @@ class ResultsTable:
         # Under the current header (an older ATML's table has fewer columns), atomically.
         columns = columns or self.columns
         tmp = f"{self.path}.{os.getpid()}-{uuid.uuid4().hex[:6]}.atml-tmp"
-        with open(tmp, 'w', newline='') as f:
-            writer = csv.DictWriter(f, columns, extrasaction='ignore', lineterminator='\n')
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({c: r.get(c, '') for c in columns})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, 'w', newline='') as f:
+                writer = csv.DictWriter(f, columns, extrasaction='ignore', lineterminator='\n')
+                writer.writeheader()
+                for r in rows:
+                    writer.writerow({c: r.get(c, '') for c in columns})
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException as exc:
+            _discard(tmp)
+            _raise_disk_full(exc, os.path.dirname(os.path.abspath(self.path)))
+            raise
         durable(f"rewrite {os.path.basename(self.path)}")
 
     def frame(self):
@@ -305,15 +316,16 @@ def replace_folder(parent, name, build, replaces=()):
                         f"in the way of a result folder; move or rename it")
     tag = uuid.uuid4().hex[:8]
     tmp = os.path.join(parent, f"{TMP_PREFIX}{tag}")
-    os.makedirs(tmp)
-    open(os.path.join(tmp, OWNED), 'w').close()
     try:
+        os.makedirs(tmp)
+        open(os.path.join(tmp, OWNED), 'w').close()
         build(tmp)
         with open(os.path.join(tmp, _COMPLETE), 'w') as f:
             f.write(name)
         _fsync_tree(tmp)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_disk_full(exc, final)
         raise
     durable(f"built {name}")
     aside = []
@@ -333,6 +345,26 @@ def replace_folder(parent, name, build, replaces=()):
         shutil.rmtree(path, ignore_errors=True)
         durable("removed superseded folder")
     return final
+
+
+def _discard(path):
+    """Remove a temporary file of a write that failed (quietly: it may never have been made)."""
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _raise_disk_full(exc, folder, needed=None):
+    """After a failed write into folder (its temporary files already removed): raise a
+    DiskFullError naming folder when exc says the disk is full; else return (the caller
+    re-raises exc)."""
+    cause = disk_full_cause(exc)
+    if cause is None:
+        return
+    if isinstance(cause, DiskFullError):
+        raise cause.moved(folder) from None
+    raise DiskFullError(folder, disk_full_reason(cause), needed) from None
 
 
 def recover_folders(parent):
@@ -433,20 +465,25 @@ class RunLock:
         return False
 
 
-def check_writable(folder, setting):
-    """Fail before any training when a results folder cannot be written."""
-    from public.errors import SettingsError
+def check_writable(folder, setting, source=None):
+    """Fail before any training when a results folder cannot be written (DiskFullError when
+    its disk is full). source ('params.py', 'command line') is where the setting came from."""
+    from public.errors import DISK_FULL_ERRNOS, SettingsError
+    where = f"{source}: " if source else ''
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise SettingsError(f"{setting}={folder!r} names a file; it must be a folder")
+        raise SettingsError(f"{where}{setting}={folder!r} names a file; it must be a folder")
+    probe = os.path.join(folder, f".atml-write-test-{os.getpid()}")
     try:
         os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".atml-write-test-{os.getpid()}")
         with open(probe, 'w') as f:
             f.write('x')
         os.remove(probe)
     except OSError as exc:
-        raise SettingsError(f"{setting}={folder!r} is not writable ({exc.strerror}); results "
-                            f"could not be saved") from None
+        if exc.errno in DISK_FULL_ERRNOS:
+            _discard(probe)
+            raise DiskFullError(folder, exc.strerror, setting=setting, value=folder) from None
+        raise SettingsError(f"{where}{setting}={folder!r} is not writable ({exc.strerror}); "
+                            f"results could not be saved") from None
 
 
 # ----------------------------------------------------------------------------- result files
@@ -530,7 +567,36 @@ def write_result_files(folder, *, result, name, model_name, lr, settings, onnx_b
                        info=None, int8_onnx=None):
     """The files of a result folder, as the original wrote them plus the settings used:
     saved.pth (state dict), saved.onnx, evaluation_metrics.txt, params_used.py, result.json
-    (everything evaluation_metrics.txt and the report are made from)."""
+    (everything evaluation_metrics.txt and the report are made from). A full disk is a
+    DiskFullError with the bytes the folder needs (replace_folder removes what was written
+    and names the final folder)."""
+    try:
+        _write_result_files(folder, result=result, name=name, model_name=model_name, lr=lr,
+                            settings=settings, onnx_bytes=onnx_bytes, info=info,
+                            int8_onnx=int8_onnx)
+    except BaseException as exc:
+        cause = disk_full_cause(exc)
+        if cause is None or isinstance(cause, DiskFullError):
+            raise
+        raise DiskFullError(folder, disk_full_reason(cause),
+                            needed=_result_bytes(result, int8_onnx)) from None
+
+
+def _result_bytes(result, int8_onnx):
+    """About the bytes a result folder takes: its weights and ONNX files, plus 16 KB for
+    result.json, params_used.py, per_subject.csv and the zip framing of saved.pth."""
+    def weights(state):
+        return sum(v.numel() * v.element_size() for v in (state or {}).values()
+                   if hasattr(v, 'numel'))
+    refit = getattr(result, 'refit', None) or {}
+    total = weights(result.state_dict) + len(result.onnx or b'') + len(int8_onnx or b'')
+    total += weights(refit.get('state_dict')) + len(refit.get('onnx') or b'')
+    total += len(refit.get('int8_onnx') or b'')
+    return total + 16 * 1024
+
+
+def _write_result_files(folder, *, result, name, model_name, lr, settings, onnx_bytes,
+                        info=None, int8_onnx=None):
     import torch
     refit = getattr(result, 'refit', None)
     stem = 'saved.val' if refit else 'saved'     # REFIT: saved.* is the refit model

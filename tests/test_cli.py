@@ -361,7 +361,7 @@ BAD_INPUTS = {
     'malformed-avoid-line': ('train_multi.py', _case_bad_avoid,
                              r"avoid\.txt: line 3: 'zero point one' is not a valid entry"),
     'lr-min-above-max': ('train_multi.py', _settings_case('LR_MIN=0.01', 'LR_MAX=0.001'),
-                         r'params\.py: LR_MIN must be <= LR_MAX, got LR_MIN=0\.01 and LR_MAX=0\.001'),
+                         r'command line: LR_MIN must be <= LR_MAX, got LR_MIN=0\.01 and LR_MAX=0\.001'),
     'step-zero': ('train_multi.py', _settings_case(STEP=0),
                   r'params\.py: STEP must be a number > 0, got STEP=0$'),
     'unknown-setting': ('train_multi.py', _settings_case('NUM_EPOCH=3'),
