@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from public.errors import SettingsError
+from public.errors import SettingsError, disk_full_cause
 from public.executor import Job
 from public.export import export_onnx, size_kb
 from public.quantize import quantize_int8
@@ -119,6 +119,8 @@ def plan_candidates(settings, input_size, in_channels, num_classes=2, probe_dir=
             except SettingsError:
                 raise
             except Exception as exc:
+                if disk_full_cause(exc) is not None:
+                    raise                    # a full TEMP_DIR, not a fault of ss_model.py
                 raise SettingsError(
                     f"public/ss_model.py: generate_config({c}, {f}, input_size={input_size}) "
                     f"does not give a model that builds and runs on input "

@@ -121,10 +121,16 @@ class AvoidList:
                 with open(self.path, 'a') as f:
                     f.write('\n')
         comment = ' '.join(p for p in (f"atml:{key}" if key else '', note) if p)
-        with open(self.path, 'a') as f:
-            f.write(f"{lr!r} {model}" + (f"  # {comment}" if comment else '') + '\n')
-            f.flush()
-            os.fsync(f.fileno())
+        size = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+        try:
+            with open(self.path, 'a') as f:
+                f.write(f"{lr!r} {model}" + (f"  # {comment}" if comment else '') + '\n')
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            with open(self.path, 'a') as f:      # no half line: the next run would refuse it
+                f.truncate(size)
+            raise
         durable('avoid.txt line')
         self.entries.append((lr, model, None, key))
 
