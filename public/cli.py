@@ -35,7 +35,7 @@ def main(run, argv=None, name='ATML', folders=FOLDERS):
         with GracefulInterrupts() as interrupts:
             run(settings, interrupts)
     except KeyboardInterrupt as exc:
-        log(f"\nInterrupted ({exc or 'SIGINT'}) after {time.time() - start:.0f} s. Finished "
+        log(f"\nInterrupted ({exc.args[0] if exc.args and exc.args[0] else 'SIGINT'}) after {time.time() - start:.0f} s. Finished "
             f"trials are saved; run the same command again to resume.")
         return 130
     except Exception as exc:          # noqa: BLE001  (only the user-fixable ones are caught)

@@ -26,6 +26,21 @@ Both executors share one interface and know nothing about ATML's stages:
   '(raylet) A worker died or was killed ...' line when that happens; nothing else is
   printed: worker output goes to the Ray session's log files.)
 
+A private local instance (no address) is this machine's alone and this run's alone:
+- every Ray server binds 127.0.0.1 (GCS, raylet, object manager, the core workers of the
+  driver and of the workers, the runtime-env agent): nothing listens on other interfaces;
+- its processes end within a few seconds of the driver, even one killed with SIGKILL (the
+  GCS and the raylet die with the driver; the agents give up on the dead GCS after
+  _GCS_GONE_S instead of 60 s; the workers follow their raylet). The next start in the same
+  temp folder stops anything an earlier killed run still left running (matched by its
+  session folder on the command line, only for sessions whose driver is dead) and says so;
+- SIGINT / SIGTERM keep the handlers the driver had before ray.init (GracefulInterrupts in
+  the CLI), and a KeyboardInterrupt keeps its signal's name through Ray's calls, so a
+  parallel run ends exactly like a serial one: 'Interrupted (SIGTERM)', status 130.
+Attaching: an address where nothing answers fails within _REACH_S seconds with a
+RayUnreachableError (an ATMLError: `error: ...`, status 2) naming it and what to check,
+instead of ray.init's 150 s of C++ warnings.
+
 How code and data reach Ray workers:
 - Code: fn is pickled by reference (module + name), so workers import it. A private local
   instance is started with PYTHONPATH = the driver's own sys.path entries (outside the
@@ -45,18 +60,25 @@ import contextlib
 import copy
 import dataclasses
 import importlib.util
+import json
 import logging
 import os
 import shutil
+import signal
+import socket
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from public.errors import ATMLError
+from public.interrupts import named_interrupt
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,6 +96,28 @@ _SOCKET_PATH_MAX = 107
 _SOCKET_SUFFIX = 70
 
 _POLL_S = 0.2            # ray.wait slice, so that Ctrl+C is handled promptly
+
+# A private instance is for this machine only: every Ray server (GCS, raylet, object
+# manager, core workers of the driver and the workers, runtime-env agent) binds this.
+_LOOPBACK = '127.0.0.1'
+# RAY_gcs_rpc_server_reconnect_timeout_s of a private instance's processes: when its GCS
+# is gone (the driver was killed: the GCS and the raylet die with it), the agents the
+# raylet started give up reporting that to the GCS after this long and exit, instead of
+# Ray's default 60 s. Nothing else of a private instance outlives its GCS either.
+_GCS_GONE_S = 3
+# How long an attached cluster's address may refuse connections before RayExecutor gives up.
+_REACH_S = 5.0
+# A private instance's session folder holds this file (the driver's pid and start time)
+# until shutdown(): a session whose file names a dead driver was killed without cleanup.
+_DRIVER_MARK = 'atml_driver.json'
+# The /tmp fallback folder (see _ray_temp_dir) holds this file (its creator's pid and start).
+_OWNER_MARK = 'atml_owner.json'
+_FALLBACK_PREFIX = 'ray-'
+
+
+class RayUnreachableError(ATMLError, ConnectionError):
+    """No Ray cluster answers at the address RayExecutor was told to attach to (the
+    RAY_ADDRESS setting or environment variable); the message names it and what to check."""
 
 
 @dataclass
@@ -335,7 +379,8 @@ class RayExecutor(_Executor):
              'local' = always a private instance (an inherited RAY_ADDRESS is ignored);
              'auto' or 'host:port' = attach to a running cluster, shipping the project
              folder (working_dir, default: this checkout) to its workers. An attached
-             cluster is only disconnected from at shutdown(), never stopped.
+             cluster is only disconnected from at shutdown(), never stopped. Where nothing
+             accepts a connection at that address: RayUnreachableError within _REACH_S s.
     workers: 'auto' = the CPUs Ray sees (cluster_resources()['CPU']), or an int.
     temp_dir: the private instance's files go to <temp_dir>/ray. Unix socket paths are
              limited to 107 bytes, so when that path is too long a short directory under
@@ -362,16 +407,20 @@ class RayExecutor(_Executor):
         self._running = {}                    # ObjectRef -> (Job, attempts)
         self._refs = {}                       # key -> ObjectRef of a running job
         self._owned_temp = None
+        self._driver_mark = None
         self.ray_temp_dir = ''
         address = address or ''
+        source = 'RAY_ADDRESS'
         if address == '' and os.environ.get('RAY_ADDRESS'):
             address = os.environ['RAY_ADDRESS']
+            source = 'the environment variable RAY_ADDRESS'
         self.address = '' if address == 'local' else address
         started = time.time()
-        if self.address:
-            self._attach(self.address, working_dir)
-        else:
-            self._start_private(workers, temp_dir)
+        with _named_interrupts():
+            if self.address:
+                self._attach(self.address, working_dir, source)
+            else:
+                self._start_private(workers, temp_dir)
         self.start_s = time.time() - started
         cpus = int(ray.cluster_resources().get('CPU', 0))
         if cpus < 1:
@@ -379,7 +428,8 @@ class RayExecutor(_Executor):
             raise RuntimeError(f"Ray at {self.address or 'the private instance'} has no CPUs")
         self.capacity = cpus if workers == 'auto' else workers
         self._task = ray.remote(num_cpus=1, max_retries=0, retry_exceptions=False)(run_job)
-        self._data_ref = ray.put(to_shareable(data))
+        with _named_interrupts():
+            self._data_ref = ray.put(to_shareable(data))
         where = (f"cluster {self.address}" if self.address
                  else f"private local instance in {self.ray_temp_dir}")
         nodes = sum(1 for n in ray.nodes() if n.get('Alive'))
@@ -396,13 +446,19 @@ class RayExecutor(_Executor):
         if len(path.encode()) + _SOCKET_SUFFIX <= _SOCKET_PATH_MAX:
             os.makedirs(path, exist_ok=True)
             return path
-        self._owned_temp = tempfile.mkdtemp(prefix='ray-', dir='/tmp')
+        _reap_fallbacks(self.log)
+        self._owned_temp = tempfile.mkdtemp(prefix=_FALLBACK_PREFIX, dir='/tmp')
+        _write_mark(os.path.join(self._owned_temp, _OWNER_MARK))
         self.log(f"Ray: {path} is too long for Unix socket paths; using {self._owned_temp}")
         return self._owned_temp
 
     def _start_private(self, workers, temp_dir):
+        """A private instance on this machine only: every server binds 127.0.0.1, its
+        processes end within seconds of the driver (even a killed one), and what an
+        earlier killed run left running in the same temp folder is stopped first."""
         import ray
         self.ray_temp_dir = self._ray_temp_dir(temp_dir)
+        _reap_leftovers(self.ray_temp_dir, self.log)
         num_cpus = _cpu_count() if workers == 'auto' else workers
         # No dashboard means no metrics agent: without this, each worker logs an error
         # ('Failed to establish connection to the metrics exporter agent') to the terminal.
@@ -410,26 +466,41 @@ class RayExecutor(_Executor):
         # these, Ray's C++ side prints 'Failed to establish connection to the metrics
         # exporter agent' into the terminal 30 s into every run. C++ messages of Ray's own
         # processes stay in their log files under <temp_dir>/ray/session_latest/logs.
+        # _node_ip_address=127.0.0.1: Ray's C++ servers listen on 127.0.0.1 instead of
+        # 0.0.0.0 exactly when their node address is 127.0.0.1, and the runtime-env agent
+        # binds the node address. RAY_gcs_rpc_server_reconnect_timeout_s: see _GCS_GONE_S.
         env = {'PYTHONPATH': _driver_pythonpath(), 'RAY_USAGE_STATS_ENABLED': '0',
-               'RAY_enable_metrics_collection': '0', 'RAY_BACKEND_LOG_LEVEL': 'fatal'}
-        with _environ(env, drop=['RAY_ADDRESS']), _quiet():
+               'RAY_enable_metrics_collection': '0', 'RAY_BACKEND_LOG_LEVEL': 'fatal',
+               'RAY_gcs_rpc_server_reconnect_timeout_s': str(_GCS_GONE_S)}
+        with _environ(env, drop=['RAY_ADDRESS']), _quiet(), _kept_signal_handlers():
             ray.init(address='local', num_cpus=num_cpus, include_dashboard=False,
                      logging_level=logging.WARNING, log_to_driver=False,
-                     _temp_dir=self.ray_temp_dir)
+                     _temp_dir=self.ray_temp_dir, _node_ip_address=_LOOPBACK)
+        session = _session_dir()
+        if session:
+            self._driver_mark = os.path.join(session, _DRIVER_MARK)
+            _write_mark(self._driver_mark)
 
-    def _attach(self, address, working_dir):
+    def _attach(self, address, working_dir, source='RAY_ADDRESS'):
         import ray
+        _check_reachable(address, source)
         working_dir = str(working_dir or PROJECT_ROOT)
         runtime_env = {'working_dir': working_dir, 'excludes': WORKING_DIR_EXCLUDES}
-        with _quiet():
-            ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING,
-                     log_to_driver=False)
+        try:
+            with _quiet(), _kept_signal_handlers():
+                ray.init(address=address, runtime_env=runtime_env,
+                         logging_level=logging.WARNING, log_to_driver=False)
+        except ConnectionError as exc:
+            raise RayUnreachableError(
+                f"{source}={address}: Ray could not connect ({_one_line(exc)}); "
+                f"{_what_to_check(address, source)}") from None
 
     # ---- jobs
     def submit(self, job):
         """Start the job now if fewer than `capacity` run, else queue it in the driver."""
         super().submit(job)
-        self._fill()
+        with _named_interrupts():
+            self._fill()
 
     def _fill(self):
         while self._queue and len(self._running) < self.capacity:
@@ -448,6 +519,10 @@ class RayExecutor(_Executor):
     def wait(self, timeout=None):
         """Block until at least one running job finishes (or `timeout` seconds pass);
         return the Outcomes of the finished jobs in completion order."""
+        with _named_interrupts():
+            return self._wait(timeout)
+
+    def _wait(self, timeout):
         import ray
         deadline = None if timeout is None else time.time() + timeout
         while True:
@@ -495,7 +570,8 @@ class RayExecutor(_Executor):
         ref = self._refs.pop(key, None)
         if ref is not None:
             del self._running[ref]
-            self._force_cancel(ref)
+            with _named_interrupts():
+                self._force_cancel(ref)
         return super().cancel(key)
 
     @staticmethod
@@ -517,7 +593,12 @@ class RayExecutor(_Executor):
         self._queue.clear()
         self._pending.clear()
         if ray.is_initialized():
-            ray.shutdown()
+            with _named_interrupts():
+                ray.shutdown()
+        if self._driver_mark:                 # a clean end: nothing for a later run to reap
+            with contextlib.suppress(OSError):
+                os.remove(self._driver_mark)
+            self._driver_mark = None
         if self._owned_temp:
             shutil.rmtree(self._owned_temp, ignore_errors=True)
             self._owned_temp = None
@@ -543,3 +624,218 @@ def _quiet():
             finally:
                 os.dup2(saved, 2)
                 os.close(saved)
+
+
+# ----------------------------------------------------------------------------- signals
+
+@contextlib.contextmanager
+def _named_interrupts():
+    """Ray's C++ calls (ray.wait, ray.get, ...) run Python's signal handlers themselves,
+    swallow the KeyboardInterrupt('SIGTERM') of public.interrupts.GracefulInterrupts and
+    raise a bare KeyboardInterrupt instead: give it its signal's name back."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        named = named_interrupt(exc)
+        if named is exc:
+            raise
+        raise named from None
+
+
+@contextlib.contextmanager
+def _kept_signal_handlers():
+    """Put back the SIGINT and SIGTERM handlers ray.init replaces: its Python SIGTERM
+    handler (sys.exit, status 1 or 15) and the C++ fatal-signal handler of the driver's core
+    worker, which prints '*** SIGTERM received ... PC: @' before it. So a signal ends a
+    parallel run exactly like a serial one (GracefulInterrupts: KeyboardInterrupt(name))."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:          # None: not set from Python, cannot be put back
+                signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------- leftovers
+
+def _session_dir():
+    """The session folder of the Ray instance this process started, or None."""
+    try:
+        import ray
+        return ray._private.worker._global_node.get_session_dir_path()
+    except Exception:                         # a private Ray API: best effort
+        return None
+
+
+def _proc_start(pid):
+    """The start time (clock ticks after boot) of process pid, or None if it is gone."""
+    try:
+        text = Path(f'/proc/{pid}/stat').read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(')') + 2:].split()
+    return None if fields[0] in ('Z', 'X') else fields[19]
+
+
+def _write_mark(path):
+    """Record this process (pid and start time) in path."""
+    with contextlib.suppress(OSError):
+        Path(path).write_text(json.dumps({'pid': os.getpid(), 'start': _proc_start(os.getpid())}))
+
+
+def _mark_is_dead(path):
+    """True if path names a process that no longer runs (False if it runs, or the file
+    cannot be read: never reap on a doubt)."""
+    try:
+        mark = json.loads(Path(path).read_text())
+        pid, start = int(mark['pid']), mark['start']
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return start is not None and _proc_start(pid) != start
+
+
+def _processes_mentioning(paths):
+    """{pid: path} of this user's processes whose command line mentions one of paths."""
+    found, me, uid = {}, os.getpid(), os.getuid()
+    for entry in os.listdir('/proc'):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            if os.stat(f'/proc/{entry}').st_uid != uid:
+                continue
+            args = Path(f'/proc/{entry}/cmdline').read_bytes().decode(errors='replace')
+        except OSError:
+            continue
+        args = args.replace('\0', ' ')
+        for path in paths:
+            if path + os.sep in args or args.endswith(path) or path + ' ' in args:
+                found[int(entry)] = path
+                break
+    return found
+
+
+def _kill_all(pids, wait_s=3.0):
+    """SIGKILL pids; wait until they are gone (at most wait_s); the number signalled."""
+    starts = {pid: _proc_start(pid) for pid in pids}
+    killed = 0
+    for pid, start in starts.items():
+        if start is None:
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except OSError:
+            pass
+    deadline = time.time() + wait_s
+    while time.time() < deadline and any(
+            start is not None and _proc_start(pid) == start for pid, start in starts.items()):
+        time.sleep(0.05)
+    return killed
+
+
+def _reap_leftovers(ray_temp_dir, log):
+    """Stop what the private instances of earlier runs in ray_temp_dir left running because
+    their driver was killed (SIGKILL, out of memory) before it could stop them: each session
+    folder whose driver mark names a dead process; the processes are this user's whose
+    command line names that session folder. Logs a note when it stops any."""
+    dead = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(ray_temp_dir):
+            mark = os.path.join(entry.path, _DRIVER_MARK)
+            if entry.name.startswith('session_') and not entry.is_symlink() \
+                    and os.path.exists(mark) and _mark_is_dead(mark):
+                dead.append(entry.path)
+    if not dead:
+        return 0
+    found = _processes_mentioning(dead)
+    killed = _kill_all(found) if found else 0
+    for session in dead:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(session, _DRIVER_MARK))
+    if killed:
+        sessions = sorted({found[pid] for pid in found})
+        log(f"Ray: stopped {killed} process(es) that an earlier run's private instance left "
+            f"running when its driver was killed ({', '.join(sessions)})")
+    return killed
+
+
+def _reap_fallbacks(log):
+    """The /tmp fallback folders (see RayExecutor._ray_temp_dir) of killed runs: their
+    leftover processes stopped, the folders removed (a clean shutdown removes its own)."""
+    for entry in Path('/tmp').glob(_FALLBACK_PREFIX + '*'):
+        mark = entry / _OWNER_MARK
+        try:
+            if entry.is_symlink() or not mark.exists() or entry.stat().st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        if _mark_is_dead(mark):
+            _reap_leftovers(str(entry), log)
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- attaching
+
+def _what_to_check(address, source='RAY_ADDRESS'):
+    start = ("start one (`ray start --head`)" if address == 'auto' else
+             "start a cluster there (`ray start --head` on that machine)")
+    private = ("unset the environment variable RAY_ADDRESS (and keep the setting "
+               "RAY_ADDRESS='')" if 'environment' in source else "set RAY_ADDRESS=''")
+    return (f"{start}, fix the address, or for a private local instance {private}; "
+            f"WORKERS=1 runs the search serially without Ray")
+
+
+def _host_port(address):
+    """(host, port) of 'host:port', '[v6]:port' or 'ray://host:port'; None if unparsable."""
+    rest = address.split('://', 1)[1] if '://' in address else address
+    rest = rest.split('/', 1)[0]
+    if rest.startswith('['):
+        host, _, port = rest[1:].partition(']:')
+    else:
+        host, _, port = rest.rpartition(':')
+    if not host or not port.isdigit():
+        return None
+    return host, int(port)
+
+
+def _check_reachable(address, source='RAY_ADDRESS', within=None):
+    """Raise RayUnreachableError unless something accepts a TCP connection at the cluster
+    address (retried for `within` seconds, default _REACH_S): ray.init would otherwise wait
+    about 150 s, printing C++ warnings. 'auto' is first resolved the way ray.init does."""
+    within = _REACH_S if within is None else within
+    target = address
+    if address == 'auto':
+        try:
+            from ray._private import services
+            target = services.canonicalize_bootstrap_address('auto')
+        except ConnectionError as exc:
+            raise RayUnreachableError(f"{source}={address}: no running Ray cluster found on "
+                                      f"this machine ({_one_line(exc)}); "
+                                      f"{_what_to_check(address, source)}") from None
+        except Exception:                     # a private Ray API: leave it to ray.init
+            return
+        if not target:
+            return
+    hp = _host_port(target)
+    if hp is None:
+        return                                # ray.init says what is wrong with it
+    started, last = time.monotonic(), None
+    while True:
+        left = within - (time.monotonic() - started)
+        try:
+            with socket.create_connection(hp, timeout=max(0.2, min(2.0, left))):
+                return
+        except OSError as exc:
+            last = exc
+        if time.monotonic() - started + 0.5 >= within:
+            break
+        time.sleep(0.5)
+    resolved = f" (= {target})" if target != address else ''
+    raise RayUnreachableError(
+        f"{source}={address}{resolved}: no Ray cluster answers there (nothing accepted a "
+        f"connection to {hp[0]}:{hp[1]} within {within:g} s: {last}); "
+        f"{_what_to_check(address, source)}")
