@@ -26,12 +26,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COPY = ('public', 'train_multi.py', 'train_final.py', 'params.py', 'avoid.txt', 'ttdata')
 TIMING = ('latency_ms', 'wall_s', 'finished_at', 'node', 'attempts')
+SNAPSHOT = [None]
 
 
-def _project():
+def _project(source=None):
+    """A fresh copy of the project (of `source`, a snapshot made at the start, so that
+    edits made while the check runs do not change what it runs)."""
     folder = tempfile.mkdtemp(prefix='atml-demo-')
     for name in COPY:
-        src = os.path.join(ROOT, name)
+        src = os.path.join(source or SNAPSHOT[0] or ROOT, name)
         if os.path.isdir(src):
             shutil.copytree(src, os.path.join(folder, name),
                             ignore=shutil.ignore_patterns('__pycache__', '.atml-cache'))
@@ -64,7 +67,8 @@ def _answer(folder):
             if re.fullmatch(r'\d{1,3}-\d{1,3}', entry):
                 best[(model, entry)] = _state(os.path.join(model_dir, entry, 'saved.pth'))
     with open(os.path.join(root, 'summary.csv'), newline='') as f:
-        summary = [{k: v.replace(folder, '<project>') for k, v in r.items() if k != 'wall_s'}
+        summary = [{k: v.replace(folder, '<project>') for k, v in r.items()
+                    if k not in ('wall_s', 'latency_ms')}    # timing: measured, not decided
                    for r in csv.DictReader(f)]
     final = [e for e in os.listdir(folder) if re.fullmatch(r'\d{1,3}-\d{1,3}', e)]
     return dict(
@@ -96,6 +100,7 @@ def main(argv):
     runs = 3
     if argv[:1] == ['--runs']:
         runs, argv = int(argv[1]), argv[2:]
+    SNAPSHOT[0] = _project(ROOT)
     print(f"check_demo_parallel: {os.cpu_count()} CPU cores; overrides {argv or 'none'}; "
           f"1 serial run, {runs} parallel", flush=True)
     serial, wall, _ = _run(argv, 1)
@@ -107,6 +112,10 @@ def main(argv):
         got, wall, speculative = _run(argv, 'auto')
         differ = [part for part in serial if got[part] != serial[part]]
         same &= not differ
+        for part in differ:
+            if isinstance(serial[part], list):
+                print(f"    {part}: serial {[r for r in serial[part] if r not in got[part]]}\n"
+                      f"    {part}: parallel {[r for r in got[part] if r not in serial[part]]}")
         print(f"  WORKERS='auto' run {i + 1}: {wall:.0f} s; "
               f"{'identical' if not differ else 'DIFFERS in ' + ', '.join(differ)}; "
               f"{'; '.join(speculative) or 'no speculative work'}", flush=True)
