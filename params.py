@@ -1,7 +1,7 @@
 """ATML settings: one constant per line, a comment with the unit or the allowed values.
 
 Edit this file, then run `python train_multi.py` (stage one) or `python train_final.py`
-(stage two). Every setting is checked before any work starts (public/config.py holds the
+(stage two). Every setting is checked before any work starts (public/core/settings.py holds the
 rules); a bad one stops the run with a message naming it, its value and the rule.
 The defaults run the demo on the synthetic data in ttdata/.
 """

@@ -6,7 +6,7 @@
 
 MODEL is an ONNX file with input [N, C, L, 1] and logits [N, K] (what ATML exports). DATA
 is a folder of .txt segments, a .csv (id, heartbeat_signals[, label]) or a .npy/.npz file
-(see public/dataset.py and public/formats.py); the segment length defaults to the model's
+(see public/data/loading.py); the segment length defaults to the model's
 input length L, and a segment of another length is an error unless --pad-tolerance lets
 a slightly short one be zero-padded. Labels in DATA, if any, are ignored.
 
@@ -190,7 +190,7 @@ def load_segments(path, fmt, input_size, pad_tolerance, shorter='error', longer=
     one fitted to input_size. A multi-label model reads multi-label sources (labels are
     read, then ignored)."""
     from public.dataset import LOADERS, LengthPolicy, detect_format
-    from public.segments import LabelSpec, LoadOptions
+    from public.data.segments import LabelSpec, LoadOptions
     policy = LengthPolicy(input_size, pad_tolerance, shorter, longer)
     fmt = detect_format(path) if fmt == 'auto' else fmt
     labels = LabelSpec('multilabel', classes=tuple(classes)) if multilabel and classes else LabelSpec()
@@ -230,11 +230,10 @@ def write_csv(path, ids, probabilities, names=None):
                else [f"label_{k}" for k in range(probabilities.shape[1])])
     table = pd.DataFrame(probabilities, columns=columns)
     table.insert(0, 'id', ids)
+    from public.core.atomic import write_atomic
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)      # a crash never leaves a half-written prediction file
+    write_atomic(path, table.to_csv(index=False), step=False)   # never a half-written file
 
 
 def run(args):

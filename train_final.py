@@ -11,7 +11,7 @@ to <xx>-<yy>/; temp/ holds the work in progress. Ctrl+C stops cleanly; rerun to 
 """
 import sys
 
-from public.cli import log, main, threads_note, worst_subjects_note, write_report
+from public.cli import log, main, write_report
 
 # The folders stage two writes (work in progress, the result, the parse cache).
 STAGE_FOLDERS = ('TEMP_DIR', 'FINAL_RESULT_DIR', 'CACHE_DIR')
@@ -19,16 +19,17 @@ STAGE_FOLDERS = ('TEMP_DIR', 'FINAL_RESULT_DIR', 'CACHE_DIR')
 
 def run(settings, interrupts):
     import pandas as pd
-    from public.registry import import_user_module
+    from public.models.registry import import_user_module
     # Before the stage code imports it: a public/ss_model.py that does not import is an
-    # error naming its file and line (public.scaling then finds it in sys.modules).
+    # error naming its file and line (public.search.stage_two then finds it in sys.modules).
     import_user_module('public.ss_model')
-    from public.config import source_of
+    from public.core.settings import source_of
     from public.dataset import with_label_lines
-    from public.dispatch import make_executor
-    from public.results import RunLock, check_writable
-    from public.scaling import run_stage_two
-    from public.trial import prepare_data
+    from public.results.files import worst_subjects_note
+    from public.results.store import RunLock, check_writable
+    from public.search.dispatch import make_executor, threads_note
+    from public.search.stage_two import run_stage_two
+    from public.data.prepare import prepare_data
     for name in STAGE_FOLDERS[:2]:
         check_writable(getattr(settings, name), name, source_of(settings, name))
     with RunLock(settings.TEMP_DIR, 'train_final.py'):
@@ -55,6 +56,6 @@ def run(settings, interrupts):
 
 if __name__ == '__main__':
     if '--report' in sys.argv[1:]:
-        from public.report import main as report_main
+        from public.report.main import main as report_main
         sys.exit(report_main(['stage2'] + [a for a in sys.argv[1:] if a != '--report']))
     sys.exit(main(run, name='train_final.py', folders=STAGE_FOLDERS))

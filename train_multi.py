@@ -13,8 +13,7 @@ import os
 import sys
 
 
-from public.cli import (log, main, stop_if_disk_full, threads_note, worst_subjects_note,
-                        write_report)
+from public.cli import log, main, stop_if_disk_full, write_report
 
 # The folders stage one writes (results, scratch, parse cache): a full disk names its setting.
 STAGE_FOLDERS = ('MODEL_SAVE_PATH', 'TEMP_DIR', 'CACHE_DIR')
@@ -24,14 +23,14 @@ def selected_models(settings):
     """MODELS by name (any registered model, seed models included), or every model that
     public/model.py registers, in definition order (read now: a model appended below the
     file's last line is searched too)."""
-    from public.registry import get_model_class, import_user_module, model_classes
+    from public.models.registry import get_model_class, import_user_module, model_classes
     # A public/model.py that does not import is an error naming its file and line.
     import_user_module('public.model')              # registers its models
     if not settings.MODELS:
         return [m for m in model_classes() if m.__module__ == 'public.model']
-    import_user_module('public.seed_models')        # the seed systems' models
-    import_user_module('public.small_models')       # the <= 20 KB architectures
-    from public.config import SettingsError, source_of
+    import_user_module('public.models.seed')        # the seed systems' models
+    import_user_module('public.models.small')       # the <= 20 KB architectures
+    from public.core.settings import SettingsError, source_of
     try:
         return [get_model_class(name) for name in settings.MODELS]
     except KeyError as exc:
@@ -42,8 +41,8 @@ def selected_models(settings):
 def check_avoid_file(settings, model_names):
     """Read avoid.txt before any data is loaded: a malformed line stops the run now; a line
     naming a model nobody registered is reported (it prunes nothing)."""
-    from public.registry import model_classes
-    from public.search import AvoidList
+    from public.models.registry import model_classes
+    from public.search.avoid import AvoidList
     avoid = AvoidList(settings.AVOID_FILE_PATH, settings.STEP)
     known = set(model_names) | {m.__name__ for m in model_classes()}
     for number, name, close in avoid.unknown_models(known):
@@ -53,12 +52,15 @@ def check_avoid_file(settings, model_names):
 
 def run(settings, interrupts):
     import pandas as pd
-    from public.config import source_of
+    from public.core.settings import source_of
     from public.dataset import with_label_lines
-    from public.dispatch import make_executor
-    from public.results import STAGE1_COLUMNS, ResultsTable, RunLock, check_writable
-    from public.search import RESULTS_CSV, run_stage_one
-    from public.trial import STATUS_FAILED, prepare_data
+    from public.results.files import worst_subjects_note
+    from public.results.store import RunLock, check_writable
+    from public.results.table import ResultsTable, STAGE1_COLUMNS
+    from public.search.dispatch import make_executor, threads_note
+    from public.search.stage_one import RESULTS_CSV, run_stage_one
+    from public.data.prepare import prepare_data
+    from public.train.outcome import TrialStatus
     model_classes = selected_models(settings)
     for name in STAGE_FOLDERS[:2]:
         check_writable(getattr(settings, name), name, source_of(settings, name))
@@ -75,7 +77,7 @@ def run(settings, interrupts):
             """After each recorded trial: stop if it failed for a full disk (every later
             trial would too; its row makes the next run retry it); then the report."""
             rows = table.rows()
-            if rows and rows[-1]['status'] == STATUS_FAILED:
+            if rows and rows[-1]['status'] == TrialStatus.FAILED:
                 last = rows[-1]
                 stop_if_disk_full(f"{last['model']} lr={last['lr']}", last['error'], settings,
                                   STAGE_FOLDERS)
@@ -99,6 +101,6 @@ def run(settings, interrupts):
 
 if __name__ == '__main__':
     if '--report' in sys.argv[1:]:
-        from public.report import main as report_main
+        from public.report.main import main as report_main
         sys.exit(report_main(['stage1'] + [a for a in sys.argv[1:] if a != '--report']))
     sys.exit(main(run, name='train_multi.py', folders=STAGE_FOLDERS))

@@ -28,7 +28,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from public import dataset, format_txt                           # noqa: E402
+from public import dataset  # noqa: E402
+import public.data.txt_format as format_txt  # noqa: E402
 
 CHUNK = 1 << 24
 
@@ -87,7 +88,7 @@ def main():
                 lambda: cached(lambda: dataset.load_folder(a.folder, 1250, cache, progress=False)),
             'load_folder, cached, not verified':
                 lambda: cached(lambda: unverified_load_folder(a.folder, cache)),
-            '  listing: scandir + stat of every file': lambda: dataset._listing(a.folder),
+            '  listing: scandir + stat of every file': lambda: format_txt.listing(a.folder),
             '  load_cached(verify=True)': lambda: cached(lambda: dataset.load_cached(stem)),
             '  load_cached(verify=False)':
                 lambda: cached(lambda: dataset.load_cached(stem, verify=False)),

@@ -4,9 +4,9 @@ and with 7-bit (INT8_REDUCE_RANGE) weights, on the real data.
 
     python bench/bench_int8_kernels.py                          # c2-f1, c2-f4, c2-f5, seed 42
 
-For each stage-two candidate: train float (public.trial.run_trial; lr 0.0015, no
+For each stage-two candidate: train float (public.search.trial.run_trial; lr 0.0015, no
 augmentation, batch 64, up to 12 epochs with early stopping, 1 thread; the split of
-bench/real_data.py), quantize it with public.quantize.quantize_int8 with full-range and
+bench/real_data.py), quantize it with public.compress.quantize.quantize_int8 with full-range and
 with reduced-range weights, and print validation and test min4 (min of F1 / accuracy /
 precision / recall) of float, of the INT8 file in onnxruntime's kernels ("kernels") and
 run exactly ("exact"), the largest |kernels - exact| logit difference and the share of
@@ -59,9 +59,10 @@ def main():
     import torch
     import onnxruntime
     import public.ss_model as ss
-    from public.config import load_settings
-    from public.quantize import quantize_int8
-    from public.trial import calibration_sample, run_trial
+    from public.core.settings import load_settings
+    from public.compress.quantize import quantize_int8
+    from public.data.prepare import calibration_sample
+    from public.search.trial import run_trial
     torch.set_num_threads(1)
     log = make_log(args.out)
     log(f"bench_int8_kernels {datetime.date.today()}: {os.cpu_count()} CPU cores, "

@@ -165,8 +165,8 @@ def main():
           f"{args.runs} run(s) per mode, interleaved", flush=True)
     if not args.demo:                  # parse once into the cache: the runs time training
         folder = project(args, 1)
-        subprocess.run([sys.executable, '-c', 'from public.config import load_settings; '
-                        'from public.trial import prepare_data; '
+        subprocess.run([sys.executable, '-c', 'from public.core.settings import load_settings; '
+                        'from public.data.prepare import prepare_data; '
                         'print(prepare_data(load_settings([]), progress=False).summary)'],
                        cwd=folder, check=True)
         shutil.rmtree(folder)

@@ -10,8 +10,8 @@ best weights, validation metrics). Training segments may be subsampled (--train-
 seeded) to keep the run short on a shared machine; the log says how many were used.
 
 Width-scaled candidates (c1-f1, c2-f1, c2-f2, c3-f2) and the parents (c4-f2, c3-f3) train
-from scratch with the stage-one trial (public.trial.run_trial, AUGMENT=True, lr 0.0015, up
-to --epochs epochs). Each parent's best weights are then pruned (public.prune.prune_model:
+from scratch with the stage-one trial (public.search.trial.run_trial, AUGMENT=True, lr 0.0015, up
+to --epochs epochs). Each parent's best weights are then pruned (public.compress.channel_prune.prune_model:
 c4-f2 by 0.25 / 0.5 / 0.75, c3-f3 by 0.5) and fine-tuned --finetune-epochs epochs through
 the same run_trial. Every model prints ONNX bytes (of the exported, onnxruntime-checked
 file), parameters, validation and held-out test min-metric (min of F1, accuracy,
@@ -60,7 +60,7 @@ def _prepared(args):
 
 
 def _settings(args, seed, epochs):
-    from public.config import load_settings
+    from public.core.settings import load_settings
     values = dict(NUM_EPOCHS=epochs, SEED=seed, DEVICE='cpu', NUM_THREADS=1, WORKERS=1,
                   LATENCY_RUNS=1, BATCH_SIZE=32, TEMP_DIR=os.path.join(args.scratch, 'temp'),
                   TEST_DIR='', AUGMENT=True, NORMALIZE='none', CLASS_WEIGHTS='none')
@@ -101,7 +101,7 @@ def train_scratch(args, c, f, seed):
     """A width-scaled model (or a parent) trained from scratch; its row and best weights."""
     import torch
     torch.set_num_threads(1)
-    from public.trial import run_trial
+    from public.search.trial import run_trial
     data, _ = _prepared(args)
     settings = _settings(args, seed, args.epochs)
     onnx = os.path.join(args.scratch, f"{_name(c, f)}-{seed}-{os.getpid()}.onnx")
@@ -115,8 +115,8 @@ def finetune_pruned(args, c, f, fraction, seed, state_dict):
     """The parent's best weights pruned by `fraction`, scored as pruned, then fine-tuned."""
     import torch
     torch.set_num_threads(1)
-    from public.prune import copy_builder, prune_model
-    from public.trial import run_trial
+    from public.compress.channel_prune import copy_builder, prune_model
+    from public.search.trial import run_trial
     data, _ = _prepared(args)
     parent = _build(c, f)()
     parent.load_state_dict(state_dict)
@@ -138,8 +138,8 @@ def unstructured_demo(args, c, f, state_dict):
     """Sizes of a trained parent: dense, with zeroed weights, structurally pruned; gzip too."""
     import torch
     torch.set_num_threads(1)
-    from public.export import export_onnx
-    from public.prune import prune_model, unstructured_prune
+    from public.compress.export import export_onnx
+    from public.compress.channel_prune import prune_model, unstructured_prune
     model = _build(c, f)()
     model.load_state_dict(state_dict)
     model.eval()
@@ -198,7 +198,7 @@ def main():
     os.makedirs(os.path.join(args.scratch, 'temp'), exist_ok=True)
     import torch
     torch.set_num_threads(1)
-    from public.prune import pruned_size
+    from public.compress.channel_prune import pruned_size
     start = time.perf_counter()
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     print(f"bench_prune {datetime.datetime.now():%Y-%m-%d %H:%M}: {os.cpu_count()} CPU cores "

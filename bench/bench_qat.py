@@ -6,18 +6,18 @@
 Data: the shared .npz (AF = rhythm 'AFIB'). Subjects S51 S52 S53 S55 S56 S57 S58 S59 S60
 S61 S63 S65 S66 are the held-out test set; of the other 40, 20 % (seeded, as ATML splits)
 validate. For each stage-two candidate cN-fM (ss_model.AFNet(generate_config(N, M, 1250)))
-and seed: train float with public.trial.run_trial (LR 0.0015, AUGMENT, up to --epochs with
+and seed: train float with public.search.trial.run_trial (LR 0.0015, AUGMENT, up to --epochs with
 the normal early stopping, --batch (32), 1 thread), then measure on validation and test
   float  the PyTorch model,
-  PTQ    public.quantize.quantize_int8 calibrated on public.trial.calibration_sample's 256
+  PTQ    public.compress.quantize.quantize_int8 calibrated on public.data.prepare.calibration_sample's 256
          training segments, run in onnxruntime,
   PTQ-p  the same onnxruntime quantization with activation ranges at the 99.99th percentile
-         of the same segments (public.qat with ranges=(99.99,), no training),
-  QAT    public.qat (--qat-epochs, --qat-lr, same calibration), run in onnxruntime,
+         of the same segments (public.compress.qat with ranges=(99.99,), no training),
+  QAT    public.compress.qat (--qat-epochs, --qat-lr, same calibration), run in onnxruntime,
 with the min-metric (min of F1 / accuracy / precision / recall), F1, ROC AUC and the share
 of segments where the INT8 model's class equals the float model's (overall, and for the
 test subject where it is lowest). For PTQ it also prints
-where the INT8 error comes from (public.qat.quantization_sensitivity on validation: the KL
+where the INT8 error comes from (public.compress.qat.quantization_sensitivity on validation: the KL
 divergence from the float model's outputs with the weights, all activations, or one
 activation tensor at a time left in float).
 """
@@ -43,7 +43,7 @@ def load(path, seed, subsample):
 
 
 def settings_for(args, seed):
-    from public.config import load_settings
+    from public.core.settings import load_settings
     values = dict(NUM_EPOCHS=args.epochs, SEED=seed, DEVICE='cpu', NUM_THREADS=1, WORKERS=1,
                   LATENCY_RUNS=1, BATCH_SIZE=args.batch, AUGMENT=not args.no_augment, NORMALIZE='none',
                   CLASS_WEIGHTS='none', TEST_DIR='', ONNX_OPSET=18,
@@ -87,10 +87,11 @@ def kl_to(reference_logits):
 def run_candidate(args, name, seed, data, log):
     import torch
     import public.ss_model as ss
-    from public import qat
-    from public.export import onnx_predict
-    from public.quantize import quantize_int8
-    from public.trial import calibration_sample, run_trial
+    import public.compress.qat as qat
+    from public.compress.export import onnx_predict
+    from public.compress.quantize import quantize_int8
+    from public.data.prepare import calibration_sample
+    from public.search.trial import run_trial
     channels, fc = (int(part[1:]) for part in name.split('-'))
     build = functools.partial(ss.AFNet, ss.generate_config(channels, fc, 1250))
     settings = settings_for(args, seed)
@@ -176,7 +177,7 @@ def run_candidate(args, name, seed, data, log):
 def sensitivity(args, model, data, calibration, float_val, log, reduce_range):
     """Where PTQ's error comes from, on (up to --sensitivity) validation segments."""
     import tempfile
-    from public import qat
+    import public.compress.qat as qat
     n = min(args.sensitivity, len(data.trial.x_val))
     x = data.trial.x_val[:n].unsqueeze(-1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -198,8 +199,8 @@ KINDS = ('float', 'ptq', 'ptqp', 'qat')
 
 def table(rows, log):
     log('')
-    log('PTQ = public.quantize (min/max ranges); PTQ-p = onnxruntime ranges at the 99.99th '
-        'percentile, no training; QAT = public.qat. min4 and F1 columns: '
+    log('PTQ = public.compress.quantize (min/max ranges); PTQ-p = onnxruntime ranges at the 99.99th '
+        'percentile, no training; QAT = public.compress.qat. min4 and F1 columns: '
         'float PTQ PTQ-p QAT. KL: validation KL divergence of the INT8 outputs from the float '
         "model's (PTQ PTQ-p QAT). 'PTQ lost': float - PTQ min4 > 5 points; 'QAT ok': "
         'float - QAT min4 <= 1 point.')

@@ -16,7 +16,7 @@ epoch budget and learning rate:
                training subjects (the inner validation subjects too) for the epoch count
                that validation chose, and that model (the one delivered) is scored
 Models (--models): AFNet (stage one's default), ss-c1-f1 (the stage-two AFNet at channel
-1, FC 1: 18.3 KB) and SepNet (public/small_models.py, designed for <= 20 KB: 19.4 KB). It prints, per model and variant, the held-out F1 and min-metric
+1, FC 1: 18.3 KB) and SepNet (public/models/small.py, designed for <= 20 KB: 19.4 KB). It prints, per model and variant, the held-out F1 and min-metric
 of each fold (median over seeds), their median over folds with the range, the validation
 F1 and the validation-to-held-out gap; and the augmentation's share of an epoch. Trials
 run in parallel worker processes (one torch thread each). Rows go to --out as CSV.
@@ -62,7 +62,7 @@ def _load(path):
 
 
 def _settings(args, variant, seed):
-    from public.config import load_settings
+    from public.core.settings import load_settings
     values = dict(NUM_EPOCHS=args.epochs, SEED=seed, DEVICE='cpu', NUM_THREADS=1, WORKERS=1,
                   LATENCY_RUNS=1, BATCH_SIZE=32, TEMP_DIR=os.path.join(args.scratch, 'temp'),
                   TEST_DIR='', **OFF)
@@ -77,8 +77,9 @@ def run_one(args, model_name, variant, fold, seed):
     torch.set_num_threads(1)
     from public.dataset import split_by_subject
     from public.test import worst_metric
-    from public.training import TrialData
-    from public.trial import PreparedData, run_trial
+    from public.data.prepare import TrialData
+    from public.data.prepare import PreparedData
+    from public.search.trial import run_trial
     d = _load(args.npz)
     assign = folds_of(d['subject'], args.folds)
     held = np.array([assign[s] == fold for s in d['subject']])
@@ -105,7 +106,7 @@ def run_one(args, model_name, variant, fold, seed):
     # on the same held-out subjects; validation figures stay the validation-chosen model's.
     test = result.test_metrics
     if settings.REFIT:
-        from public.trial import refit
+        from public.search.trial import refit
         test = refit(_builder(model_name), args.lr, result, data, settings,
                      os.path.join(args.scratch, f"{model_name}-{fold}-{seed}-{os.getpid()}.refit.onnx"),
                      progress=False)['test_metrics']
@@ -120,7 +121,7 @@ def _builder(model_name):
         from public.model import AFNet
         return functools.partial(AFNet, input_size=1250, in_channels=1, num_classes=2)
     if model_name == 'SepNet':
-        from public.small_models import SepNet
+        from public.models.small import SepNet
         return functools.partial(SepNet, input_size=1250, in_channels=1, num_classes=2)
     import public.ss_model as ss
     return functools.partial(ss.AFNet, ss.generate_config(1, 1, 1250))
@@ -129,7 +130,7 @@ def _builder(model_name):
 def augmentation_share(epochs=1):
     """Augmentation's share of an AFNet epoch over 4,000 segments (1 thread)."""
     import torch
-    from public.recipe import Augmenter
+    from public.train.recipe import Augmenter
     from public.model import AFNet
     torch.set_num_threads(1)
     x = torch.randn(4000, 1, 1250)

@@ -27,10 +27,11 @@ from torch import nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from public.config import load_settings                    # noqa: E402
-from public.dataset import load_folder                      # noqa: E402
+from public.core.settings import load_settings  # noqa: E402
+from public.dataset import load_folder  # noqa: E402
 from public.model import AFNet                              # noqa: E402
-from public.training import TrialData, train_model          # noqa: E402
+from public.data.prepare import TrialData  # noqa: E402
+from public.train.loop import train_model
 
 
 def median_time(fn, repeats):
@@ -178,7 +179,8 @@ def bench_epoch(n, repeats, batches, threads):
 
 # --------------------------------------------------------------------------- trial
 def bench_trial(train, test, repeats, threads):
-    from public.trial import prepare_data, run_trial
+    from public.data.prepare import prepare_data
+    from public.search.trial import run_trial
     settings = load_settings([f"DATA_DIR={train!r}", f"TEST_DIR={test!r}", "NUM_EPOCHS=2",
                               f"NUM_THREADS={threads}", "CACHE_DIR='/tmp/atml-bench-trial-cache'"],
                              os.path.join(ROOT, 'params.py'))

@@ -36,8 +36,8 @@ def subject_split(path=NPZ, seed=42, subsample=0, onnx_sample=16):
     subject split, as ATML splits); subsample > 0 keeps that many training segments."""
     import torch
     from public.dataset import split_by_subject
-    from public.training import TrialData
-    from public.trial import PreparedData
+    from public.data.prepare import TrialData
+    from public.data.prepare import PreparedData
     d = np.load(path)
     x = d['x'].astype(np.float32)[:, None, :]
     y = (d['rhythm'] == 'AFIB').astype(np.int64)

@@ -1,12 +1,16 @@
-"""What train_multi.py and train_final.py share: settings, logging, errors, interruption."""
+"""What train_multi.py and train_final.py share: settings, logging, errors, interruption.
+
+It imports only public.core at the top, so `--help` and a bad setting answer at once; the
+stages' code (torch, the data, the search) is imported by each script's run().
+"""
 import os
 import sys
 import time
 
-from public.config import load_settings
-from public.errors import (ATMLError, DiskFullError, disk_full_cause, disk_full_reason,
-                           free_bytes)
-from public.interrupts import GracefulInterrupts
+from public.core.errors import (ATMLError, DiskFullError, disk_full_cause, disk_full_reason,
+                                free_bytes)
+from public.core.interrupts import GracefulInterrupts
+from public.core.settings import load_settings
 
 # The folders a stage writes, by setting: a full disk is reported as the one of these it is.
 FOLDERS = ('MODEL_SAVE_PATH', 'TEMP_DIR', 'FINAL_RESULT_DIR', 'CACHE_DIR')
@@ -128,40 +132,15 @@ def stop_if_disk_full(trial, error, settings, folders=FOLDERS):
                                                 f"{error}"), settings, folders)
 
 
-def threads_note(settings):
-    """Describe the CPU budget (prepare_data applies NUM_THREADS; each worker does too)."""
-    import torch          # here: a settings error or a broken model file is reported fast
-    threads = settings.NUM_THREADS or torch.get_num_threads()
-    workers = ('serial (WORKERS=1)' if settings.WORKERS == 1 else
-               f"WORKERS={settings.WORKERS!r} concurrent trials")
-    return f"{os.cpu_count()} CPU core(s), {workers}, {threads} torch thread(s) per trial"
-
-
 def write_report(settings, data_summary, stage=1, folder=None):
     """Write the stage's report.html; a report problem is a warning, never a lost search."""
     try:
-        from public.report import write_stage_one_report, write_stage_two_report
+        # here: the report draws with matplotlib, an optional heavy dependency; a report
+        # that cannot be made is a warning
+        from public.report.pages import write_stage_one_report, write_stage_two_report
         if stage == 1:
             return write_stage_one_report(settings, data_summary)
         return write_stage_two_report(settings, folder, data_summary)
     except Exception as exc:          # noqa: BLE001  (the search's results are already safe)
         log(f"warning: the report could not be written: {type(exc).__name__}: {exc}")
         return None
-
-
-def worst_subjects_note(folders):
-    """Lines naming each result folder's worst subjects (lowest accuracy; per_subject.csv)."""
-    import pandas as pd
-    from public.trial import worst_subjects
-    lines = []
-    for folder in folders:
-        path = os.path.join(str(folder), 'per_subject.csv')
-        if not os.path.exists(path):
-            continue
-        rows = pd.read_csv(path, dtype={'subject': str}).to_dict('records')
-        for split in ('test', 'val'):
-            worst = worst_subjects(rows, split)
-            if worst:
-                lines.append(f"  {folder}: worst {split} subjects: {'; '.join(worst)}")
-                break
-    return lines

@@ -8,12 +8,12 @@ registry: the order of definition below.
 import torch
 from torch import nn
 
-from public.blocks import AFNetBody, SqueezeExcite, afnet_config, to_1d
-from public.registry import model_classes as _registered
+from public.models.blocks import AFNetBody, SqueezeExcite, afnet_config, to_1d
+from public.models.registry import model_classes as _registered
 
 __all__ = ['AFNet', 'ShuffleNetV2', 'OptimizedAFNet', 'model_classes']
 
-from public.registry import register_model
+from public.models.registry import register_model
 
 
 @register_model

@@ -7,7 +7,7 @@ Default: AFNet with conv channels (1, 2, 4, 8, 8) x channel factor and hidden FC
 replace both functions: `generate_config` returns any dict your class understands and
 the class must accept input (N, C, L, 1) and return logits (N, num_classes).
 """
-from public.blocks import AFNetBody, afnet_config
+from public.models.blocks import AFNetBody, afnet_config
 
 
 def generate_config(channel_scaling_factor, fc_scaling_factor, input_size,

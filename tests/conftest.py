@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from public.config import load_settings  # noqa: E402
+from public.core.settings import load_settings  # noqa: E402
 
 # One torch thread, like params.py's NUM_THREADS default: on a shared 2-core machine more
 # threads make these tiny convnets many times slower, not faster.
@@ -97,7 +97,7 @@ def make_settings(tmp_path, small_data):
 @pytest.fixture(scope='session')
 def prepared(small_data, tmp_path_factory):
     """The small data set parsed, split by subject and on the CPU (shared, read-only)."""
-    from public.trial import prepare_data
+    from public.data.prepare import prepare_data
     out = tmp_path_factory.mktemp('prepared')
     values = settings_values(out, small_data)
     settings = load_settings([f"{k}={v!r}" for k, v in values.items()], params_path=str(PARAMS))
@@ -165,21 +165,21 @@ def output(proc):
 
 @pytest.fixture(scope='module')
 def seed_models():
-    """public.seed_models, imported for one test module only (registry restored afterwards),
+    """public.models.seed, imported for one test module only (registry restored afterwards),
     so the registry-wide tests see exactly public/model.py's models."""
     import importlib
     import sys
 
     import public
-    import public.registry as registry
+    import public.models.registry as registry
     before = dict(registry._REGISTRY)
-    fresh = 'public.seed_models' not in sys.modules
-    module = importlib.import_module('public.seed_models')
+    fresh = 'public.models.seed' not in sys.modules
+    module = importlib.import_module('public.models.seed')
     yield module
     registry._REGISTRY.clear()
     registry._REGISTRY.update(before)
     if fresh:        # a later import must run (and register) again
-        sys.modules.pop('public.seed_models', None)
+        sys.modules.pop('public.models.seed', None)
         vars(public).pop('seed_models', None)
 
 

@@ -24,9 +24,9 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 from conftest import PARAMS, TinyNet  # noqa: E402
-from public.config import load_settings  # noqa: E402
-from public.interrupts import NoInterrupts  # noqa: E402
-from public.results import TIMING_COLUMNS, ResultsTable  # noqa: E402
+from public.core.settings import load_settings  # noqa: E402
+from public.core.interrupts import NoInterrupts  # noqa: E402
+from public.results.table import ResultsTable, TIMING_COLUMNS  # noqa: E402
 
 VOLATILE_JSON = ('latency_ms', 'wall_s', 'node', 'attempts')
 
@@ -50,7 +50,7 @@ SCORES = {'TinyNet@0.001': 0.60, 'TinyNet@0.002': 0.40, 'TinyNet@0.005': 0.70,
 
 
 def scripted(build_model, lr, data, settings, onnx_path, progress=True, desc='', **kw):
-    from public.trial import run_trial
+    from public.search.trial import run_trial
     result = run_trial(build_model, lr, data, settings, onnx_path, progress=progress, desc=desc)
     v = SCORES.get(desc, 0.3)
     result.val_metrics = result.test_metrics = dict(f1=v, accuracy=v, precision=v, recall=v)
@@ -59,11 +59,11 @@ def scripted(build_model, lr, data, settings, onnx_path, progress=True, desc='',
 
 def run(stage, settings, data):
     if stage == 'stage1':
-        from public.search import run_stage_one
+        from public.search.stage_one import run_stage_one
         run_stage_one(settings, data, [TinyNet], NoInterrupts(), log=lambda m: None,
                       progress=False, trainer=scripted)
     else:
-        from public.scaling import run_stage_two
+        from public.search.stage_two import run_stage_two
         run_stage_two(settings, data, NoInterrupts(), log=lambda m: None, progress=False,
                       trainer=scripted)
 
@@ -95,7 +95,7 @@ def snapshot(root):
                             for r in ResultsTable(path, []).rows()]
     avoid = os.path.join(root, 'avoid.txt')
     if os.path.exists(avoid):
-        from public.search import AvoidList
+        from public.search.avoid import AvoidList
         state['avoid.txt'] = sorted((lr, m, key) for lr, m, _, key in AvoidList(avoid, 0.001).entries)
     for top in ('multi-result', 'temp', 'final'):
         for folder, dirs, files in os.walk(os.path.join(root, top)):
@@ -156,7 +156,7 @@ def _reap(running):
 
 
 def main(stage, work, train, test, cache):
-    from public.trial import prepare_data
+    from public.data.prepare import prepare_data
     ref_root = os.path.join(work, 'reference')
     settings = settings_for(stage, ref_root, train, test, cache)
     data = prepare_data(settings, progress=False)

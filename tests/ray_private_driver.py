@@ -11,7 +11,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from public.executor import Job, RayExecutor, _session_dir  # noqa: E402
+from public.search.executor import Job, RayExecutor, _session_dir  # noqa: E402
 from tests import ray_jobs  # noqa: E402
 
 

@@ -6,8 +6,8 @@ import os
 import signal
 import time
 
-from public.export import export_onnx
-from public.trial import STATUS_OK, TrialResult
+from public.compress.export import export_onnx
+from public.train.outcome import TrialResult, TrialStatus
 
 
 class ScriptedTrainer:
@@ -35,7 +35,7 @@ class ScriptedTrainer:
                                  settings.ONNX_OPSET)
         with open(os.path.join(self.calls_dir, '..', f"{desc}.trained"), 'w'):
             pass
-        return TrialResult(status=STATUS_OK, stop_reason='max-epochs', epochs=1, best_epoch=1,
+        return TrialResult(status=TrialStatus.OK, stop_reason='max-epochs', epochs=1, best_epoch=1,
                            val_metrics=metrics, test_metrics=dict(metrics),
                            onnx_bytes=onnx_bytes,
                            latency_ms=0.1, params=sum(p.numel() for p in model.parameters()),

@@ -10,14 +10,15 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, output, run_script, settings_values, write_params
-from public.config import SettingsError, _RULES, trial_settings
-from public.errors import BusyError
-from public.results import RunLock, clean_scratch, settings_key
-from public.search import result_folders
+from public.core.settings import SettingsError, _RULES, trial_settings
+from public.core.errors import BusyError
+from public.results.keys import settings_key
+from public.results.store import RunLock, clean_scratch
+from public.search.stage_one import result_folders
 from test_search import _rows, _search  # the same in-process stage-one helpers
 
 # Settings that do not change what a trial computes, each with the reason. A new setting
-# must be either marked KEY/KEY2 in public/config.py's rules table or listed here: an
+# must be either marked KEY/KEY2 in public/core/settings.py's rules table or listed here: an
 # unlisted, unmarked setting fails test_every_setting_is_classified_for_the_settings_key.
 NOT_TRIAL = {
     'CACHE_DIR': 'where parsed data is cached', 'LR_MIN': 'the lr is a column of its own',
@@ -37,7 +38,7 @@ NOT_TRIAL = {
 def test_every_setting_is_classified_for_the_settings_key():
     keyed = set(trial_settings(2))
     unclassified = sorted(set(_RULES) - keyed - set(NOT_TRIAL))
-    assert unclassified == [], (f"{unclassified}: mark them KEY/KEY2 in public/config.py's "
+    assert unclassified == [], (f"{unclassified}: mark them KEY/KEY2 in public/core/settings.py's "
                                 f"rules table, or list them in NOT_TRIAL with the reason")
     assert not keyed & set(NOT_TRIAL)
 
@@ -68,7 +69,7 @@ def test_settings_added_later_keep_old_keys_at_their_neutral_value(make_settings
     # value that reproduces the old behaviour they are left out of the key.
     import hashlib
     import json
-    from public.config import INTRODUCED_AT, settings_dict
+    from public.core.settings import INTRODUCED_AT, settings_dict
     base = make_settings()
     values = settings_dict(base)
     old = {k: values[k] for k in trial_settings(2) if k not in INTRODUCED_AT}
@@ -80,7 +81,7 @@ def test_settings_added_later_keep_old_keys_at_their_neutral_value(make_settings
 def test_int8_weight_range_keys_only_int8_runs(make_settings):
     """INT8_REDUCE_RANGE changes the INT8 file, so it is in the key of an INT8 stage two
     (at False, the earlier 8-bit files, the earlier key); a float-only run ignores it."""
-    from public.config import INTRODUCED_AT
+    from public.core.settings import INTRODUCED_AT
     assert INTRODUCED_AT['INT8_REDUCE_RANGE'] is False
     assert make_settings().INT8_REDUCE_RANGE is True, "params.py's default"
     float_only = {settings_key(make_settings(INT8_REDUCE_RANGE=v), 2) for v in (True, False)}
@@ -284,7 +285,7 @@ def test_a_model_appended_below_the_last_line_of_model_py_is_searched(tmp_path, 
     with open(project / 'public' / 'model.py', 'a') as f:       # where anyone appends a model
         f.write('\n\n@register_model\nclass AppendedNet(OptimizedAFNet):\n    pass\n')
     _project(project, small_data)
-    run = subprocess.run([sys.executable, '-c', 'from public.config import load_settings; '
+    run = subprocess.run([sys.executable, '-c', 'from public.core.settings import load_settings; '
                           'from train_multi import selected_models; '
                           'print([m.__name__ for m in selected_models(load_settings([]))])'],
                          cwd=project, capture_output=True, text=True)

@@ -20,12 +20,13 @@ from pathlib import Path
 import pytest
 
 from conftest import PARAMS, ROOT, settings_values, write_params
-from public import results
+from public.core import atomic
+from public.results import store
 from public.cli import clear_message
-from public.config import load_settings
+from public.core.settings import load_settings
 from public.dataset import load_folder, with_label_lines
-from public.errors import DiskFullError, ModelFileError, SettingsError
-from public.trial import prepare_data
+from public.core.errors import DiskFullError, ModelFileError, SettingsError
+from public.data.prepare import prepare_data
 
 FAST = ['WORKERS=1', 'NUM_EPOCHS=1', 'LR_MIN=0.003', 'LR_MAX=0.003', 'LATENCY_RUNS=2',
         "MODELS=('AFNet',)", 'AVOID_PARAM=0.0']
@@ -108,8 +109,8 @@ def _case_ss_model_syntax(folder, data):
 def _case_ss_model_import_error(folder, data):
     project = _project(folder, data)
     path = project / 'public' / 'ss_model.py'
-    path.write_text(path.read_text().replace('from public.blocks import AFNetBody, afnet_config',
-                                             'from public.blocks import AFNetBody, afnet_confg'))
+    path.write_text(path.read_text().replace('from public.models.blocks import AFNetBody, afnet_config',
+                                             'from public.models.blocks import AFNetBody, afnet_confg'))
     return project / 'train_final.py', project, []
 
 
@@ -242,8 +243,8 @@ def test_a_stage_two_model_file_whose_import_fails_is_named(quick):
     rc, out, _ = quick['ss_model_import_error']
     line = _assert_clear(rc, out)
     assert line.startswith('error: public/ss_model.py, line 10: ImportError: cannot import '
-                           "name 'afnet_confg' from 'public.blocks'")
-    assert '    from public.blocks import AFNetBody, afnet_confg' in out.splitlines()
+                           "name 'afnet_confg' from 'public.models.blocks'")
+    assert '    from public.models.blocks import AFNetBody, afnet_confg' in out.splitlines()
 
 
 def test_a_symbolic_link_that_loops_in_the_data_folder_is_rejected_by_name(quick):
@@ -411,9 +412,9 @@ def test_write_atomic_on_a_full_disk_removes_its_temp_file_and_keeps_the_old(tmp
                                                                             monkeypatch):
     path = tmp_path / 'summary.csv'
     path.write_text('old\n')
-    monkeypatch.setattr(results, 'open', _failing_open(), raising=False)
+    monkeypatch.setattr(atomic, 'open', _failing_open(), raising=False)
     with pytest.raises(DiskFullError) as info:
-        results.write_atomic(str(path), 'new text\n')
+        atomic.write_atomic(str(path), 'new text\n')
     assert os.listdir(tmp_path) == ['summary.csv'] and path.read_text() == 'old\n'
     assert str(info.value).startswith(f"{tmp_path}: the disk is full (No space left on device)")
     assert 'about 9 bytes needed' in str(info.value)
@@ -426,16 +427,16 @@ def test_replace_folder_on_a_full_disk_removes_its_temp_folder_and_names_the_fol
         raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534')
     (tmp_path / 'AFNet').mkdir()
     with pytest.raises(DiskFullError) as info:
-        results.replace_folder(str(tmp_path / 'AFNet'), '0.003', build)
+        atomic.replace_folder(str(tmp_path / 'AFNet'), '0.003', build)
     assert os.listdir(tmp_path / 'AFNet') == []
     assert str(info.value).startswith(f"{tmp_path / 'AFNet' / '0.003'}: the disk is full "
                                       f"(a write came up short")
 
 
 def test_check_writable_on_a_full_disk_names_the_setting(tmp_path, monkeypatch):
-    monkeypatch.setattr(results, 'open', _failing_open(), raising=False)
+    monkeypatch.setattr(store, 'open', _failing_open(), raising=False)
     with pytest.raises(DiskFullError, match=rf"^TEMP_DIR='{tmp_path}': the disk is full"):
-        results.check_writable(str(tmp_path), 'TEMP_DIR')
+        store.check_writable(str(tmp_path), 'TEMP_DIR')
     assert os.listdir(tmp_path) == []
 
 

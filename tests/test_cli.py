@@ -23,11 +23,11 @@ import torch
 from conftest import (ROOT, output, run_script, settings_values, start_script, write_params,
                       write_segment)
 from public.cli import main
-from public.config import load_settings
+from public.core.settings import load_settings
 from public.dataset import load_folder
 import public.model  # noqa: F401  (registers the models)
-from public.registry import get_model_class
-from public.search import AvoidList
+from public.models.registry import get_model_class
+from public.search.avoid import AvoidList
 
 MODELS = ['AFNet', 'ShuffleNetV2', 'OptimizedAFNet']
 

@@ -5,10 +5,10 @@ import os
 
 import pytest
 
-from public.dispatch import make_executor
-from public.interrupts import NoInterrupts
-from public.results import STAGE1_COLUMNS, TIMING_COLUMNS, ResultsTable
-from public.search import run_stage_one
+from public.search.dispatch import make_executor
+from public.core.interrupts import NoInterrupts
+from public.results.table import ResultsTable, STAGE1_COLUMNS, TIMING_COLUMNS
+from public.search.stage_one import run_stage_one
 
 ray = pytest.importorskip('ray')
 

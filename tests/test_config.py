@@ -1,11 +1,11 @@
-"""Tests of public/config.py: params.py loading, KEY=VALUE overrides, the rules table."""
+"""Tests of public/core/settings.py: params.py loading, KEY=VALUE overrides, the rules table."""
 import re
 
 import pytest
 
 from conftest import PARAMS
-from public.config import (SettingsError, load_settings, settings_dict, validate,
-                           write_settings)
+from public.core.settings import (SettingsError, load_settings, settings_dict, validate,
+                                  write_settings)
 
 
 @pytest.fixture(scope='module')

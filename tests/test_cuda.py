@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from conftest import TinyNet, output, run_script, settings_values, write_params
-from public.executor import from_shareable, to_shareable
-from public.trial import STATUS_OK, TrialSpec, on_device, prepare_data, run_job, run_trial
+from public.search.executor import from_shareable, to_shareable
+from public.data.prepare import on_device, prepare_data
+from public.search.trial import TrialSpec, run_trial, run_trial_job
+from public.train.outcome import TrialStatus
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')
 
@@ -17,7 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA d
 @pytest.fixture(scope='module')
 def on_gpu(small_data, tmp_path_factory):
     from conftest import PARAMS
-    from public.config import load_settings
+    from public.core.settings import load_settings
     values = settings_values(tmp_path_factory.mktemp('cuda'), small_data, DEVICE='cuda')
     settings = load_settings([f"{k}={v!r}" for k, v in values.items()], params_path=str(PARAMS))
     return settings, prepare_data(settings, progress=False)
@@ -28,7 +30,7 @@ def test_a_trial_trains_on_the_gpu_and_exports_a_matching_onnx(on_gpu, tmp_path)
     assert data.trial.x_train.is_cuda
     result = run_trial(lambda: TinyNet(), 0.003, data, settings, str(tmp_path / 't.onnx'),
                        progress=False)
-    assert result.status == STATUS_OK, result.error
+    assert result.status == TrialStatus.OK, result.error
     assert all(not v.is_cuda for v in result.state_dict.values())
     assert result.onnx and result.val_metrics
 
@@ -41,9 +43,9 @@ def test_the_worker_path_moves_cpu_data_to_the_gpu(on_gpu):
     assert moved.trial.x_train.is_cuda and on_device(shared) is moved   # moved once, cached
     assert torch.equal(moved.trial.x_train.cpu(), data.trial.x_train.cpu())
     spec = TrialSpec(key='TinyNet@0.003', build=TinyNet, lr=0.003, settings=settings)
-    worker = run_job(spec, shared)
-    local = run_job(spec, data)
-    assert worker.status == local.status == STATUS_OK, worker.error
+    worker = run_trial_job(spec, shared)
+    local = run_trial_job(spec, data)
+    assert worker.status == local.status == TrialStatus.OK, worker.error
     # cuDNN's backward is not bitwise deterministic: the same metrics, not the same bits
     assert worker.val_metrics == pytest.approx(local.val_metrics, abs=0.02)
 

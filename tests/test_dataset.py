@@ -1,5 +1,5 @@
 """Tests of public/dataset.py and the modules it picks from: the original .txt folder format
-(public/format_txt.py), bad files, the parse cache (public/segments.py), the split, and the
+(public/data/txt_format.py), bad files, the parse cache (public/data/segments.py), the split, and the
 layout of the data path (a loader module never imports public.dataset)."""
 import ast
 import os
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 import public.dataset as dataset
-import public.segments as segments_module
+import public.data.segments as segments_module
 from conftest import ROOT, write_segment
-from public.dataset import (DataError, LengthPolicy, cache_entry, excerpt, load_cached,
-                            load_folder, parse_filename, save_cached, split_by_subject)
+from public.dataset import (DataError, LengthPolicy, cache_entry, excerpt, load_cached, load_folder,
+                            parse_filename, save_cached, split_by_subject)
 
 L = 16   # synthetic segments are short: the rules do not depend on the length
 
@@ -605,7 +605,7 @@ def test_two_processes_writing_the_cache_at_once(tmp_path, mode):
         final = load_folder(str(folder), L, str(cache), skip_bad=True, progress=False)
         assert final.from_cache       # the key of both processes' last round
     np.testing.assert_array_equal(final.x, truth.x)
-    assert not list(cache.glob('*.tmp')), 'temporary files left behind'
+    assert not list(cache.glob('*tmp')), 'temporary files left behind'
 
 
 # ----------------------------------------------------------------------------- layout
@@ -633,15 +633,15 @@ def _loader_modules():
 def test_every_format_has_a_loader_module_of_its_own():
     assert list(dataset.LOADERS) == ['txt', 'csv', 'numpy']
     modules = [sys.modules[loader.load.__module__].__name__ for loader in dataset.LOADERS.values()]
-    assert modules == ['public.format_txt', 'public.format_csv', 'public.format_numpy']
+    assert modules == ['public.data.txt_format', 'public.data.csv_format', 'public.data.numpy_format']
 
 
 @pytest.mark.parametrize('module', _loader_modules(), ids=lambda m: m.__name__)
 def test_a_loader_module_imports_only_the_shared_data_module(module):
-    """The data path has one direction: public.dataset -> loaders -> public.segments."""
+    """The data path has one direction: public.data.loading -> loaders -> public.data.segments."""
     public = {name for name in _imported_modules(module.__file__)
               if name.startswith(('public', '.'))}
-    allowed = {'public.segments', 'public.errors'}
+    allowed = {'public.data.segments', 'public.core.errors'}
     assert {name for name in public if not name.startswith(tuple(allowed))} == set(), \
         f"{module.__name__} imports {sorted(public)}; a loader imports only {sorted(allowed)}"
 
@@ -649,7 +649,7 @@ def test_a_loader_module_imports_only_the_shared_data_module(module):
 def test_the_shared_data_module_imports_no_other_data_module():
     public = {name for name in _imported_modules(segments_module.__file__)
               if name.startswith(('public', '.'))}
-    assert public <= {'public.errors', 'public.errors.DataError'}, public
+    assert {name for name in public if not name.startswith('public.core.')} == set(), public
 
 
 def test_a_new_format_is_one_loader_and_one_table_line(tmp_path, make_settings, monkeypatch):

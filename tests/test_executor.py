@@ -1,4 +1,4 @@
-"""Tests of public/executor.py: the serial executor, the Ray executor on a private local
+"""Tests of public/search/executor.py: the serial executor, the Ray executor on a private local
 instance (one, shared by the TestRayPrivate class), on a 2-node cluster, and Ctrl+C.
 
 Every test that starts Ray has 'ray' in its name: `pytest tests/test_executor.py -k ray`
@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from public.executor import (Job, Outcome, RayExecutor, SerialExecutor, SharedTensor,
-                             from_shareable, to_shareable)
+from public.search.executor import (Job, Outcome, RayExecutor, SerialExecutor, SharedTensor,
+                                    from_shareable, to_shareable)
 from tests import ray_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_serial_executor_never_imports_the_parallel_backend():
     code = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
-        from public.executor import Job, SerialExecutor
+        from public.search.executor import Job, SerialExecutor
         from tests import ray_jobs
         with SerialExecutor({{'x': [1, 2]}}) as ex:
             ex.submit(Job('a', ray_jobs.scaled_sum, 2))
@@ -330,7 +330,7 @@ def test_ray_cluster_of_two_nodes_runs_jobs_on_both_and_survives(tmp_path, monke
 DRIVER = """
 import sys
 sys.path.insert(0, {root!r})
-from public.executor import Job, RayExecutor
+from public.search.executor import Job, RayExecutor
 from tests import ray_jobs
 folder = sys.argv[1]
 with RayExecutor(None, workers=2, address='local', temp_dir=folder, log=print) as ex:

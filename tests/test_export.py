@@ -1,4 +1,4 @@
-"""Tests of public/export.py: one self-contained ONNX file of known size, checked and timed.
+"""Tests of public/compress/export.py: one self-contained ONNX file of known size, checked and timed.
 
 The registry-wide export test is in test_models.py; these are the export module's own rules.
 """
@@ -9,8 +9,8 @@ import onnx
 import pytest
 import torch
 
-from public.export import (ExportError, check_onnx, export_onnx, onnx_latency_ms, onnx_predict,
-                           size_kb)
+from public.compress.export import (ExportError, check_onnx, export_onnx, onnx_latency_ms,
+                                    onnx_predict, size_kb)
 from public.model import OptimizedAFNet
 
 

@@ -1,5 +1,5 @@
-"""Tests of the CSV and NumPy loaders (public/format_csv.py, public/format_numpy.py; also
-re-exported by public/formats.py) and of the seed data shapes they serve.
+"""Tests of the CSV and NumPy loaders (public/data/csv_format.py, public/data/numpy_format.py)
+and of the seed data shapes they serve.
 
 Every data set is generated in tmp_path: the Tianchi heartbeat CSV (4 classes, 205 samples,
 an unlabelled test file), .npz/.npy arrays, and seed 002's 8-lead x 5000 .txt folder with
@@ -10,11 +10,10 @@ import os
 import numpy as np
 import pytest
 
-import public.format_csv as format_csv
-import public.formats as formats
+import public.data.csv_format as format_csv
 from public.dataset import DataError, LengthPolicy, load_folder
-from public.format_csv import load_csv
-from public.format_numpy import load_numpy
+from public.data.csv_format import load_csv
+from public.data.numpy_format import load_numpy
 
 RNG_SEED = 0
 
@@ -47,10 +46,6 @@ def write_tianchi(path, signals, labels=None, ids=None, subjects=None, raw_label
 def tianchi_data(n=12, length=205, seed=RNG_SEED):
     rng = np.random.default_rng(seed)
     return rng.random((n, length)).astype(np.float32), np.arange(n) % 4
-
-
-def test_formats_module_still_offers_both_loaders():
-    assert formats.load_csv is load_csv and formats.load_numpy is load_numpy
 
 
 # ----------------------------------------------------------------------------- CSV

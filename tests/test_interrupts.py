@@ -1,11 +1,11 @@
-"""Tests of public/interrupts.py: SIGINT/SIGTERM become KeyboardInterrupt, held inside a
+"""Tests of public/core/interrupts.py: SIGINT/SIGTERM become KeyboardInterrupt, held inside a
 critical section until its bookkeeping is complete."""
 import os
 import signal
 
 import pytest
 
-from public.interrupts import GracefulInterrupts, NoInterrupts
+from public.core.interrupts import GracefulInterrupts, NoInterrupts
 
 
 @pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])

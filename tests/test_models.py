@@ -15,10 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-import public.registry as registry
+import public.models.registry as registry
 from public import ss_model
-from public.blocks import afnet_config
-from public.export import check_onnx, export_onnx
+from public.models.blocks import afnet_config
+from public.compress.export import check_onnx, export_onnx
 from public.model import model_classes
 
 SS_FACTORS = [(1, 1), (2, 3), (5, 5)]

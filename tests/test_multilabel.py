@@ -13,8 +13,8 @@ from torch import nn
 from multilabel_data import PTBXL_CLASSES, write_ptbxl_like_npz
 from public.dataset import (DataError, LabelSpec, LengthPolicy, encode_labels, load_data,
                             split_by_folds, split_by_subject)
-from public.format_csv import load_csv
-from public.format_numpy import load_numpy
+from public.data.csv_format import load_csv
+from public.data.numpy_format import load_numpy
 
 L = 20       # samples per segment of the small files
 MULTI = LabelSpec('multilabel', '|', PTBXL_CLASSES)

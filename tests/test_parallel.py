@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import TinyNet, TinyNetB
-from public.interrupts import NoInterrupts
-from public.results import STAGE1_COLUMNS, STAGE2_COLUMNS, TIMING_COLUMNS, ResultsTable
-from public.scaling import plan_candidates, run_stage_two
-from public.search import result_folders, run_stage_one
+from public.core.interrupts import NoInterrupts
+from public.results.table import ResultsTable, STAGE1_COLUMNS, STAGE2_COLUMNS, TIMING_COLUMNS
+from public.search.stage_two import plan_candidates, run_stage_two
+from public.search.stage_one import result_folders, run_stage_one
 from stage_jobs import ScriptedTrainer
 
 ray = pytest.importorskip('ray')
@@ -18,7 +18,7 @@ ray = pytest.importorskip('ray')
 
 @pytest.fixture(scope='module')
 def executor(prepared, tmp_path_factory):
-    from public.executor import RayExecutor
+    from public.search.executor import RayExecutor
     ex = RayExecutor(prepared, workers=2, address='local',
                      temp_dir=str(tmp_path_factory.mktemp('ray')), log=lambda m: None)
     yield ex

@@ -1,6 +1,6 @@
 """Tests of predict.py: probabilities CSV from an exported model over every data format.
 
-The models are untrained seed models exported with public.export.export_onnx, a small
+The models are untrained seed models exported with public.compress.export.export_onnx, a small
 HeartbeatCNN (1 lead x 205 samples, 4 classes) and an SEResNet1d (8 leads x 5000), and, for
 --snap, a fake whose logits follow the signal's mean, so that its probabilities range from
 confident to undecided. One end-to-end run goes through a subprocess; the other cases call
@@ -18,7 +18,7 @@ from torch import nn
 import predict
 import public
 from conftest import ROOT
-from public.export import export_onnx
+from public.compress.export import export_onnx
 from test_formats import tianchi_data, write_lead_folder, write_tianchi
 
 
@@ -187,7 +187,7 @@ def padded_model(tmp_path):
     """A result folder trained with INPUT_SIZE=500, PAD_TOLERANCE=50, SHORTER='exclude'
     (params_used.py written as the search writes it), and segments of 500, 470, 450, 400."""
     from conftest import PARAMS
-    from public.config import load_settings, write_settings
+    from public.core.settings import load_settings, write_settings
     folder = tmp_path / 'multi-result' / 'MeanNet' / '97-95'
     folder.mkdir(parents=True)
     export_onnx(MeanNet(), str(folder / 'saved.onnx'), in_channels=1, input_size=500, opset=18)

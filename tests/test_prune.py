@@ -1,4 +1,4 @@
-"""Tests of public/prune.py: structured pruning that shrinks the ONNX file, and its size plan.
+"""Tests of public/compress/channel_prune.py: structured pruning that shrinks the ONNX file, and its size plan.
 
 The stage-two AFNet at several widths, SepNet (depthwise groups) and OptimizedAFNet are
 pruned; the kept channels are checked against weights built so their L1 order is known,
@@ -16,15 +16,15 @@ import torch
 from torch import nn
 
 import public.ss_model as ss_model
-from public.blocks import to_1d
-from public.errors import SettingsError
-from public.export import check_onnx, export_onnx
+from public.models.blocks import to_1d
+from public.core.errors import SettingsError
+from public.compress.export import check_onnx, export_onnx
 from public.model import OptimizedAFNet, ShuffleNetV2
-from public.prune import (_trace, copy_builder, kept_units, prune_model, pruned_probe,
-                          pruned_size, unstructured_prune)
-from public.recipe import add_normalization
-from public.scaling import _like_trained
-from public.small_models import SepNet
+from public.compress.channel_prune import (_trace, copy_builder, kept_units, prune_model,
+                                           pruned_probe, pruned_size, unstructured_prune)
+from public.train.recipe import add_normalization
+from public.compress.export import like_trained
+from public.models.small import SepNet
 
 L = 1250
 OPSET = 18
@@ -100,7 +100,7 @@ def test_fraction_zero_keeps_every_channel():
 
 @pytest.mark.parametrize('name', list(BUILDS))
 def test_pruned_model_is_smaller_exports_and_matches_onnx(name, tmp_path):
-    model = _like_trained(BUILDS[name]()).eval()
+    model = like_trained(BUILDS[name]()).eval()
     x = _example()
     pruned = prune_model(model, 0.5, x)
     assert _params(pruned) < _params(model)
@@ -137,7 +137,7 @@ def test_input_model_is_unchanged():
 
 
 def test_pruned_model_pickles_and_trains(prepared, make_settings):
-    from public.trial import run_trial
+    from public.search.trial import run_trial
     pruned = prune_model(_perturb(_afnet(2, 1)), 0.5, _example())
     again = pickle.loads(pickle.dumps(pruned))
     x = _example()
@@ -278,7 +278,7 @@ def test_residual_sum_prunes_both_sides_together_and_keeps_input_channels(tmp_pa
 
 
 def test_sepnet_depthwise_groups_follow_their_channels(tmp_path):
-    model = _like_trained(SepNet()).eval()
+    model = like_trained(SepNet()).eval()
     pruned = prune_model(model, 0.5, _example())
     depthwise = [m for m in pruned.modules() if isinstance(m, nn.Conv1d) and m.groups > 1]
     assert len(depthwise) == 4
@@ -293,7 +293,7 @@ def test_sepnet_depthwise_groups_follow_their_channels(tmp_path):
 
 
 def test_normalization_hook_survives_pruning(tmp_path):
-    model = add_normalization(_like_trained(_afnet(1, 1))).eval()
+    model = add_normalization(like_trained(_afnet(1, 1))).eval()
     pruned = prune_model(model, 0.5, _example())
     assert getattr(pruned, 'atml_normalize', None) == 'segment'
     x = _example() * 50 + 7                         # standardised inside: same output
@@ -423,7 +423,7 @@ def test_unknown_layer_in_channel_path_is_named():
 
 @pytest.mark.parametrize('name', ['ss-c4-f2', 'SepNet'])
 def test_unstructured_zeros_do_not_shrink_the_file(name, tmp_path):
-    model = _like_trained(BUILDS[name]()).eval()
+    model = like_trained(BUILDS[name]()).eval()
     zeroed = unstructured_prune(model, 0.5)
     weights = [m.weight for m in zeroed.modules() if isinstance(m, (nn.Conv1d, nn.Linear))]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)

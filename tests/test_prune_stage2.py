@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from public.config import SettingsError
-from public.interrupts import NoInterrupts
-from public.prune import prune_model
-from public.scaling import build_from_config, plan_candidates, run_stage_two
+from public.core.settings import SettingsError
+from public.core.interrupts import NoInterrupts
+from public.compress.channel_prune import prune_model
+from public.search.stage_two import build_from_config, plan_candidates, run_stage_two
 
 
 def test_the_plan_lists_pruned_variants_smaller_than_their_parent(make_settings):

@@ -1,4 +1,4 @@
-"""Tests of public/qat.py: quantization-aware training writes an INT8 file that onnxruntime
+"""Tests of public/compress/qat.py: quantization-aware training writes an INT8 file that onnxruntime
 runs, that the fake-quantized PyTorch graph predicts exactly, reproducibly, without touching
 the float model; what QAT cannot quantize is named before any work.
 
@@ -17,14 +17,15 @@ from onnx import numpy_helper
 from torch import nn
 
 from conftest import PARAMS, settings_values
-from public import qat, ss_model
-from public.config import load_settings
-from public.errors import SettingsError
-from public.export import export_onnx, onnx_predict
-from public.quantize import quantize_int8
-from public.recipe import add_normalization
-from public.small_models import SepNet
-from public.training import TrialData
+from public import ss_model
+import public.compress.qat as qat
+from public.core.settings import load_settings
+from public.core.errors import SettingsError
+from public.compress.export import export_onnx, onnx_predict
+from public.compress.quantize import quantize_int8
+from public.train.recipe import add_normalization
+from public.models.small import SepNet
+from public.data.prepare import TrialData
 
 OPSET = 18
 

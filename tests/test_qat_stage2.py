@@ -9,9 +9,9 @@ import onnxruntime as ort
 import pytest
 from torch import nn
 
-from public.config import SettingsError
-from public.interrupts import NoInterrupts
-from public.scaling import run_stage_two
+from public.core.settings import SettingsError
+from public.core.interrupts import NoInterrupts
+from public.search.stage_two import run_stage_two
 
 
 def test_stage_two_delivers_the_qat_int8_model(make_settings, prepared):

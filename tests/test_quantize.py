@@ -1,4 +1,4 @@
-"""Tests of public/quantize.py: the INT8 ONNX model is a real, self-contained, measured file."""
+"""Tests of public/compress/quantize.py: the INT8 ONNX model is a real, self-contained, measured file."""
 import os
 import shutil
 
@@ -9,9 +9,9 @@ import torch
 
 from public import ss_model
 from public.dataset import load_folder
-from public.export import export_onnx, onnx_predict
+from public.compress.export import export_onnx, onnx_predict
 from public.model import OptimizedAFNet
-from public.quantize import quantize_int8
+from public.compress.quantize import quantize_int8
 
 
 @pytest.fixture(scope='module')

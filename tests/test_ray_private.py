@@ -235,7 +235,7 @@ def test_ray_private_instance_listens_on_loopback_only(driver):
 
 def test_ray_killed_driver_leaves_nothing_behind_and_the_next_start_reaps_leftovers(
         driver, tmp_path):
-    from public.executor import Job, RayExecutor
+    from public.search.executor import Job, RayExecutor
     from tests import ray_jobs
     d = driver()
     procs = d.processes()
@@ -290,7 +290,7 @@ def _stand_in(session):
 def test_ray_reaping_stops_only_what_dead_drivers_left_and_removes_their_tmp_folders():
     """What RayExecutor's start runs first: in its temp folder (_reap_leftovers) and, when
     it falls back to a /tmp folder, among the fallback folders of earlier runs."""
-    from public.executor import _reap_fallbacks, _reap_leftovers
+    from public.search.executor import _reap_fallbacks, _reap_leftovers
     own = tempfile.mkdtemp(prefix='rp-', dir='/tmp')           # a TEMP_DIR/ray folder
     dead_fb = tempfile.mkdtemp(prefix='ray-', dir='/tmp')      # a killed run's fallback
     live_fb = tempfile.mkdtemp(prefix='ray-', dir='/tmp')      # a running run's fallback
@@ -336,8 +336,8 @@ def test_ray_auto_address_attaches_to_a_running_cluster_and_a_stale_one_fails_fa
     that cluster is gone, the same 'auto' fails at once instead of waiting for ray.init."""
     from ray.cluster_utils import Cluster
 
-    from public.errors import ATMLError
-    from public.executor import Job, RayExecutor, RayUnreachableError, _check_reachable
+    from public.core.errors import ATMLError
+    from public.search.executor import Job, RayExecutor, RayUnreachableError, _check_reachable
     from tests import ray_jobs
     temp = tempfile.mkdtemp(prefix='ca-', dir='/tmp')
     os.makedirs(os.path.join(temp, 'ray'))
@@ -375,7 +375,7 @@ def test_ray_auto_address_attaches_to_a_running_cluster_and_a_stale_one_fails_fa
 
 
 def test_ray_unreachable_address_setting_names_the_setting_and_the_fix():
-    from public.executor import RayUnreachableError, _check_reachable
+    from public.search.executor import RayUnreachableError, _check_reachable
     started = time.time()
     with pytest.raises(RayUnreachableError) as info:
         _check_reachable('127.0.0.1:1', within=1)

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from conftest import TinyNet
-from public.export import export_onnx
+from public.compress.export import export_onnx
 from public.model import AFNet, OptimizedAFNet
-from public.recipe import Augmenter, add_normalization, class_weights
-from public.scaling import plan_candidates
-from public.trial import STATUS_OK, run_trial
+from public.train.recipe import Augmenter, add_normalization, class_weights
+from public.search.stage_two import plan_candidates
+from public.search.trial import run_trial
+from public.train.outcome import TrialStatus
 
 
 def _batch(n=8, c=1, length=1250, seed=0):
@@ -69,7 +70,7 @@ def test_a_trial_with_every_lever_on_trains_exports_and_checks(prepared, make_se
                              NUM_EPOCHS=2)
     result = run_trial(lambda: TinyNet(), 0.003, prepared, settings, str(tmp_path / 't.onnx'),
                        progress=False)
-    assert result.status == STATUS_OK, result.error
+    assert result.status == TrialStatus.OK, result.error
     off = run_trial(lambda: TinyNet(), 0.003, prepared, make_settings(NUM_EPOCHS=2),
                     str(tmp_path / 'u.onnx'), progress=False)
     assert any(not torch.equal(result.state_dict[k], off.state_dict[k]) for k in off.state_dict)
@@ -80,17 +81,17 @@ def test_stage_two_sizes_include_the_normalization(make_settings, prepared, tmp_
     [plain] = plan_candidates(make_settings(CHANNEL_SCALES=(1,), FC_SCALES=(1,)), 1250, 1)
     [normed] = plan_candidates(settings, 1250, 1)
     assert normed.predicted_bytes > plain.predicted_bytes
-    from public.scaling import build_from_config
+    from public.search.stage_two import build_from_config
     result = run_trial(lambda: build_from_config(normed.config), 0.003, prepared, settings,
                        str(tmp_path / 'c.onnx'), progress=False)
     assert result.onnx_bytes == normed.predicted_bytes
 
 
 def test_sepnet_fits_the_20_kb_budget_and_exports_matching_pytorch(tmp_path):
-    from public.scaling import _like_trained
-    from public.small_models import SepNet
+    from public.compress.export import like_trained
+    from public.models.small import SepNet
     torch.manual_seed(0)
-    model = _like_trained(SepNet()).eval()
+    model = like_trained(SepNet()).eval()
     path = str(tmp_path / 's.onnx')
     assert export_onnx(model, path, 1, 1250, 18) <= 20 * 1024
     x = _batch(3).numpy()[..., None]
@@ -104,8 +105,8 @@ def test_sepnet_fits_the_20_kb_budget_and_exports_matching_pytorch(tmp_path):
 def test_best_folders_say_where_the_model_fails_per_subject(prepared, make_settings):
     import os
     import pandas as pd
-    from public.interrupts import NoInterrupts
-    from public.search import result_folders, run_stage_one
+    from public.core.interrupts import NoInterrupts
+    from public.search.stage_one import result_folders, run_stage_one
     settings = make_settings()
     run_stage_one(settings, prepared, [TinyNet], NoInterrupts(), log=lambda m: None, progress=False)
     [folder] = result_folders(os.path.join(settings.MODEL_SAVE_PATH, 'TinyNet'))

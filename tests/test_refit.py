@@ -13,11 +13,11 @@ import pandas as pd
 import torch
 
 from conftest import TinyNet
-from public.interrupts import NoInterrupts
-from public.results import ResultsTable, STAGE1_COLUMNS
-from public.search import result_folders, run_stage_one
-from public.training import refit_schedule
-from public.trial import STATUS_OK
+from public.core.interrupts import NoInterrupts
+from public.results.table import ResultsTable, STAGE1_COLUMNS
+from public.search.stage_one import result_folders, run_stage_one
+from public.train.loop import refit_schedule
+from public.train.outcome import TrialStatus
 
 
 def _onnx_out(path, x):
@@ -33,8 +33,8 @@ def test_refit_schedule_replays_the_validated_runs_learning_rates():
 
 
 def _job(settings, prepared, tmp_path, refit_above=0.0):
-    from public.trial import TrialSpec, run_job
-    return run_job(TrialSpec(key='TinyNet@0.003', build=TinyNet, lr=0.003, settings=settings,
+    from public.search.trial import TrialSpec, run_trial_job
+    return run_trial_job(TrialSpec(key='TinyNet@0.003', build=TinyNet, lr=0.003, settings=settings,
                              refit_above=refit_above), prepared)
 
 
@@ -42,7 +42,7 @@ def test_a_refit_trial_trains_on_all_subjects_for_the_chosen_epochs(prepared, ma
                                                                   tmp_path):
     settings = make_settings(NUM_EPOCHS=3, REFIT=True)
     result = _job(settings, prepared, tmp_path)
-    assert result.status == STATUS_OK, result.error
+    assert result.status == TrialStatus.OK, result.error
     refit = result.refit
     assert refit['epochs'] == result.best_epoch >= 1
     assert set(refit['test_metrics']) >= {'f1', 'accuracy', 'precision', 'recall'}
@@ -66,7 +66,7 @@ def test_a_refit_trial_trains_on_all_subjects_for_the_chosen_epochs(prepared, ma
 
 
 def test_only_a_trial_that_can_become_the_best_is_refit(prepared, make_settings, tmp_path):
-    from public.trial import deciding_score
+    from public.search.trial import deciding_score
     settings = make_settings(NUM_EPOCHS=2, REFIT=True)
     result = _job(settings, prepared, tmp_path, refit_above=0.0)
     score = deciding_score(result, settings)
@@ -130,7 +130,7 @@ def test_stage_one_delivers_the_refit_model_and_says_so(prepared, make_settings)
 
 
 def test_stage_two_delivers_the_refit_model(prepared, make_settings):
-    from public.scaling import run_stage_two
+    from public.search.stage_two import run_stage_two
     settings = make_settings(NUM_EPOCHS=2, REFIT=True, CHANNEL_SCALES=(1,), FC_SCALES=(1,),
                              METRIC_TARGET=1, SIZE_TARGET_KB=500)
     final, met, rows = run_stage_two(settings, prepared, NoInterrupts(), log=lambda m: None,

@@ -1,4 +1,4 @@
-"""Tests of public/report.py and public/plots.py: the figures and the one-page reports.
+"""Tests of public/report/pages.py and public/report/plots.py: the figures and the one-page reports.
 
 The reports are built from a small REAL run: a stage one over TinyNet, TinyNetB and a
 model that does not build (1 epoch, 2 learning rates) and a stage two over a 2 x 2 grid
@@ -22,10 +22,12 @@ import pytest
 from PIL import Image
 
 from conftest import PARAMS, TinyNet, TinyNetB, settings_values
-from public import plots
-from public.config import load_settings
-from public.interrupts import NoInterrupts
-from public.report import (main, read_table, write_stage_one_report, write_stage_two_report)
+import public.report.plots as plots
+from public.core.settings import load_settings
+from public.core.interrupts import NoInterrupts
+from public.report.main import main
+from public.report.pages import write_stage_one_report, write_stage_two_report
+from public.report.reading import read_table
 
 PNG = b'\x89PNG\r\n\x1a\n'
 
@@ -50,7 +52,7 @@ STAGE2 = dict(CHANNEL_SCALES=(1, 2), FC_SCALES=(1, 2), SIZE_TARGET_KB=35, METRIC
 @pytest.fixture(scope='module')
 def stage_one(tmp_path_factory, small_data, prepared):
     """A finished tiny stage one and the report written at its end."""
-    from public.search import run_stage_one
+    from public.search.stage_one import run_stage_one
     folder = tmp_path_factory.mktemp('report-stage1')
     settings, argv = _settings(folder, small_data, **STAGE1)
     run_stage_one(settings, prepared, [TinyNet, TinyNetB, BrokenInit], NoInterrupts(),
@@ -62,7 +64,7 @@ def stage_one(tmp_path_factory, small_data, prepared):
 @pytest.fixture(scope='module')
 def stage_two(tmp_path_factory, small_data, prepared):
     """A finished tiny stage two (c2-f2 over the size target, none meets METRIC_TARGET=100)."""
-    from public.scaling import run_stage_two
+    from public.search.stage_two import run_stage_two
     folder = tmp_path_factory.mktemp('report-stage2')
     settings, argv = _settings(folder, small_data, **STAGE2)
     result = run_stage_two(settings, prepared, NoInterrupts(), log=lambda _: None, progress=False)

@@ -1,12 +1,14 @@
-"""Tests of public/results.py: the append-only CSV tables and atomically replaced folders."""
+"""Tests of public/results/: the append-only CSV tables and atomically replaced folders."""
 import json
 import os
 
 import pandas as pd
 import pytest
 
-from public.errors import BusyError
-from public.results import ResultsTable, recover_folders, replace_folder
+from public.core.errors import BusyError
+from public.core.atomic import replace_folder
+from public.results.store import recover_folders
+from public.results.table import ResultsTable
 
 COLUMNS = ['model', 'lr', 'status', 'wall_s', 'error']
 

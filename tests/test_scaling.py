@@ -1,4 +1,4 @@
-"""Tests of public/scaling.py: stage two's size plan, the size budget and the search order.
+"""Tests of public/search/stage_two.py: stage two's size plan, the size budget and the search order.
 
 The search bookkeeping is driven through run_stage_two with a tiny fake trainer (the
 `trainer=` argument) that returns chosen metrics per candidate and really exports the
@@ -12,12 +12,13 @@ import pytest
 import torch
 
 import public.ss_model as ss_model
-from public.config import SettingsError
-from public.export import export_onnx
-from public.interrupts import NoInterrupts
-from public.scaling import SizeBudget, plan_candidates, run_stage_two
+from public.core.settings import SettingsError
+from public.compress.export import export_onnx
+from public.core.interrupts import NoInterrupts
+from public.search.stage_two import SizeBudget, plan_candidates, run_stage_two
 from public.test import score_digits
-from public.trial import STATUS_OK, TrialResult, run_trial
+from public.search.trial import run_trial
+from public.train.outcome import TrialResult, TrialStatus
 
 
 @pytest.mark.parametrize('kb,size,fits', [
@@ -36,7 +37,7 @@ SCALES = dict(CHANNEL_SCALES=(1, 2), FC_SCALES=(1, 2))
 @pytest.fixture(scope='module')
 def plan(tmp_path_factory, small_data):
     from conftest import PARAMS, settings_values
-    from public.config import load_settings
+    from public.core.settings import load_settings
     out = tmp_path_factory.mktemp('plan')
     values = settings_values(out, small_data, **SCALES)
     settings = load_settings([f'{k}={v!r}' for k, v in values.items()], params_path=str(PARAMS))
@@ -80,7 +81,7 @@ def test_predicted_size_equals_the_trained_models_exported_size(plan, prepared, 
     result = run_trial(lambda: ss_model.AFNet(smallest.config), 0.003, prepared,
                        make_settings(NUM_EPOCHS=1), str(tmp_path / 'trained.onnx'),
                        progress=False, latency=False)
-    assert result.status == STATUS_OK, result.error
+    assert result.status == TrialStatus.OK, result.error
     assert result.onnx_bytes == os.path.getsize(tmp_path / 'trained.onnx')
     assert result.onnx_bytes == smallest.predicted_bytes
 
@@ -128,7 +129,7 @@ class FakeTrainer:
         if outcome in ('failed', 'diverged'):
             return TrialResult(status=outcome, epochs=1, error=f'{outcome} on purpose',
                                stop_reason='diverged' if outcome == 'diverged' else '')
-        return TrialResult(status=STATUS_OK, stop_reason='max-epochs', epochs=1, best_epoch=1,
+        return TrialResult(status=TrialStatus.OK, stop_reason='max-epochs', epochs=1, best_epoch=1,
                            val_metrics=_metrics(outcome), test_metrics=_metrics(outcome),
                            onnx_bytes=export_onnx(model, onnx_path, data.in_channels,
                                                   data.input_size, settings.ONNX_OPSET),

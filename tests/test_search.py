@@ -1,4 +1,4 @@
-"""Tests of public/search.py: the learning-rate grid, avoid.txt pruning, the stage-one search.
+"""Tests of public/search/stage_one.py: the learning-rate grid, avoid.txt pruning, the stage-one search.
 
 The search tests run the real run_stage_one in-process on the small data set with TinyNet
 (a real, very small model) and 1 epoch per trial, so they check the bookkeeping (which
@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from conftest import TinyNet, TinyNetB
-from public.interrupts import NoInterrupts
-from public.results import ResultsTable, STAGE1_COLUMNS
-from public.search import (AvoidFileError, AvoidList, learning_rate_candidates, result_folders,
-                           run_stage_one)
+from public.core.interrupts import NoInterrupts
+from public.results.table import ResultsTable, STAGE1_COLUMNS
+from public.core.errors import AvoidFileError
+from public.search.avoid import AvoidList, learning_rate_candidates
+from public.search.stage_one import result_folders, run_stage_one
 from public.test import score_digits
 
 # ----------------------------------------------------------------------------- grid
@@ -258,7 +259,7 @@ def test_a_diverged_trial_prunes_its_rate_and_is_not_retried(prepared, make_sett
 
 
 def test_stage_one_without_a_test_folder_records_validation_only(make_settings):
-    from public.trial import prepare_data
+    from public.data.prepare import prepare_data
     settings = make_settings(TEST_DIR='')
     data = prepare_data(settings, progress=False)
     summary, _ = _search(settings, data)

@@ -1,11 +1,11 @@
-"""Tests of public/seed_models.py: the seed systems' models, at the seeds' own data shapes.
+"""Tests of public/models/seed.py: the seed systems' models, at the seeds' own data shapes.
 
 SEResNet1d at seed 002's (8 leads, 5000 samples, 2 classes) and HeartbeatCNN at seed 003's
 (1 lead, 205 samples, 4 classes) get what tests/test_models.py gives every model of
 public/model.py: a forward pass, a backward pass in which every parameter gets a finite
 gradient, and an ONNX export that onnxruntime runs with outputs matching PyTorch.
 
-Importing public.seed_models registers its models; the `seed_models` fixture undoes that
+Importing public.models.seed registers its models; the `seed_models` fixture undoes that
 afterwards, because other test modules check the registry's exact contents.
 """
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import public
-import public.registry as registry
-from public.export import check_onnx, export_onnx
+import public.models.registry as registry
+from public.compress.export import check_onnx, export_onnx
 
 
 

@@ -130,7 +130,7 @@ def test_unlabelled_test_csv_is_refused_for_evaluation(tianchi, tmp_path):
 
 
 def _fold_settings(tmp_path, data, **extra):
-    from public.config import load_settings
+    from public.core.settings import load_settings
     values = dict(DATA_DIR=str(data), TEST_DIR='', INPUT_SIZE=100, CACHE_DIR=str(tmp_path / 'c'),
                   **extra)
     return load_settings([f"{k}={v!r}" for k, v in values.items()],
@@ -140,7 +140,7 @@ def _fold_settings(tmp_path, data, **extra):
 @pytest.mark.parametrize('kind', ['npz', 'csv'])
 def test_predefined_folds_drive_the_validation_split(tmp_path, kind):
     """PTB-XL style: VAL_FOLDS picks validation by the data's fold column, not by subject."""
-    from public.trial import prepare_data
+    from public.data.prepare import prepare_data
     rng = np.random.default_rng(2)
     n = 60
     x = rng.standard_normal((n, 100)).astype(np.float32)
@@ -164,7 +164,7 @@ def test_predefined_folds_drive_the_validation_split(tmp_path, kind):
 
 def test_val_folds_without_fold_data_is_a_clear_error(tmp_path):
     from public.dataset import DataError
-    from public.trial import prepare_data
+    from public.data.prepare import prepare_data
     path = tmp_path / 'nofold.npz'
     np.savez(path, x=np.zeros((8, 100), np.float32), y=np.arange(8) % 2)
     with pytest.raises(DataError, match='VAL_FOLDS is set but the data has no fold'):

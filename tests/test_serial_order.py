@@ -18,13 +18,13 @@ import pytest
 import torch
 
 from conftest import TinyNet, TinyNetB
-from public.executor import Outcome, SerialExecutor
-from public.interrupts import NoInterrupts
-from public.results import STAGE1_COLUMNS, STAGE2_COLUMNS, TIMING_COLUMNS, ResultsTable
-from public.search import result_folders, run_stage_one
-from public.trial import STATUS_DIVERGED, STATUS_OK, TrialResult
-import public.scaling as scaling
-from public.export import export_onnx
+from public.search.executor import Outcome, SerialExecutor
+from public.core.interrupts import NoInterrupts
+from public.results.table import ResultsTable, STAGE1_COLUMNS, STAGE2_COLUMNS, TIMING_COLUMNS
+from public.search.stage_one import result_folders, run_stage_one
+from public.train.outcome import TrialResult, TrialStatus
+import public.search.stage_two as scaling
+from public.compress.export import export_onnx
 
 ORDERS = 60              # completion orders per stage scenario set (x 2 scenario sets x 2 stages)
 
@@ -73,7 +73,7 @@ class CannedTrainer:
     def __call__(self, build_model, lr, data, settings, onnx_path, progress=True, desc='', **kw):
         value = self.scores[desc]
         if value == 'diverged':
-            return TrialResult(status=STATUS_DIVERGED, stop_reason='diverged', epochs=1)
+            return TrialResult(status=TrialStatus.DIVERGED, stop_reason='diverged', epochs=1)
         if desc not in self.cache:
             torch.manual_seed(sum(map(ord, desc)))
             model = build_model()
@@ -84,7 +84,7 @@ class CannedTrainer:
                                     sum(p.numel() for p in model.parameters()))
         state, onnx, size, params = self.cache[desc]
         metrics = dict(f1=value, accuracy=value, precision=value, recall=min(1.0, value + 0.01))
-        return TrialResult(status=STATUS_OK, stop_reason='max-epochs', epochs=2, best_epoch=2,
+        return TrialResult(status=TrialStatus.OK, stop_reason='max-epochs', epochs=2, best_epoch=2,
                            val_metrics=metrics, test_metrics=dict(metrics), onnx_bytes=size,
                            onnx=onnx, latency_ms=0.1, params=params,
                            state_dict=copy.deepcopy(state), history=[(1, 0.5, 0.6, lr)])
@@ -183,7 +183,7 @@ def test_stage_one_any_completion_order_and_interruption_gives_the_serial_answer
 
 
 def test_dispatch_prefers_candidates_no_earlier_one_can_prune(prepared, make_settings):
-    from public.search import StageOne
+    from public.search.stage_one import StageOne
     settings = make_settings(**GRID)
     os.makedirs(settings.MODEL_SAVE_PATH)
     stage = StageOne(settings, prepared, MODELS, log=lambda m: None, progress=False)

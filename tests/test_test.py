@@ -1,4 +1,4 @@
-"""Tests of public/test.py: the four metrics and the original's xx-yy digits."""
+"""Tests of public/train/metrics.py: the four metrics and the original's xx-yy digits."""
 import numpy as np
 import pytest
 import torch

@@ -1,15 +1,15 @@
-"""Tests of public/training.py: the early-stopping rule and the training loop."""
+"""Tests of public/train/loop.py: the early-stopping rule and the training loop."""
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import TinyNet
+from conftest import PARAMS, TinyNet
 from public.model import OptimizedAFNet
-from public.training import (STOP_DIVERGED, STOP_EARLY, STOP_MAX_EPOCHS, EarlyStopping,
-                             TrialData, train_model)
+from public.core.settings import load_settings
+from public.data.prepare import TrialData
+from public.train.loop import EarlyStopping, STOP_DIVERGED, STOP_EARLY, STOP_MAX_EPOCHS, train_model
 
 NAN, INF = float('nan'), float('inf')
 
@@ -70,9 +70,11 @@ def _noise_data(n_train=64, n_val=64, length=64, seed=0):
 
 
 def _settings(**kw):
+    """Validated settings (params.py plus these overrides; no augmentation)."""
     base = dict(WEIGHT_DECAY=1e-3, PATIENCE=100, OVERFIT_GAP=0.01, SEED=0, NUM_EPOCHS=12,
-                BATCH_SIZE=16)
-    return SimpleNamespace(**{**base, **kw})
+                BATCH_SIZE=16, AUGMENT=False, CLASS_WEIGHTS='none')
+    return load_settings([f"{k}={v!r}" for k, v in {**base, **kw}.items()],
+                         params_path=str(PARAMS))
 
 
 def _val_loss(model, data):

@@ -1,4 +1,4 @@
-"""Tests of public/trial.py: data preparation and one trial (build, train, evaluate, export)."""
+"""Tests of public/search/trial.py: data preparation and one trial (build, train, evaluate, export)."""
 import re
 import shutil
 
@@ -8,9 +8,10 @@ import torch
 
 from conftest import TinyNet, write_segment
 from public.model import OptimizedAFNet
-from public.training import STOP_DIVERGED
-from public.trial import (STATUS_DIVERGED, STATUS_FAILED, STATUS_OK, choose_device, prepare_data,
-                          run_trial)
+from public.train.loop import STOP_DIVERGED
+from public.data.prepare import choose_device, prepare_data
+from public.search.trial import run_trial
+from public.train.outcome import TrialStatus
 
 
 def test_prepared_data_is_split_by_subject_and_ready(prepared, small_data):
@@ -50,7 +51,7 @@ def test_trial_is_seeded_and_starts_from_a_fresh_model(prepared, make_settings, 
                   str(tmp_path / 'a.onnx'), progress=False, latency=False)
     b = run_trial(lambda: OptimizedAFNet(input_size=1250), 0.003, prepared, settings,
                   str(tmp_path / 'b.onnx'), progress=False, latency=False)
-    assert a.status == b.status == STATUS_OK, a.error
+    assert a.status == b.status == TrialStatus.OK, a.error
     assert a.val_metrics == b.val_metrics and a.test_metrics == b.test_metrics
     for name in a.state_dict:
         torch.testing.assert_close(a.state_dict[name], b.state_dict[name], rtol=0, atol=0)
@@ -78,7 +79,7 @@ def test_a_model_that_fails_is_a_failed_trial_not_an_exception(prepared, make_se
                                                                cls, message):
     result = run_trial(lambda: cls(input_size=1250), 0.003, prepared, make_settings(),
                        str(tmp_path / 'x.onnx'), progress=False)
-    assert result.status == STATUS_FAILED and result.epochs == 0
+    assert result.status == TrialStatus.FAILED and result.epochs == 0
     assert re.match(message, result.error)
     assert 'Traceback' in result.error
 
@@ -89,6 +90,6 @@ def test_a_diverging_trial_is_recorded_as_diverged(prepared, make_settings, tmp_
             return super().forward(x) * float('nan')
     result = run_trial(lambda: NanNet(), 0.003, prepared, make_settings(NUM_EPOCHS=3),
                        str(tmp_path / 'x.onnx'), progress=False)
-    assert result.status == STATUS_DIVERGED and result.stop_reason == STOP_DIVERGED
+    assert result.status == TrialStatus.DIVERGED and result.stop_reason == STOP_DIVERGED
     assert result.epochs == 1
     assert not (tmp_path / 'x.onnx').exists()

@@ -1,4 +1,4 @@
-"""Structured pruning: whole channels and hidden units removed, so the ONNX file shrinks.
+"""Channel pruning (structured): whole channels and hidden units removed, so the ONNX file shrinks.
 
     pruned = prune_model(trained, 0.5, example_input)     # a new, physically smaller model
     size = pruned_size(build, 0.5, in_channels=1, input_size=1250, opset=18)  # exact bytes
@@ -28,6 +28,7 @@ every weight tensor densely, zeros included (tests/test_prune.py and
 bench/bench_prune.py measure it).
 """
 import copy
+import functools
 import math
 import os
 import tempfile
@@ -35,9 +36,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import prune as torch_prune
 
-from public.blocks import to_1d
-from public.errors import SettingsError
+from public.compress.export import export_onnx, like_trained
+from public.core.errors import SettingsError
+from public.models.blocks import to_1d
 
 # Layers that keep the channel group of their input, element by element.
 _PASSTHROUGH_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Sigmoid,
@@ -123,7 +126,7 @@ class _ChannelTrace(fx.Interpreter):
         what = (f"layer '{node.target}' ({type(self.module.get_submodule(node.target)).__name__})"
                 if node.op == 'call_module' else f"operator '{_op_name(node.target)}' (node {node.name})")
         raise SettingsError(f"prune_model: cannot prune {self.model_name}: {what} {why}; "
-                            f"public/prune.py supports {_SUPPORTED}")
+                            f"public/compress/channel_prune.py supports {_SUPPORTED}")
 
     # ----------------------------------------------------------------- propagation
     def run_node(self, n):
@@ -394,7 +397,7 @@ def prune_model(model, fraction, example_input):
         got = tuple(pruned(example_input).shape)
     if got != expected:
         raise RuntimeError(f"prune_model: {type(model).__name__} gives output {got} after "
-                           f"pruning, {expected} before (a bug in public/prune.py)")
+                           f"pruning, {expected} before (a bug in public/compress/channel_prune.py)")
     return pruned.train(was_training)
 
 
@@ -403,12 +406,11 @@ def pruned_probe(build, fraction, in_channels, input_size):
     (eval mode): exported, it has the exact file size of the trained pruned model.
 
     The exporter stores identical initializers once, so an untrained model (BatchNorm all
-    ones / zeros) would export smaller; public/scaling.py's _like_trained gives the values.
+    ones / zeros) would export smaller; public.compress.export.like_trained gives the values.
     For QUANTIZE_INT8, quantize this probe's export as plan_candidates does."""
-    from public.scaling import _like_trained      # here, not at import: scaling may import us
-    probe = _like_trained(build()).eval()
+    probe = like_trained(build()).eval()
     example = torch.zeros(2, in_channels, input_size, 1)
-    return _like_trained(prune_model(probe, fraction, example), seed=1).eval()
+    return like_trained(prune_model(probe, fraction, example), seed=1).eval()
 
 
 def pruned_size(build, fraction, in_channels, input_size, opset):
@@ -418,7 +420,6 @@ def pruned_size(build, fraction, in_channels, input_size, opset):
     add_normalization when NORMALIZE='segment'). Pruning keeps kept_units(n, fraction) of
     each group whichever channels they are, so the probe (pruned_probe) and a pruned
     trained model have the same tensor shapes and, with distinct values, the same size."""
-    from public.export import export_onnx
     probe = pruned_probe(build, fraction, in_channels, input_size)
     with tempfile.TemporaryDirectory(prefix='atml-prune-') as folder:
         return export_onnx(probe, os.path.join(folder, 'probe.onnx'), in_channels,
@@ -429,7 +430,6 @@ def unstructured_prune(model, fraction):
     """A copy of model with `fraction` of each Conv1d/Linear weight zeroed (smallest |w|,
     torch.nn.utils.prune.l1_unstructured, made permanent). Same shapes, same ONNX size:
     kept only to show that zeroed weights do not shrink the file."""
-    from torch.nn.utils import prune as torch_prune
     _validate_fraction(fraction)
     zeroed = copy.deepcopy(model)
     for module in zeroed.modules():
@@ -442,7 +442,6 @@ def unstructured_prune(model, fraction):
 def copy_builder(model):
     """A picklable zero-arg build() returning a fresh copy of `model` (for TrialSpec.build:
     run_trial then fine-tunes the pruned weights instead of a fresh initialisation)."""
-    import functools
     return functools.partial(copy.deepcopy, model)
 
 

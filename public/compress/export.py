@@ -3,6 +3,7 @@
     size_bytes = export_onnx(model, 'saved.onnx', in_channels=1, input_size=1250, opset=18)
     check_onnx('saved.onnx', model, sample)     # onnxruntime output == PyTorch output
     latency_ms = onnx_latency_ms('saved.onnx')  # median per segment, batch 1, 1 thread
+    probe = like_trained(model)                 # distinct values: exports at the trained size
 
 The exporter is torch's TorchScript-based one (dynamo=False): on these small convnets it
 writes the same graph as the dynamo exporter in a fraction of the time, needs no
@@ -20,8 +21,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-
-from public.errors import ExportError  # noqa: E402,F401  (re-exported)
+from public.core.atomic import replacing
+from public.core.errors import ExportError
 
 
 def export_onnx(model, path, in_channels, input_size, opset):
@@ -30,24 +31,36 @@ def export_onnx(model, path, in_channels, input_size, opset):
     device = next(model.parameters()).device
     model = model.cpu().eval()
     dummy = torch.zeros(1, in_channels, input_size, 1)
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter('ignore')
-            torch.onnx.export(model, (dummy,), tmp, dynamo=False, opset_version=opset,
-                              input_names=['input'], output_names=['output'],
-                              dynamic_axes={'input': {0: 'batch'}, 'output': {0: 'batch'}},
-                              do_constant_folding=True)
-        if any(f.startswith(os.path.basename(tmp)) and f != os.path.basename(tmp)
-               for f in os.listdir(os.path.dirname(os.path.abspath(tmp)))):
-            raise ExportError(f"{path}: exporter wrote weights to a side file; ATML needs "
-                              f"one self-contained file")
-        os.replace(tmp, path)
+        # A full disk stays the exporter's own error: the trial records it as it is.
+        with replacing(path, name_full_disk=False) as tmp:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter('ignore')
+                torch.onnx.export(model, (dummy,), tmp, dynamo=False, opset_version=opset,
+                                  input_names=['input'], output_names=['output'],
+                                  dynamic_axes={'input': {0: 'batch'}, 'output': {0: 'batch'}},
+                                  do_constant_folding=True)
+            if any(f.startswith(os.path.basename(tmp)) and f != os.path.basename(tmp)
+                   for f in os.listdir(os.path.dirname(os.path.abspath(tmp)))):
+                raise ExportError(f"{path}: exporter wrote weights to a side file; ATML needs "
+                                  f"one self-contained file")
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         model.to(device).train(was_training)
     return os.path.getsize(path)
+
+
+def like_trained(model, seed=0):
+    """Give every parameter and float buffer distinct random values, as training does.
+
+    The ONNX exporter stores identical initializers once: an untrained model's BatchNorm
+    tensors (all ones / all zeros) would share storage and export ~1 % smaller than the
+    same model after training. With distinct values the probe's size is the trained size."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            if tensor.is_floating_point():
+                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
+    return model
 
 
 def _session(path, threads=1):

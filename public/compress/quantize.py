@@ -23,12 +23,17 @@ import os
 import tempfile
 
 import numpy as np
+import onnx
 from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                       quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from public.core.atomic import replacing
 
-class _Segments(CalibrationDataReader):
+
+class CalibrationSegments(CalibrationDataReader):
+    """The calibration segments (N, C, L) as onnxruntime reads them: batches of 32."""
+
     def __init__(self, input_name, x, batch_size=32):
         x = np.asarray(x, dtype=np.float32)[..., None]
         self._batches = iter([{input_name: x[i:i + batch_size]}
@@ -38,7 +43,7 @@ class _Segments(CalibrationDataReader):
         return next(self._batches, None)
 
 
-def _compact_names(model):
+def compact_names(model):
     """Rename internal tensors to short ids and drop node names and value_info: QDQ graphs
     carry ~100 Q/DQ nodes whose long generated names would otherwise be most of the file."""
     graph = model.graph
@@ -61,7 +66,8 @@ def _compact_names(model):
 
 
 @contextlib.contextmanager
-def _quiet_root_logger():
+def quiet_root_logger():
+    """onnxruntime.quantization's root-logger warnings silenced while it runs."""
     # onnxruntime.quantization logs a root-logger WARNING per BatchNorm weight ("Axis 1 is
     # out-of-range ... rank 1": per-channel does not apply to 1-D tensors, which it then
     # quantizes per tensor, as intended). Hundreds of lines per run would bury the log.
@@ -77,16 +83,22 @@ def _quiet_root_logger():
 def quantize_int8(float_path, int8_path, calibration_x, reduce_range=False):
     """Write the INT8 model of float_path to int8_path; return its size in bytes.
     reduce_range: 7-bit weights (see the module docstring)."""
-    import onnx
     input_name = onnx.load(float_path, load_external_data=False).graph.input[0].name
-    with tempfile.TemporaryDirectory() as tmp, _quiet_root_logger():
-        prepared = os.path.join(tmp, 'prepared.onnx')
+    with tempfile.TemporaryDirectory() as tmp, quiet_root_logger():
+        prepared, written = os.path.join(tmp, 'prepared.onnx'), os.path.join(tmp, 'int8.onnx')
         quant_pre_process(float_path, prepared, skip_symbolic_shape=True)
-        quantize_static(prepared, int8_path, _Segments(input_name, calibration_x),
+        quantize_static(prepared, written, CalibrationSegments(input_name, calibration_x),
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
                         reduce_range=bool(reduce_range))
-    model = _compact_names(onnx.load(int8_path))
+        return write_int8_model(onnx.load(written), int8_path)
+
+
+def write_int8_model(model, path):
+    """Write an INT8 ModelProto (modified: names compacted) to path, checked, whole or not
+    at all; its size in bytes."""
+    model = compact_names(model)
     onnx.checker.check_model(model)
-    onnx.save(model, int8_path)
-    return os.path.getsize(int8_path)
+    with replacing(path, name_full_disk=False) as tmp:
+        onnx.save(model, tmp)
+    return os.path.getsize(path)

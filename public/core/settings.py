@@ -15,7 +15,7 @@ import os
 from types import SimpleNamespace
 
 
-from public.errors import SettingsError  # noqa: F401  (re-exported: public.config.SettingsError)
+from public.core.errors import SettingsError  # noqa: F401  (re-exported: public.core.settings.SettingsError)
 
 
 def _is_number(v):
@@ -124,7 +124,7 @@ _RULES = {
 
 # Settings added after results tables existed: at these values they compute exactly what
 # ATML computed before they were added, so they stay out of the settings key there and the
-# rows of an earlier version remain reusable (results.settings_key).
+# rows of an earlier version remain reusable (public.results.keys.settings_key).
 INTRODUCED_AT = {'LABEL_MODE': 'multiclass', 'LABEL_SEPARATOR': '|', 'REFIT': False,
                  'QAT_EPOCHS': 0, 'PRUNE_FRACTIONS': (), 'PRUNE_EPOCHS': 3,
                  'INT8_REDUCE_RANGE': False}
@@ -249,6 +249,8 @@ def validate(values, source='params.py', overridden=()):
     settings.CHANNEL_SCALES = tuple(settings.CHANNEL_SCALES)
     settings.FC_SCALES = tuple(settings.FC_SCALES)
     settings.PRUNE_FRACTIONS = tuple(sorted(settings.PRUNE_FRACTIONS))
+    settings.PARAMS_PATH = None        # where they came from: set by load_settings
+    settings.OVERRIDES = {}
     return settings
 
 
@@ -300,9 +302,9 @@ def load_settings(argv=(), params_path=None):
 def source_of(settings, name):
     """Where setting `name` of loaded settings came from, as messages name it: 'command
     line' for a KEY=VALUE override, else the settings file's name ('params.py')."""
-    if name in (getattr(settings, 'OVERRIDES', None) or {}):
+    if name in settings.OVERRIDES:
         return 'command line'
-    path = getattr(settings, 'PARAMS_PATH', None)
+    path = settings.PARAMS_PATH
     return os.path.basename(path) if path else 'params.py'
 
 

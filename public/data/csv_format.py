@@ -5,7 +5,7 @@ segment per row; its samples comma-separated in ONE quoted field; an optional la
 optional subject column for subject-wise validation splits (without it each row is its own
 subject), and an optional `fold` column of predefined folds (PTB-XL's strat_fold; see
 VAL_FOLDS). A test file has no label column, or an empty one (has_labels is False, rhythms
-are all ''). Imports only public.segments (see its docstring for the layout of the data path).
+are all ''). Imports only public.data.segments (see its docstring for the layout of the data path).
 
     id,heartbeat_signals,label
     0,"0.991,0.943,0.764,...,0.0",0.0
@@ -35,8 +35,8 @@ import os
 import numpy as np
 import pandas as pd
 
-from public.segments import (DataError, LabelSpec, Segments, cache_entry, excerpt, load_cached,
-                             save_cached, stat_file)
+from public.data.segments import (DataError, LabelSpec, Segments, cache_entry, excerpt, load_cached,
+                                  save_cached, stat_file)
 
 _CACHE_VERSION = 4
 _CHUNK_ROWS = 20000     # rows parsed per pandas call: bounds the joined text held in memory

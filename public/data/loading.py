@@ -1,27 +1,28 @@
-"""Data: the entry of the data path. Picks the loader of a data path, encodes its labels,
-splits it for validation.
+"""Loading: the entry of the data path. Picks the loader of a data path, encodes its
+labels, splits it for validation.
 
     segments = load_data('ttdata/train', settings)            # any format, parsed once, cached
     y = encode_labels(segments, settings, 'ttdata/train')     # int64 (N,), or float32 (N, K)
     train_idx, val_idx = split_by_subject(segments.subjects, y, 0.2, seed=42)
 
-Which module holds what (one direction: this module -> loaders -> public.segments):
+Which module holds what (one direction: this module -> loaders -> public.data.segments):
 
-    public/segments.py       Segments, LengthPolicy, LabelSpec, LoadOptions, excerpt,
-                             LOAD_ERRORS and the parse cache (cache_entry, checksums,
-                             load_cached, save_cached); imports no other data module
-    public/format_txt.py     a folder of S<subject>-<RHYTHM>-<index>.txt files (load_folder)
-    public/format_csv.py     a CSV, one segment per row (load_csv)
-    public/format_numpy.py   a .npz / .npy file (load_numpy)
-    public/dataset.py        this module: LOADERS, detect_format, load_data, encode_labels,
-                             split_by_subject, split_by_folds, num_classes, length_policy
+    public/data/segments.py      Segments, LengthPolicy, LabelSpec, LoadOptions, excerpt,
+                                 LOAD_ERRORS and the parse cache (cache_entry, checksums,
+                                 load_cached, save_cached); imports no other data module
+    public/data/txt_format.py    a folder of S<subject>-<RHYTHM>-<index>.txt files (load_folder)
+    public/data/csv_format.py    a CSV, one segment per row (load_csv)
+    public/data/numpy_format.py  a .npz / .npy file (load_numpy)
+    public/data/loading.py       this module: LOADERS, detect_format, load_data, encode_labels,
+                                 split_by_subject, split_by_folds, num_classes, length_policy
+    public/data/prepare.py       a run's data: loaded, split and on the device (prepare_data)
+    public/dataset.py            the face users import from: this module's API re-exported
 
-A loader module imports public.segments only, never this module (tests/test_dataset.py
+A loader module imports public.data.segments only, never this module (tests/test_dataset.py
 checks it), and exposes `load(path, options) -> Segments`. To add a format: write
-`public/format_<name>.py` with such a `load`, add one line to LOADERS below (its name, file
-endings and how messages describe it) and allow the name in DATA_FORMAT's rule
-(public/config.py). The names other modules import from here (load_folder, LengthPolicy,
-cache_entry, ...) are re-exported, so `from public.dataset import ...` keeps working.
+`public/data/<name>_format.py` with such a `load`, add one line to LOADERS below (its name,
+file endings and how messages describe it) and allow the name in DATA_FORMAT's rule
+(public/core/settings.py).
 
 Labels stay text in Segments.rhythms until encode_labels: binary (POSITIVE_LABELS), one of
 CLASSES (LABEL_MODE='multiclass'), or a set of CLASSES joined with LABEL_SEPARATOR, e.g.
@@ -34,13 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from public import format_csv, format_numpy, format_txt
-# Re-exported: other modules and tests import these names from public.dataset.
-from public.format_txt import (FILENAME_PATTERN, FILENAME_RULE, _listing,  # noqa: F401
-                               load_folder, parse_filename, parse_segment_text)
-from public.segments import (LOAD_ERRORS, DataError, LabelSpec, LengthPolicy,  # noqa: F401
-                             LoadOptions, Segments, cache_entry, checksums, excerpt,
-                             load_cached, save_cached)
+from public.data import csv_format, numpy_format, txt_format
+from public.data.segments import DataError, LabelSpec, LengthPolicy, LoadOptions
 
 
 @dataclass(frozen=True)
@@ -54,9 +50,9 @@ class Loader:
 
 # DATA_FORMAT name -> its loader; detect_format tries them in this order.
 LOADERS = {
-    'txt': Loader(format_txt.load, (), 'a folder of .txt files'),
-    'csv': Loader(format_csv.load, ('.csv',), 'a .csv file'),
-    'numpy': Loader(format_numpy.load, ('.npy', '.npz'), 'a .npy/.npz file'),
+    'txt': Loader(txt_format.load, (), 'a folder of .txt files'),
+    'csv': Loader(csv_format.load, ('.csv',), 'a .csv file'),
+    'numpy': Loader(numpy_format.load, ('.npy', '.npz'), 'a .npy/.npz file'),
 }
 
 
@@ -81,10 +77,8 @@ def length_policy(settings):
 
 
 def label_spec(settings):
-    """The label rules of the settings (LABEL_MODE, LABEL_SEPARATOR, CLASSES). Settings
-    written before LABEL_MODE existed (an older params_used.py) are multi-class."""
-    return LabelSpec(getattr(settings, 'LABEL_MODE', 'multiclass'),
-                     getattr(settings, 'LABEL_SEPARATOR', '|'), tuple(settings.CLASSES))
+    """The label rules of the settings (LABEL_MODE, LABEL_SEPARATOR, CLASSES)."""
+    return LabelSpec(settings.LABEL_MODE, settings.LABEL_SEPARATOR, tuple(settings.CLASSES))
 
 
 def load_data(path, settings, progress=True):
@@ -132,7 +126,7 @@ def label_class(label, settings):
 
 
 def with_label_lines(summary, settings):
-    """The data summary (public.trial.prepare_data's) with label_lines(settings) added
+    """The data summary (public.data.prepare.prepare_data's) with label_lines(settings) added
     before its closing 'device: ...' line."""
     lines = summary.split('\n')
     tail = [lines.pop()] if lines and lines[-1].startswith('device:') else []

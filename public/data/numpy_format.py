@@ -2,7 +2,7 @@
 
 `.npz` with array `x` of shape (N, L) or (N, C, L), and optionally `y` labels, `subject`
 (N,), `fold` (N,) and `id` (N,); a `.npy` file holds `x` alone (unlabelled; ids are the
-row indices). Imports only public.segments (see its docstring for the layout of the data
+row indices). Imports only public.data.segments (see its docstring for the layout of the data
 path).
 
     np.savez('data.npz', x=signals, y=labels, subject=patient_ids)
@@ -26,7 +26,7 @@ import os
 
 import numpy as np
 
-from public.segments import LOAD_ERRORS, DataError, LabelSpec, Segments, stat_file
+from public.data.segments import DataError, LOAD_ERRORS, LabelSpec, Segments, stat_file
 
 
 def load(path, options):

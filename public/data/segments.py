@@ -4,17 +4,17 @@ The data path has one direction (module -> what it imports):
 
     public/dataset.py       entry: LOADERS table, load_data, detect_format, encode_labels,
        |                    split_by_subject / split_by_folds (re-exports this module's names)
-       +-> public/format_txt.py     a folder of S<subject>-<RHYTHM>-<index>.txt files
-       +-> public/format_csv.py     a CSV, one segment per row (Tianchi heartbeat, PTB-XL)
-       +-> public/format_numpy.py   a .npz (x, y, subject, fold, id) or a .npy (x)
+       +-> public/data/txt_format.py     a folder of S<subject>-<RHYTHM>-<index>.txt files
+       +-> public/data/csv_format.py     a CSV, one segment per row (Tianchi heartbeat, PTB-XL)
+       +-> public/data/numpy_format.py   a .npz (x, y, subject, fold, id) or a .npy (x)
               |
-              +-> public/segments.py   (this module; imports no other data module)
+              +-> public/data/segments.py   (this module; imports no other data module)
 
 A loader module imports this module only, never public.dataset. It exposes
 `load(path, options) -> Segments`, options a `LoadOptions` (length policy, cache folder,
 label rules, ...). Adding a format is one new `public/format_<name>.py` with such a
 `load`, plus one line in `public.dataset.LOADERS` (its name, file endings and a few words
-for messages); the name must also be allowed by DATA_FORMAT's rule in public/config.py.
+for messages); the name must also be allowed by DATA_FORMAT's rule in public/core/settings.py.
 
 Labels are kept as TEXT in `Segments.rhythms` whatever the source ('AFIB', '3', and for
 LABEL_MODE='multilabel' the segment's labels joined with LABEL_SEPARATOR, e.g. 'NORM|MI';
@@ -37,7 +37,6 @@ import pickle
 import struct
 import sys
 import tokenize
-import uuid
 import warnings
 import zipfile
 import zlib
@@ -45,7 +44,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from public.errors import DataError  # noqa: F401  (defined there, raised by every loader)
+from public.core.atomic import TMP_SUFFIX, replacing
+from public.core.errors import DataError  # noqa: F401  (defined there, raised by every loader)
 
 _CRC_CHUNK = 1 << 24      # bytes per crc32 of a cached array; chunks are checked in parallel
 _STALE_NS = 3600 * 10**9  # a temporary cache file untouched this long was left by a killed writer
@@ -299,15 +299,11 @@ def save_cached(cache_dir, prefix, stem, segments):
 
 
 def _write_replace(path, write):
-    """write(file) to a temporary file of this process and call alone, renamed to path."""
-    tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex}.tmp"
-    try:
+    """write(file) to a temporary file of this process and call alone, renamed to path (a
+    failure, a full disk too, stays an OSError: the caller warns, the data is parsed again)."""
+    with replacing(path, name_full_disk=False) as tmp:
         with open(tmp, 'wb') as f:
             write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
 
 
 def _remove(path):
@@ -341,7 +337,7 @@ def _drop_older(cache_dir, prefix, stem):
             _remove(other + '.npy')
     for name in names:
         path = os.path.join(cache_dir, name)
-        if name.endswith('.tmp') or (name.endswith('.npy') and
+        if name.endswith(('.tmp', TMP_SUFFIX)) or (name.endswith('.npy') and
                                      not os.path.exists(path[:-4] + '.meta.npz')):
             modified = _mtime_ns(path)
             if modified is not None and mine - modified > _STALE_NS:

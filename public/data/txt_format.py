@@ -2,7 +2,7 @@
 
 One `.txt` file per segment, one sample per line (several whitespace-separated columns =
 several leads), named `S<subject>-<RHYTHM>-<index>.txt`; the RHYTHM is the label text.
-Imports only public.segments (see its docstring for the layout of the data path).
+Imports only public.data.segments (see its docstring for the layout of the data path).
 
     segments = load_folder('ttdata/train', input_size=1250, cache_dir='.atml-cache')
     segments = load('ttdata/train', LoadOptions(LengthPolicy(1250), '.atml-cache'))
@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from public.segments import (DataError, LengthPolicy, Segments, cache_entry, excerpt,
-                             load_cached, save_cached)
+from public.data.segments import (DataError, LengthPolicy, Segments, cache_entry, excerpt,
+                                  load_cached, save_cached)
 
 FILENAME_PATTERN = re.compile(r'^(?P<subject>S[^-]*)-(?P<rhythm>[^-]*)-(?P<index>[^-]+)\.txt$')
 FILENAME_RULE = "S<subject>-<RHYTHM>-<index>.txt (e.g. S12-AFIB-31.txt, S47--0.txt)"
@@ -160,7 +160,7 @@ def _parse_chunk(folder, names, policy, skip_bad):
     return data, good, skipped, excluded
 
 
-def _listing(folder, skipped=None):
+def listing(folder, skipped=None):
     """(names, stats) of a folder's data files, names sorted; hidden files and folders
     ignored. stats are (size, mtime_ns) per name: what the cache key is made of. One
     scandir pass (DirEntry.stat() stats relative to the open directory) is the cheapest
@@ -242,7 +242,7 @@ def load_folder(folder, input_size, cache_dir=None, skip_bad=False, workers=None
     length_policy (a LengthPolicy) allows padding/excluding/cropping; default: exact."""
     policy = length_policy or LengthPolicy(input_size)
     unlisted = [] if skip_bad else None     # entries that cannot be followed (skip_bad)
-    all_names, stats = _listing(folder, unlisted)
+    all_names, stats = listing(folder, unlisted)
     if cache_dir:
         key = (repr((_CACHE_VERSION, policy, skip_bad)) + '\0'.join(all_names)
                + '\1' + '\0'.join(n for n, _ in unlisted or ())).encode()

@@ -18,11 +18,11 @@ import os
 import sys
 import traceback
 
-from public.errors import ATMLError, ModelFileError
+from public.core.errors import ATMLError, ModelFileError
 
 _REGISTRY = {}
 _ORIGINS = {}        # name -> (file, line) of the class statement that registered it
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def shown_path(path):

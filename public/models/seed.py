@@ -1,6 +1,6 @@
 """The seed systems' model architectures, registered like any other ATML model.
 
-    import public.seed_models                       # registers SEResNet1d and HeartbeatCNN
+    import public.models.seed                       # registers SEResNet1d and HeartbeatCNN
     model = get_model_class('SEResNet1d')(input_size=5000, in_channels=8, num_classes=2)
 
 Importing this module adds them to the registry (after public/model.py's models); stage
@@ -21,8 +21,8 @@ logits (N, num_classes) for cross-entropy; layer sizes follow from input_size.
 """
 from torch import nn
 
-from public.blocks import SqueezeExcite, to_1d
-from public.registry import register_model
+from public.models.blocks import SqueezeExcite, to_1d
+from public.models.registry import register_model
 
 __all__ = ['SEResNet1d', 'HeartbeatCNN']
 

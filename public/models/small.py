@@ -9,8 +9,8 @@ a width-scaled AFNet of the same file size.
 """
 from torch import nn
 
-from public.blocks import to_1d
-from public.registry import register_model
+from public.models.blocks import to_1d
+from public.models.registry import register_model
 
 
 def _separable(c_in, c_out, k, stride):

@@ -1,151 +1,44 @@
-"""One self-contained HTML page per stage, built only from what a search left on disk.
+"""The two report pages, one self-contained HTML file per stage, built only from what a
+search left on disk (public/report/reading.py reads it).
 
-    python -m public.report stage1 [KEY=VALUE ...]              # <MODEL_SAVE_PATH>/report.html
-    python -m public.report stage2 [--folder DIR] [KEY=VALUE ...]   # <xx>-<yy>/report.html
-
-    from public.report import write_stage_one_report, write_stage_two_report
     write_stage_one_report(settings)                    # after each trial and at the end
     write_stage_two_report(settings, result_folder)     # result_folder None: into TEMP_DIR
 
-Give the same KEY=VALUE overrides as the run: only the trials recorded with the current
-settings (their settings key) belong to the search shown. The page embeds its figures as
-base64 PNG (no network, opens from the file system); the same figures are also written as
-PNG files under figures/ next to report.html. Everything on the page comes from the files
-(results.csv, summary, result.json of the best folders, stage2_results.csv), so a page
-regenerated from disk equals the one written during the run: it holds no generation
-time, only the finishing time of the latest trial. What is not on disk (a per-epoch
-history, a confusion matrix) is left out with a short note, never an error.
+The page embeds its figures as base64 PNG (no network, opens from the file system); the
+same figures are also written as PNG files under figures/ next to report.html. Everything
+on the page comes from the files (results.csv, summary, result.json of the best folders,
+stage2_results.csv), so a page regenerated from disk equals the one written during the
+run: it holds no generation time, only the finishing time of the latest trial. What is
+not on disk (a per-epoch history, a confusion matrix) is left out with a short note,
+never an error. `python -m public.report` (public/report/main.py) rewrites a page.
 """
 import base64
 import hashlib
 import html
-import importlib
 import json
 import os
 import re
-import sys
 
+import matplotlib
 import numpy as np
 import pandas as pd
 
-from public import plots
+from public.core.atomic import write_atomic
+from public.core.settings import settings_dict
+from public.report import plots
+from public.report.reading import (METRICS, load_stage_one, load_stage_two, read_json,
+                                   read_text)
+from public.train.metrics import selection_score
+from public.train.outcome import TrialStatus
 
 REPORT_NAME = 'report.html'
 FIGURES_DIR = 'figures'
 DATA_SUMMARY = 'data_summary.txt'
-_RESULT_FOLDER = re.compile(r'^\d{1,3}-\d{1,3}$')
-_METRICS = ('f1', 'accuracy', 'precision', 'recall', 'auc', 'abs_sum')
-_NUMERIC = (['lr', 'epochs', 'best_epoch', 'score', 'xx', 'yy', 'onnx_kb', 'onnx_bytes',
-             'latency_ms', 'params', 'wall_s', 'channel_scale', 'fc_scale', 'predicted_bytes',
-             'int8_bytes']
-            + [f"{s}_{m}" for s in ('val', 'test') for m in _METRICS])
-
-
-# ----------------------------------------------------------------------------- reading
-
-def read_table(path):
-    """A results CSV as a DataFrame of strings, one row per complete line (a line torn by
-    a crash is skipped; results.ResultsTable reads it); empty when the file is absent."""
-    from public.results import ResultsTable, _header
-    if not os.path.isfile(path) or not os.path.getsize(path):
-        return pd.DataFrame()
-    header = _header(path)
-    if not header:
-        return pd.DataFrame()
-    return pd.DataFrame(ResultsTable(path, header).rows(), columns=header)
-
-
-def numeric_trials(frame):
-    """Known numeric columns made numeric (blank -> NaN), pruned made boolean."""
-    frame = frame.copy()
-    for name in _NUMERIC:
-        if name in frame.columns:
-            frame[name] = pd.to_numeric(frame[name], errors='coerce')
-    for name in ('pruned', 'meets_metric'):
-        if name in frame.columns:
-            frame[name] = frame[name].astype(str).str.strip().str.lower() == 'true'
-    if 'status' not in frame.columns:
-        frame['status'] = 'ok'
-    frame['status'] = frame['status'].fillna('').astype(str)
-    if 'onnx_bytes' in frame.columns:          # exact KB where the bytes are recorded
-        exact = frame['onnx_bytes'] / 1024
-        frame['onnx_kb'] = exact.where(exact.notna(), frame.get('onnx_kb', np.nan))
-    return frame
-
-
-def read_json(path):
-    try:
-        with open(path) as f:
-            value = json.load(f)
-        return value if isinstance(value, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _read_text(path):
-    try:
-        with open(path, encoding='utf-8', errors='replace') as f:
-            return f.read()
-    except OSError:
-        return ''
-
-
-def _key(settings, names):
-    """The settings key of the current search (the first function found), or None."""
-    for module_name, attr in names:
-        try:
-            function = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError):
-            continue
-        try:
-            return function(settings)
-        except Exception:
-            return None
-    return None
-
-
-def current_rows(frame, key):
-    """(rows of the current search, number of rows recorded with other settings)."""
-    if frame.empty or key is None or 'settings_key' not in frame.columns:
-        return frame, 0
-    mine = frame['settings_key'] == key
-    return frame[mine], int((~mine).sum())
-
-
-def _settings_dict(settings):
-    try:
-        from public.config import settings_dict
-        return settings_dict(settings)
-    except Exception:
-        return {k: v for k, v in sorted(vars(settings).items())
-                if k.isupper() and k not in ('PARAMS_PATH', 'OVERRIDES')}
-
-
-def _fill_scores(frame, settings):
-    """A row recorded without a score (an older table) gets it from its metrics."""
-    if frame.empty:
-        return frame
-    try:
-        from public.test import selection_score
-    except ImportError:
-        return frame
-    split = getattr(settings, 'SELECT_ON', 'val')
-    names = [f"{split}_{m}" for m in _METRICS]
-    if 'score' not in frame.columns:
-        frame['score'] = np.nan
-    for i in frame.index[frame['score'].isna() & (frame['status'] == 'ok')]:
-        metrics = {n[len(split) + 1:]: frame.at[i, n] for n in names if n in frame.columns}
-        try:
-            frame.at[i, 'score'] = selection_score(metrics, settings.SELECT_METRIC)
-        except (KeyError, TypeError):
-            pass
-    return frame
 
 
 # ----------------------------------------------------------------------------- writing
 
 def _write_atomic(path, text):
-    from public.results import write_atomic
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return write_atomic(path, text, step=False)
 
@@ -153,9 +46,9 @@ def _write_atomic(path, text):
 def _keep_data_summary(folder, data_summary):
     """Store the run's data summary next to the report (so a regenerated page has it)."""
     path = os.path.join(folder, DATA_SUMMARY)
-    if data_summary and _read_text(path) != data_summary:
+    if data_summary and read_text(path) != data_summary:
         _write_atomic(path, data_summary)
-    return _read_text(path)
+    return read_text(path)
 
 
 class Figures:
@@ -219,7 +112,6 @@ _PLOTS_VERSION = []
 
 def _plots_version():
     if not _PLOTS_VERSION:
-        import matplotlib
         with open(plots.__file__, 'rb') as f:
             code = hashlib.sha1(f.read()).hexdigest()
         _PLOTS_VERSION.append(f"{code} matplotlib {matplotlib.__version__}")
@@ -344,7 +236,7 @@ def _link(folder_of_report):
 
 
 def _settings_html(settings):
-    items = _settings_dict(settings)
+    items = settings_dict(settings)
     lines = ''.join(f'<div>{_esc(k)} = {_esc(repr(v))}</div>' for k, v in items.items())
     return f'<div class="settings">{lines}</div>'
 
@@ -358,9 +250,9 @@ def _data_html(summary):
 
 def metric_name(settings):
     """What the selection score is, e.g. 'min of F1/acc/prec/rec on val'."""
-    metric = getattr(settings, 'SELECT_METRIC', 'score')
+    metric = settings.SELECT_METRIC
     name = {'min4': 'min of F1/acc/prec/rec', 'abs_sum': '1 - abs_sum/2'}.get(metric, metric)
-    return f"{name} on {getattr(settings, 'SELECT_ON', 'val')}"
+    return f"{name} on {settings.SELECT_ON}"
 
 
 def metric_label(settings):
@@ -369,34 +261,31 @@ def metric_label(settings):
 
 
 def class_names(settings):
-    classes = tuple(getattr(settings, 'CLASSES', ()) or ())
+    classes = tuple(settings.CLASSES)
     if classes:
         return [str(c) for c in classes]
-    positive = '/'.join(getattr(settings, 'POSITIVE_LABELS', ()) or ('positive',))
+    positive = '/'.join(settings.POSITIVE_LABELS or ('positive',))
     return ['0 other', f"1 {positive}"]
 
 
+# ----------------------------------------------------------------------------- loss curves
+
+def _curve(label, history, best_epoch, stop_reason):
+    """One line of a loss-curve figure."""
+    return {'label': label, 'history': history, 'best_epoch': best_epoch,
+            'stop_reason': stop_reason}
+
+
+def _loss_section(figures, name, curves, title, caption, alt, missing='', **options):
+    """The loss-curve figure figures/<name>.png of `curves` (_curve), or the note `missing`
+    ('' for none) when no curve has a per-epoch history (both pages)."""
+    if any(plots.history_frame(c['history']) is not None for c in curves):
+        return [_figure_or_note(figures.draw(name, plots.loss_curves_plot, curves, title=title,
+                                             **options), caption, alt)]
+    return [_note(missing)] if missing else []
+
+
 # ----------------------------------------------------------------------------- stage one
-
-def _serial_only(frame):
-    """The serial search's rows: 'speculative' ones (run ahead in parallel, never used) left out."""
-    if 'status' in frame.columns:
-        return frame[frame['status'] != 'speculative']
-    return frame
-
-
-def load_stage_one(settings):
-    """The current search's trials (numeric), rows from other settings, best folders."""
-    root = settings.MODEL_SAVE_PATH
-    frame = read_table(os.path.join(root, 'results.csv'))
-    key = _key(settings, (('public.results', 'settings_key'), ('public.search', 'settings_key')))
-    trials, others = current_rows(frame, key)
-    trials = _serial_only(trials)
-    trials = _fill_scores(numeric_trials(trials).reset_index(drop=True), settings)
-    if 'model' not in trials.columns:
-        trials['model'] = ''
-    return trials, others
-
 
 def _best_folder(root, row):
     """The best folder <root>/<model>/<xx>-<yy> of a best row and its result.json."""
@@ -412,8 +301,8 @@ def _summary_rows(trials, best, root):
     for model, group in trials.groupby('model', sort=False):
         entry = {'model': model, 'trials': len(group),
                  'pruned': int(group['pruned'].sum()) if 'pruned' in group else 0,
-                 'failed': int((group['status'] == 'failed').sum()),
-                 'diverged': int((group['status'] == 'diverged').sum()),
+                 'failed': int((group['status'] == TrialStatus.FAILED).sum()),
+                 'diverged': int((group['status'] == TrialStatus.DIVERGED).sum()),
                  'wall_s': group['wall_s'].sum() if 'wall_s' in group else np.nan}
         pick = best[best['model'] == model]
         if len(pick):
@@ -449,7 +338,7 @@ def _metric_columns(trials):
 def _trial_label(row):
     lr = row.get('lr')
     parts = [f"lr={lr:g}" if pd.notna(lr) else 'lr=?', plots.xx_yy(row)]
-    if row.get('status') not in ('ok', ''):
+    if row.get('status') not in (TrialStatus.OK, ''):
         parts.append(str(row.get('status')))
     elif str(row.get('pruned')) == 'True':
         parts.append('pruned')
@@ -477,7 +366,7 @@ def _stage_one_overview(figures, trials, settings):
         'runs, one thread).', 'score vs latency'))
     parts.append(_figure_or_note(
         figures.draw('stage1-lr', plots.lr_score_plot, trials, metric_label=label,
-                     avoid_param=getattr(settings, 'AVOID_PARAM', None)),
+                     avoid_param=settings.AVOID_PARAM),
         'Score per learning rate for every trial of each model: triangles were pruned (below '
         'AVOID_PARAM, dotted), crosses diverged or failed (no score), the ring is the best.',
         'score per learning rate'))
@@ -495,22 +384,18 @@ def _stage_one_models(figures, trials, best, settings, report_dir):
         sections.append(_model_section(figures, model, group, row, folder, info, settings,
                                        report_dir))
         if row is not None:
-            best_curves.append({'label': f"{model} {_trial_label(row)}",
-                                'history': _history_of(row, info),
-                                'best_epoch': info.get('best_epoch', row.get('best_epoch')),
-                                'stop_reason': info.get('stop_reason', row.get('stop_reason'))})
+            best_curves.append(_curve(f"{model} {_trial_label(row)}", _history_of(row, info),
+                                      info.get('best_epoch', row.get('best_epoch')),
+                                      info.get('stop_reason', row.get('stop_reason'))))
     parts.append('<h2 id="loss">Loss curves of each model\'s best trial</h2>')
-    if any(plots.history_frame(c['history']) is not None for c in best_curves):
-        parts.append(_figure_or_note(
-            figures.draw('stage1-best-loss', plots.loss_curves_plot, best_curves,
-                         title="Best trial of each model: loss per epoch"),
-            'Train and validation loss per epoch; the dashed line is the epoch whose weights '
-            'were kept, a red square the early stop (the overfitting-aware rule).',
-            'loss curves of the best trials'))
-    else:
-        parts.append(_note('No per-epoch history is recorded for these trials (results.csv has '
-                           'no history column and the best folders no history): loss curves '
-                           'are not available.'))
+    parts += _loss_section(
+        figures, 'stage1-best-loss', best_curves, "Best trial of each model: loss per epoch",
+        'Train and validation loss per epoch; the dashed line is the epoch whose weights '
+        'were kept, a red square the early stop (the overfitting-aware rule).',
+        'loss curves of the best trials',
+        missing='No per-epoch history is recorded for these trials (results.csv has no '
+                'history column and the best folders no history): loss curves are not '
+                'available.')
     return parts + ['<h2 id="models">Per model</h2>'] + sections
 
 
@@ -533,15 +418,13 @@ def _model_section(figures, model, group, row, folder, info, settings, report_di
             'of each true class (the diagonal is the recall per class).', f"{model} confusion"))
     elif row is not None:
         parts.append(_note('No confusion matrix recorded in the best folder\'s result.json.'))
-    curves = [{'label': _trial_label(r), 'history': _history_of(r),
-               'best_epoch': r.get('best_epoch'), 'stop_reason': r.get('stop_reason')}
+    curves = [_curve(_trial_label(r), _history_of(r), r.get('best_epoch'), r.get('stop_reason'))
               for _, r in group.sort_values('lr', kind='stable').iterrows()]
-    if len(curves) > 1 and any(plots.history_frame(c['history']) is not None for c in curves):
-        parts.append(_figure_or_note(
-            figures.draw(f"{model}-trials-loss", plots.loss_curves_plot, curves,
-                         title=f"{model}: every trial's loss per epoch", sharey=True),
-            'Every trial of the model, by learning rate (same loss axis).',
-            f"{model} loss curves of all trials"))
+    if len(curves) > 1:
+        parts += _loss_section(figures, f"{model}-trials-loss", curves,
+                               f"{model}: every trial's loss per epoch",
+                               'Every trial of the model, by learning rate (same loss axis).',
+                               f"{model} loss curves of all trials", sharey=True)
     return ''.join(parts)
 
 
@@ -552,8 +435,9 @@ def _stage_one_lead(trials):
     pruned = int(trials['pruned'].sum()) if 'pruned' in trials else 0
     latest = trials['finished_at'].dropna().astype(str).max() if 'finished_at' in trials else ''
     text = (f"{len(trials)} trial(s) of {trials['model'].nunique()} model(s): "
-            f"{int(counts.get('ok', 0))} finished ({pruned} pruned), "
-            f"{int(counts.get('diverged', 0))} diverged, {int(counts.get('failed', 0))} failed"
+            f"{int(counts.get(TrialStatus.OK, 0))} finished ({pruned} pruned), "
+            f"{int(counts.get(TrialStatus.DIVERGED, 0))} diverged, "
+            f"{int(counts.get(TrialStatus.FAILED, 0))} failed"
             + (f"; latest finished at {latest}" if latest else '') + '.')
     return f'<p class="lead">{_esc(text)}</p>'
 
@@ -609,26 +493,6 @@ def write_stage_one_report(settings, data_summary=None):
 
 # ----------------------------------------------------------------------------- stage two
 
-def load_stage_two(settings, result_folder):
-    """The current stage-two rows (the last row per candidate, smallest first), and the
-    number of rows from other settings. The result folder's snapshot of the table wins."""
-    paths = ([os.path.join(result_folder, 'stage2_results.csv')] if result_folder else []) + \
-        [os.path.join(settings.TEMP_DIR, 'stage2_results.csv')]
-    frame = next((read_table(p) for p in paths if os.path.isfile(p)), pd.DataFrame())
-    key = _key(settings, (('public.results', 'stage_two_key'), ('public.scaling', 'stage_two_key')))
-    rows, others = current_rows(frame, key)
-    rows = numeric_trials(_serial_only(rows))
-    if rows.empty:
-        return rows, others
-    if 'candidate' not in rows.columns:
-        rows['candidate'] = [f"c{c:g}-f{f:g}" for c, f in zip(rows.get('channel_scale', np.nan),
-                                                              rows.get('fc_scale', np.nan))]
-    rows = rows.drop_duplicates('candidate', keep='last')
-    size = rows['predicted_bytes'] if 'predicted_bytes' in rows else rows.get('onnx_bytes')
-    order = rows.assign(_size=size).sort_values(['_size', 'candidate'], kind='stable')
-    return order.drop(columns='_size').reset_index(drop=True), others
-
-
 def grid_cells(rows, settings):
     """The stage-two table with the columns the grid draws: score (%) and kb of the float
     model, and int8_score / int8_kb when quantization was on."""
@@ -636,13 +500,13 @@ def grid_cells(rows, settings):
     predicted_kb = plots.numeric_column(cells, 'predicted_bytes') / 1024
     float_kb = plots.numeric_column(cells, 'onnx_bytes') / 1024
     int8 = 'int8_bytes' in cells.columns and cells['int8_bytes'].notna().any()
-    int8 = int8 or bool(getattr(settings, 'QUANTIZE_INT8', False))
+    int8 = int8 or settings.QUANTIZE_INT8
     if not int8:
         cells['kb'] = float_kb.where(float_kb.notna(), predicted_kb)
         cells['score_pct'] = 100 * plots.numeric_column(cells, 'score')
         return cells, (('ONNX (float)', 'score_pct', 'kb'),)
     cells['int8_kb'] = (plots.numeric_column(cells, 'int8_bytes') / 1024).where(
-        cells['status'] != 'over-size', predicted_kb)
+        cells['status'] != TrialStatus.OVER_SIZE, predicted_kb)
     cells['int8_score'] = 100 * plots.numeric_column(cells, 'score')
     cells['kb'] = float_kb
     cells['score_pct'] = [_float_score(r, settings) for _, r in cells.iterrows()]
@@ -652,9 +516,8 @@ def grid_cells(rows, settings):
 
 def _float_score(row, settings):
     try:
-        from public.test import selection_score
         split = settings.SELECT_ON
-        metrics = {m: float(row[f"{split}_{m}"]) for m in _METRICS if f"{split}_{m}" in row}
+        metrics = {m: float(row[f"{split}_{m}"]) for m in METRICS if f"{split}_{m}" in row}
         return 100 * selection_score(metrics, settings.SELECT_METRIC)
     except Exception:
         return np.nan
@@ -683,10 +546,11 @@ def _stage_two_rows(rows, settings):
         if pd.notna(entry.get('xx')) and pd.notna(entry.get('yy')):
             entry['result'] = f"{int(entry['xx'])}-{int(entry['yy'])}"
         folder = os.path.join(settings.TEMP_DIR, str(entry.get('candidate', '')))
-        entry['folder'] = folder if entry.get('status') == 'ok' and os.path.isdir(folder) else ''
+        ok = entry.get('status') == TrialStatus.OK
+        entry['folder'] = folder if ok and os.path.isdir(folder) else ''
         score = pd.to_numeric(entry.get('score'), errors='coerce')
         meets = pd.notna(score) and 100 * score >= settings.METRIC_TARGET - 1e-9
-        entry['meets_metric'] = ('yes' if meets else 'no') if entry.get('status') == 'ok' else ''
+        entry['meets_metric'] = ('yes' if meets else 'no') if ok else ''
         out.append(entry)
     return out
 
@@ -695,7 +559,7 @@ def _verdict(result_folder, info, settings, rows):
     if not result_folder:
         return ('bad', 'No result folder: no candidate under the size target trained '
                        'successfully (yet).')
-    text = info.get('verdict') or _read_text(os.path.join(result_folder, 'evaluation_metrics.txt'))
+    text = info.get('verdict') or read_text(os.path.join(result_folder, 'evaluation_metrics.txt'))
     met = 'does NOT meet' not in str(text)
     name = f"c{info.get('channel_scale', '?')}-f{info.get('fc_scale', '?')}"
     words = 'meets both targets' if met else 'does NOT meet both targets (best under the size cap)'
@@ -751,18 +615,15 @@ def _stage_two_training(figures, rows, settings, info):
     winner = _winner(info)
     history = info.get('history')
     parts = ['<h2 id="training">Training</h2>']
-    if plots.history_frame(history) is not None:
-        parts.append(_figure_or_note(
-            figures.draw('stage2-result-loss', plots.loss_curves_plot,
-                         [{'label': f"c{winner[0]}-f{winner[1]}" if winner else 'result',
-                           'history': history, 'best_epoch': info.get('best_epoch'),
-                           'stop_reason': info.get('stop_reason')}],
-                         title='Result: loss per epoch'),
-            'Train and validation loss of the result; the dashed line marks the kept epoch.',
-            'result loss curve'))
-    else:
-        parts.append(_note('No per-epoch history in the result folder\'s result.json: loss '
-                           'curve not available.'))
+    parts += _loss_section(
+        figures, 'stage2-result-loss',
+        [_curve(f"c{winner[0]}-f{winner[1]}" if winner else 'result', history,
+                info.get('best_epoch'), info.get('stop_reason'))],
+        'Result: loss per epoch',
+        'Train and validation loss of the result; the dashed line marks the kept epoch.',
+        'result loss curve',
+        missing='No per-epoch history in the result folder\'s result.json: loss curve not '
+                'available.')
     if isinstance(info.get('confusion'), dict):
         parts.append(_figure_or_note(
             figures.draw('stage2-result-confusion', plots.confusion_plot, info['confusion'],
@@ -772,17 +633,15 @@ def _stage_two_training(figures, rows, settings, info):
     else:
         parts.append(_note('No confusion matrix in the result folder\'s result.json.'))
     curves = []
-    for _, row in rows[rows['status'].isin(['ok', 'diverged'])].iterrows():
+    for _, row in rows[rows['status'].isin([TrialStatus.OK, TrialStatus.DIVERGED])].iterrows():
         candidate = read_json(os.path.join(settings.TEMP_DIR, str(row['candidate']), 'result.json'))
-        curves.append({'label': str(row['candidate']),
-                       'history': candidate.get('history', row.get('history')),
-                       'best_epoch': candidate.get('best_epoch', row.get('best_epoch')),
-                       'stop_reason': row.get('stop_reason')})
-    if any(plots.history_frame(c['history']) is not None for c in curves):
-        parts.append(_figure_or_note(
-            figures.draw('stage2-candidates-loss', plots.loss_curves_plot, curves,
-                         title='Every trained candidate: loss per epoch (smallest first)'),
-            'Each trained candidate, in training order (smallest first).', 'candidates loss'))
+        curves.append(_curve(str(row['candidate']), candidate.get('history', row.get('history')),
+                             candidate.get('best_epoch', row.get('best_epoch')),
+                             row.get('stop_reason')))
+    parts += _loss_section(figures, 'stage2-candidates-loss', curves,
+                           'Every trained candidate: loss per epoch (smallest first)',
+                           'Each trained candidate, in training order (smallest first).',
+                           'candidates loss')
     return parts
 
 
@@ -812,7 +671,7 @@ def stage_two_html(settings, result_folder, figures, data_summary=''):
 
 def _stage_two_tables(rows, settings, info, report_dir):
     """Trained (and failed) candidates in a table; the over-size ones folded away."""
-    over = rows['status'] == 'over-size'
+    over = rows['status'] == TrialStatus.OVER_SIZE
     columns = _stage_two_columns(report_dir, rows)
     parts = ['<h2 id="table">Candidates, smallest first</h2>']
     tried = rows[~over].reset_index(drop=True)
@@ -832,9 +691,9 @@ def _stage_two_tables(rows, settings, info, report_dir):
 
 def _stage_two_lead(rows):
     status = rows['status']
-    text = (f"{len(rows)} candidate(s): {int((status == 'ok').sum())} trained, "
-            f"{int(status.isin(['diverged', 'failed']).sum())} diverged or failed, "
-            f"{int((status == 'over-size').sum())} over the size target")
+    text = (f"{len(rows)} candidate(s): {int((status == TrialStatus.OK).sum())} trained, "
+            f"{int(status.isin([TrialStatus.DIVERGED, TrialStatus.FAILED]).sum())} diverged or "
+            f"failed, {int((status == TrialStatus.OVER_SIZE).sum())} over the size target")
     stamps = rows.get('finished_at', pd.Series([], dtype=str)).dropna().astype(str)
     stamps = stamps[stamps != '']
     return text + (f"; latest recorded at {stamps.max()}" if len(stamps) else '') + '.'
@@ -857,58 +716,3 @@ def write_stage_two_report(settings, result_folder, data_summary=None):
     page = stage_two_html(settings, result_folder, figures, summary)
     figures.tidy()
     return _write_atomic(os.path.join(folder, REPORT_NAME), page)
-
-
-def find_result_folder(settings):
-    """The stage-two result folder in FINAL_RESULT_DIR: the <xx>-<yy>/ whose result.json has
-    scaling factors (the most recently written if several); None when there is none."""
-    root = settings.FINAL_RESULT_DIR
-    found = []
-    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        path = os.path.join(root, name, 'result.json')
-        if _RESULT_FOLDER.match(name) and 'channel_scale' in read_json(path):
-            found.append((os.path.getmtime(path), os.path.join(root, name)))
-    return max(found)[1] if found else None
-
-
-# ----------------------------------------------------------------------------- command line
-
-USAGE = ("usage: python -m public.report stage1|stage2 [--folder DIR] [--params PATH] "
-         "[KEY=VALUE ...]\n  Rewrites report.html from the files on disk (no training). Give "
-         "the run's KEY=VALUE overrides.")
-
-
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ('-h', '--help') or argv[0] not in ('stage1', 'stage2'):
-        print(USAGE)
-        return 0 if argv and argv[0] in ('-h', '--help') else 2
-    stage, rest = argv[0], argv[1:]
-    folder = None
-    if '--folder' in rest:
-        i = rest.index('--folder')
-        if i + 1 >= len(rest):
-            print('error: --folder needs a path', file=sys.stderr)
-            return 2
-        folder = rest[i + 1]
-        del rest[i:i + 2]
-    from public.config import SettingsError, load_settings
-    try:
-        settings = load_settings(rest)
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if stage == 'stage1':
-        path = write_stage_one_report(settings)
-    else:
-        folder = folder or find_result_folder(settings)
-        if folder and not os.path.isdir(folder):
-            print(f"error: {folder}: no such folder", file=sys.stderr)
-            return 2
-        path = write_stage_two_report(settings, folder)
-    print(f"wrote {path}")
-    return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Figures of an ATML search: matplotlib (Agg backend), plain data in, one PNG file out.
 
-    from public import plots
+    from public.report import plots
     plots.size_score_plot(trials, 'figures/stage1-size.png', metric_label='min4 on val (%)')
     plots.latency_score_plot(trials, 'figures/stage1-latency.png')
     plots.lr_score_plot(trials, 'figures/stage1-lr.png', avoid_param=0.8)
@@ -15,7 +15,7 @@ numeric: model, lr, status ('ok', 'diverged', 'failed'), pruned (bool), score (0
 xx, yy, onnx_kb, latency_ms. A missing column or value (NaN) means "not available": the
 point is left out (and counted in the title), never an error. Every function writes its
 PNG atomically (temporary file, then os.replace) and returns the path. Nothing here reads
-results from the disk; public/report.py does that.
+results from the disk; public/report/pages.py does that.
 """
 import json
 import math
@@ -31,6 +31,8 @@ import pandas as pd  # noqa: E402
 from matplotlib import colors as mcolors  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
+
+from public.train.outcome import TrialStatus  # noqa: E402
 
 DPI = 100
 PRUNED_COLOR = '#d62728'
@@ -64,8 +66,8 @@ def _flags(frame, name):
 
 def _status(frame):
     if 'status' not in frame.columns:
-        return pd.Series('ok', index=frame.index)
-    return frame['status'].fillna('').astype(str).replace('', 'ok')
+        return pd.Series(TrialStatus.OK.value, index=frame.index)
+    return frame['status'].fillna('').astype(str).replace('', TrialStatus.OK.value)
 
 
 def best_rows(trials):
@@ -73,7 +75,7 @@ def best_rows(trials):
     learning rate: results.best_rank's order)."""
     if trials.empty or 'model' not in trials.columns:
         return trials.iloc[0:0]
-    ok = trials[(_status(trials) == 'ok') & numeric_column(trials, 'score').notna()]
+    ok = trials[(_status(trials) == TrialStatus.OK) & numeric_column(trials, 'score').notna()]
     keys = pd.DataFrame({'score': numeric_column(ok, 'score'),
                          'yy': numeric_column(ok, 'yy').fillna(-1),
                          'xx': numeric_column(ok, 'xx').fillna(-1),
@@ -169,7 +171,7 @@ def latency_score_plot(trials, path, metric_label='score (%)', title=None):
 def _tradeoff_plot(trials, path, x_col, x_label, metric_label, title, log):
     fig, ax = plt.subplots(figsize=(10, 5.6), layout='constrained')
     x, y = numeric_column(trials, x_col), 100 * numeric_column(trials, 'score')
-    ok = (_status(trials) == 'ok') & x.notna() & y.notna() & (x > 0)
+    ok = (_status(trials) == TrialStatus.OK) & x.notna() & y.notna() & (x > 0)
     hidden = len(trials) - int(ok.sum())
     if not ok.any():
         _empty(ax, 'no finished trial with a score and a size yet')
@@ -269,7 +271,7 @@ def _lr_panel(ax, group, model, colour, best, avoid_param):
     lr, score = numeric_column(group, 'lr'), 100 * numeric_column(group, 'score')
     status = _status(group)
     pruned = _flags(group, 'pruned')
-    scored = (status == 'ok') & score.notna() & lr.notna()
+    scored = (status == TrialStatus.OK) & score.notna() & lr.notna()
     plain, cut = scored & ~pruned, scored & pruned
     ax.scatter(lr[plain], score[plain], color=colour, s=40, zorder=3)
     ax.scatter(lr[cut], score[cut], marker='v', color=PRUNED_COLOR, s=44, zorder=3)
@@ -277,10 +279,10 @@ def _lr_panel(ax, group, model, colour, best, avoid_param):
         ax.scatter([lr[i]], [score[i]], s=150, facecolors='none', edgecolors='black',
                    linewidths=1.5, zorder=4)
     bottom = ax.get_xaxis_transform()           # x in data, y in axes fraction
-    for state, marker, y in (('diverged', 'X', 0.04), ('failed', 'x', 0.04)):
+    for state, marker, y in ((TrialStatus.DIVERGED, 'X', 0.04), (TrialStatus.FAILED, 'x', 0.04)):
         mask = (status == state) & lr.notna()
         ax.scatter(lr[mask], [y] * int(mask.sum()), transform=bottom, marker=marker,
-                   color=NO_SCORE_COLOR if state == 'failed' else PRUNED_COLOR, s=50, zorder=3,
+                   color=NO_SCORE_COLOR if state == TrialStatus.FAILED else PRUNED_COLOR, s=50, zorder=3,
                    clip_on=False)
     if avoid_param is not None:
         ax.axhline(100 * avoid_param, color=PRUNED_COLOR, linestyle=':', linewidth=1)
@@ -507,12 +509,12 @@ def _cell_look(row, score_col, kb_col, norm, cmap):
     status = str(row.get('status', '') or '')
     kb = pd.to_numeric(row.get(kb_col), errors='coerce')
     size = f"{kb:.1f} KB" if pd.notna(kb) else ''
-    if status == 'over-size':
+    if status == TrialStatus.OVER_SIZE:
         return '#bdbdbd', '///', f"{size}\nover-size".strip()
     score = pd.to_numeric(row.get(score_col), errors='coerce')
-    if status == 'ok' and pd.notna(score):
+    if status == TrialStatus.OK and pd.notna(score):
         return cmap(norm(score)), None, f"{size}\n{score:.1f}%"
-    if status in ('diverged', 'failed'):
+    if status in (TrialStatus.DIVERGED, TrialStatus.FAILED):
         return '#9e9e9e', 'xx', f"{size}\n{status}".strip()
     return '#e8e8e8', None, f"{size}\nuntrained".strip()
 

@@ -3,7 +3,7 @@
 The driver (the search) keeps all bookkeeping; an executor only runs jobs and reports back.
 Both executors share one interface and know nothing about ATML's stages:
 
-    from public.executor import Job, RayExecutor, SerialExecutor
+    from public.search.executor import Job, RayExecutor, SerialExecutor
 
     def train_one(payload, data):              # module level: pickled by reference
         return payload['lr'] * len(data['x'])
@@ -59,7 +59,6 @@ import collections
 import contextlib
 import copy
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -77,10 +76,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from public.errors import ATMLError
-from public.interrupts import named_interrupt
+import torch
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from public.core.errors import ATMLError
+from public.core.interrupts import named_interrupt
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 # Never shipped to a cluster as part of the working_dir (gitignore-style patterns; Ray also
 # honours the project's .gitignore).
@@ -253,10 +254,6 @@ def _rebuild(obj, items):
 def to_shareable(obj):
     """Torch tensors inside obj (dataclasses, dicts, lists, tuples) -> SharedTensor(numpy),
     so that Ray stores them once, zero-copy, instead of pickling a copy."""
-    torch = sys.modules.get('torch')          # no tensor can exist without torch imported
-    if torch is None:
-        return obj
-
     def convert(value):
         if isinstance(value, torch.Tensor):
             try:
@@ -272,7 +269,6 @@ def from_shareable(obj):
     with the object store: treat it as read-only)."""
     def convert(value):
         if isinstance(value, SharedTensor):
-            import torch
             with warnings.catch_warnings():   # read-only buffer: torch warns once
                 warnings.simplefilter('ignore', UserWarning)
                 return torch.from_numpy(value.array)
@@ -287,7 +283,7 @@ _THREADS = [None]        # torch thread count already set in this worker process
 
 
 def _worker_data(boxed_ref):
-    import ray
+    import ray               # optional: only a parallel search (WORKERS > 1) needs Ray
     ref = boxed_ref[0]                        # boxed, so Ray passes the ref, not the value
     key = ref.hex()
     if key not in _DATA_CACHE:
@@ -298,15 +294,13 @@ def _worker_data(boxed_ref):
 def _set_threads(num_threads):
     if num_threads is None or _THREADS[0] == num_threads:
         return
-    if 'torch' in sys.modules or importlib.util.find_spec('torch') is not None:
-        import torch
-        torch.set_num_threads(num_threads)
+    torch.set_num_threads(num_threads)
     _THREADS[0] = num_threads
 
 
-def run_job(fn, payload, boxed_ref, num_threads):
+def ray_task(fn, payload, boxed_ref, num_threads):
     """Body of every Ray task: (ok, node, finished_at, result or error text)."""
-    import ray
+    import ray               # optional: only a parallel search (WORKERS > 1) needs Ray
     node = ray.get_runtime_context().get_node_id()[:8]
     try:
         _set_threads(num_threads)
@@ -319,7 +313,7 @@ def run_job(fn, payload, boxed_ref, num_threads):
 # ----------------------------------------------------------------------------- RayExecutor
 
 def _system_failures():
-    from ray import exceptions as rex
+    from ray import exceptions as rex      # optional: only a parallel search needs Ray
     return (rex.WorkerCrashedError, rex.NodeDiedError, rex.LocalRayletDiedError,
             rex.OutOfMemoryError)
 
@@ -395,7 +389,7 @@ class RayExecutor(_Executor):
                                       and workers >= 1)):
             raise ValueError(f"workers must be 'auto' or an int >= 1, not {workers!r}")
         try:
-            import ray
+            import ray               # optional: only a parallel search (WORKERS > 1) needs Ray
         except ImportError as exc:
             raise ImportError(f"RayExecutor needs Ray ({exc}); install it (requirements.txt: "
                               f"ray==2.52.1), or use SerialExecutor") from exc
@@ -427,7 +421,7 @@ class RayExecutor(_Executor):
             self.shutdown()
             raise RuntimeError(f"Ray at {self.address or 'the private instance'} has no CPUs")
         self.capacity = cpus if workers == 'auto' else workers
-        self._task = ray.remote(num_cpus=1, max_retries=0, retry_exceptions=False)(run_job)
+        self._task = ray.remote(num_cpus=1, max_retries=0, retry_exceptions=False)(ray_task)
         with _named_interrupts():
             self._data_ref = ray.put(to_shareable(data))
         where = (f"cluster {self.address}" if self.address
@@ -456,7 +450,7 @@ class RayExecutor(_Executor):
         """A private instance on this machine only: every server binds 127.0.0.1, its
         processes end within seconds of the driver (even a killed one), and what an
         earlier killed run left running in the same temp folder is stopped first."""
-        import ray
+        import ray               # optional: only a parallel search (WORKERS > 1) needs Ray
         self.ray_temp_dir = self._ray_temp_dir(temp_dir)
         _reap_leftovers(self.ray_temp_dir, self.log)
         num_cpus = _cpu_count() if workers == 'auto' else workers
@@ -482,7 +476,7 @@ class RayExecutor(_Executor):
             _write_mark(self._driver_mark)
 
     def _attach(self, address, working_dir, source='RAY_ADDRESS'):
-        import ray
+        import ray               # optional: only a parallel search (WORKERS > 1) needs Ray
         _check_reachable(address, source)
         working_dir = str(working_dir or PROJECT_ROOT)
         runtime_env = {'working_dir': working_dir, 'excludes': WORKING_DIR_EXCLUDES}
@@ -523,7 +517,7 @@ class RayExecutor(_Executor):
             return self._wait(timeout)
 
     def _wait(self, timeout):
-        import ray
+        import ray               # optional: only a parallel search (WORKERS > 1) needs Ray
         deadline = None if timeout is None else time.time() + timeout
         while True:
             self._fill()
@@ -542,7 +536,7 @@ class RayExecutor(_Executor):
 
     def _collect(self, ref):
         """(finished_at, Outcome) of a finished task, or None when it was retried."""
-        import ray
+        import ray               # optional: only a parallel search (WORKERS > 1) needs Ray
         job, attempts = self._running.pop(ref)
         del self._refs[job.key]
         try:
@@ -576,7 +570,7 @@ class RayExecutor(_Executor):
 
     @staticmethod
     def _force_cancel(ref):
-        import ray
+        import ray               # optional: only a parallel search (WORKERS > 1) needs Ray
         try:
             ray.cancel(ref, force=True)
         except Exception:                     # already finished, or Ray is going down
@@ -585,7 +579,7 @@ class RayExecutor(_Executor):
     def shutdown(self):
         """Force-cancel running jobs, drop queued ones, then stop the private Ray instance
         (or disconnect from the cluster). Safe to call twice."""
-        import ray
+        import ray               # optional: only a parallel search (WORKERS > 1) needs Ray
         for ref in list(self._running):
             self._force_cancel(ref)
         self._running.clear()
@@ -631,7 +625,7 @@ def _quiet():
 @contextlib.contextmanager
 def _named_interrupts():
     """Ray's C++ calls (ray.wait, ray.get, ...) run Python's signal handlers themselves,
-    swallow the KeyboardInterrupt('SIGTERM') of public.interrupts.GracefulInterrupts and
+    swallow the KeyboardInterrupt('SIGTERM') of public.core.interrupts.GracefulInterrupts and
     raise a bare KeyboardInterrupt instead: give it its signal's name back."""
     try:
         yield
@@ -665,7 +659,7 @@ def _kept_signal_handlers():
 def _session_dir():
     """The session folder of the Ray instance this process started, or None."""
     try:
-        import ray
+        import ray               # optional: only a parallel search (WORKERS > 1) needs Ray
         return ray._private.worker._global_node.get_session_dir_path()
     except Exception:                         # a private Ray API: best effort
         return None
@@ -810,7 +804,7 @@ def _check_reachable(address, source='RAY_ADDRESS', within=None):
     target = address
     if address == 'auto':
         try:
-            from ray._private import services
+            from ray._private import services      # optional: only a parallel search needs Ray
             target = services.canonicalize_bootstrap_address('auto')
         except ConnectionError as exc:
             raise RayUnreachableError(f"{source}={address}: no running Ray cluster found on "

@@ -1,15 +1,8 @@
 """Stage one: every registered model over the learning-rate grid, with avoid.txt pruning.
 
-    candidates = learning_rate_candidates(0.0015, 0.0050, 0.0005)   # exactly 8 values
-    avoid = AvoidList('avoid.txt', step=0.0005)
-    avoid.pruned_by(0.0025, 'AFNet', key)   # the entry within 2*STEP that prunes it, or None
     run_stage_one(settings, data, models, interrupts)   # the whole search; resumable
 
-avoid.txt: one learning rate per line, optionally followed by a model name; `#` starts a
-comment. A line a user writes (a bare number, or `<lr> <Model>`) always applies: a bare
-number to every model, a named one to that model. The search appends its own lines as
-`<lr> <Model>  # atml:<settings key> <why>`: they apply only to searches with the same
-trial settings, and RESUME=False removes only them.
+The grid and avoid.txt are public/search/avoid.py's (learning_rate_candidates, AvoidList).
 
 What a stage-one search means under concurrency (StageOne): candidates are dispatched in
 order (model by model, learning rates in grid order); a candidate is checked against
@@ -18,142 +11,30 @@ trial already running when its rate becomes prunable finishes and is recorded; o
 model reaches STAGE1_TARGET its other trials are cancelled.
 """
 import functools
-import math
 import os
 import re
 import shutil
 import time
-from decimal import Decimal
 
 import pandas as pd
 
-from public.errors import AvoidFileError
-from public.executor import Job
-from public.results import (STAGE1_COLUMNS, ResultsTable, atml_made, best_rank, durable,
-                            lr_key, read_info, recover_folders, replace_folder,
-                            settings_key, trial_row, write_atomic, write_info, write_result_files,
-                            MODEL_FILES)
-from public.test import percent
-from public.trial import (STATUS_DIVERGED, STATUS_FAILED, STATUS_OK, STATUS_SPECULATIVE,
-                          TrialResult, TrialSpec, deciding_score)
+from public.core.atomic import atml_made, durable, replace_folder, write_atomic
+from public.results.files import MODEL_FILES, read_info, write_info, write_result_files
+from public.results.keys import best_rank, lr_key, settings_key, trial_row
+from public.results.store import recover_folders
+from public.results.table import STAGE1_COLUMNS, ResultsTable
+from public.search.avoid import AvoidList, learning_rate_candidates
+from public.search.dispatch import SpeculativeWork, dispatch
+from public.search.executor import Job
+from public.search.trial import TrialSpec, drop_unneeded_refit, outcome_result, run_trial_job
+from public.train.metrics import METRIC_NAMES, percent, selection_score
+from public.train.outcome import TrialStatus
 
 RESULTS_CSV = 'results.csv'
 SUMMARY_CSV = 'summary.csv'
 STORE = '.store'
 _RESULT_FOLDER = re.compile(r'^\d{1,3}-\d{1,3}$')
-_MODEL_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_.]*$')
-_TAG = re.compile(r'#\s*atml:([0-9a-f]{10})\b')
-
-__all__ = ['AvoidFileError', 'AvoidList', 'learning_rate_candidates', 'run_stage_one',
-           'settings_key', 'result_folders', 'summarize', 'best_rank', 'lr_key']
-
-
-def learning_rate_candidates(lr_min, lr_max, step):
-    """LR_MIN, LR_MIN+STEP, ... up to LR_MAX inclusive, in decimal arithmetic (no drift)."""
-    lo, hi, st = (Decimal(repr(float(v))) for v in (lr_min, lr_max, step))
-    if st <= 0:
-        raise ValueError(f"STEP must be > 0, got STEP={step!r}")
-    if lo > hi:
-        raise ValueError(f"LR_MIN must be <= LR_MAX, got LR_MIN={lr_min!r}, LR_MAX={lr_max!r}")
-    count = int((hi - lo) / st)
-    return [float(lo + i * st) for i in range(count + 1)]
-
-
-class AvoidList:
-    """The pruned learning rates of avoid.txt and the +-2*STEP neighbourhood rule."""
-
-    RULE = "'<learning rate> [<ModelName>] [# comment]', e.g. '0.0025' or '0.0025 AFNet'"
-
-    def __init__(self, path, step):
-        self.path = path
-        self.step = step
-        self.entries = []      # (lr, model or None for every model, line number, atml key or None)
-        self.reload()
-
-    def reload(self):
-        self.entries = []
-        if os.path.isdir(self.path):
-            raise AvoidFileError(f"AVOID_FILE_PATH={self.path!r} is a folder; it must name a "
-                                 f"text file (created when missing)")
-        if not os.path.exists(self.path):
-            return
-        with open(self.path, errors='replace') as f:
-            for number, line in enumerate(f, start=1):
-                text, _, comment = line.partition('#')
-                text = text.strip()
-                if not text:
-                    continue
-                tokens = text.split()
-                try:
-                    lr = float(tokens[0])
-                except ValueError:
-                    lr = None
-                if (lr is None or not math.isfinite(lr) or lr <= 0 or len(tokens) > 2
-                        or (len(tokens) == 2 and not _MODEL_NAME.match(tokens[1]))):
-                    raise AvoidFileError(f"{self.path}: line {number}: {line.strip()!r} is not "
-                                         f"a valid entry; expected {self.RULE} with a "
-                                         f"learning rate > 0")
-                tag = _TAG.search('#' + comment) if comment else None
-                self.entries.append((lr, tokens[1] if len(tokens) == 2 else None, number,
-                                     tag.group(1) if tag else None))
-
-    def pruned_by(self, lr, model, key=None):
-        """The (lr, model) entry within 2*STEP of lr that applies to model, or None. Lines the
-        search wrote under other trial settings (another key) do not apply."""
-        reach = 2 * self.step * (1 + 1e-9)
-        for entry_lr, entry_model, _, tag in self.entries:
-            if (entry_model in (None, model) and tag in (None, key)
-                    and abs(lr - entry_lr) <= reach):
-                return entry_lr, entry_model
-        return None
-
-    def contains(self, lr, model, key=None):
-        return any(m == model and tag in (None, key) and math.isclose(e, lr, rel_tol=1e-9)
-                   for e, m, _, tag in self.entries)
-
-    def add(self, lr, model, note='', key=None):
-        """Append the search's own entry (tagged with its settings key) on a line of its own."""
-        if os.path.exists(self.path) and os.path.getsize(self.path):
-            with open(self.path, 'rb') as f:
-                f.seek(-1, os.SEEK_END)
-                needs_newline = f.read(1) != b'\n'
-            if needs_newline:
-                with open(self.path, 'a') as f:
-                    f.write('\n')
-        comment = ' '.join(p for p in (f"atml:{key}" if key else '', note) if p)
-        size = os.path.getsize(self.path) if os.path.exists(self.path) else 0
-        try:
-            with open(self.path, 'a') as f:
-                f.write(f"{lr!r} {model}" + (f"  # {comment}" if comment else '') + '\n')
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError:
-            with open(self.path, 'a') as f:      # no half line: the next run would refuse it
-                f.truncate(size)
-            raise
-        durable('avoid.txt line')
-        self.entries.append((lr, model, None, key))
-
-    def remove_search_lines(self):
-        """Drop the lines the search wrote (tagged `# atml:`), keep the user's; for RESUME=False."""
-        if not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            lines = f.readlines()
-        keep = [ln for ln in lines if not _TAG.search(ln)]
-        if keep != lines:
-            write_atomic(self.path, ''.join(keep))
-        self.reload()
-
-    def unknown_models(self, known):
-        """Lines naming a model that is not registered: (line number, name, closest name)."""
-        import difflib
-        out = []
-        for _, model, number, _ in self.entries:
-            if model and model not in known:
-                close = difflib.get_close_matches(model, list(known), n=1)
-                out.append((number, model, close[0] if close else None))
-        return out
+__all__ = ['StageOne', 'run_stage_one', 'result_folders', 'summarize', 'archive_results']
 
 
 def result_folders(model_dir):
@@ -192,7 +73,7 @@ def _build(model_class, input_size, in_channels, num_classes):
 
 
 class StageOne:
-    """Stage one's decisions, for the dispatch loop (public/dispatch.py)."""
+    """Stage one's decisions: a dispatch.Stage (next_job, record, obsolete)."""
 
     def __init__(self, settings, data, models, log=print, progress=True, trainer=None):
         self.settings, self.data, self.log = settings, data, log
@@ -211,7 +92,7 @@ class StageOne:
         self.waiting = {}              # key -> Outcome: finished, not yet reached by the walk
         self.dispatched = {}           # key -> time.time() when it was handed out (this run)
         self.discarded = set()         # keys the walk decided the serial search never runs
-        self.speculative = {'trials': 0, 'seconds': 0.0, 'cancelled': 0}
+        self.speculative = SpeculativeWork()
         self.done = set()              # models whose search ended (target, or cannot build)
         self.announced = set()
         self.rows = []                 # this key's rows, in table order
@@ -226,7 +107,7 @@ class StageOne:
             self.log(f"  {self.root}: {action}")
         all_rows = self.table.rows()
         self.rows = [r for r in all_rows if r['settings_key'] == self.key]
-        finished = self.finished()
+        finished = self.finished_trials()
         self.finished_before = set(finished)
         if all_rows:
             other = len(all_rows) - len(self.rows)
@@ -243,7 +124,7 @@ class StageOne:
             for action in recover_folders(model_dir):
                 self.log(f"  {name}: {action}")
             self.reconcile(name)
-            ok = [r for r in finished.values() if r['model'] == name and r['status'] == STATUS_OK]
+            ok = [r for r in finished.values() if r['model'] == name and r['status'] == TrialStatus.OK]
             if any(percent(float(r['score'])) >= self.settings.STAGE1_TARGET for r in ok):
                 self.log(f"{name}: STAGE1_TARGET={self.settings.STAGE1_TARGET} already reached; skipped")
                 self.done.add(name)
@@ -251,9 +132,10 @@ class StageOne:
         self.write_summary()
         self.log(f"Learning rates: {', '.join(lr_key(c) for c in self.candidates)}")
 
-    def finished(self):
+    def finished_trials(self):
+        """(model, lr) -> row of the trials of this key that finished (ok or diverged)."""
         return {(r['model'], r['lr']): r for r in self.rows
-                if r['status'] in (STATUS_OK, STATUS_DIVERGED)}
+                if r['status'] in (TrialStatus.OK, TrialStatus.DIVERGED)}
 
     # -- the serial order: decisions are applied only as the serial search would reach them
     @staticmethod
@@ -304,25 +186,18 @@ class StageOne:
 
     def _record_speculative(self, outcome, why):
         spec = outcome.job.payload
-        result = _outcome_result(outcome)
+        result = outcome_result(outcome)
         row = trial_row(result, self.settings, self.key, model=spec.key.split('@')[0],
                         lr=lr_key(spec.lr), pruned=False)
-        row.update(status=STATUS_SPECULATIVE,
+        row.update(status=TrialStatus.SPECULATIVE,
                    error=f"ran ahead of the serial order; not used: {why}")
         self.table.append(row)
-        self.speculative['trials'] += 1
-        self.speculative['seconds'] += float(result.wall_s or 0.0)
+        self.speculative.discarded(result)
 
     def speculative_note(self):
         """One line on the work done ahead of the serial order and thrown away, or ''."""
-        s = self.speculative
-        if not (s['trials'] or s['cancelled']):
-            return ''
-        return (f"Speculative work: {s['trials']} trial(s) ran ahead of the serial order and "
-                f"were not used ({s['seconds']:.0f} s of worker time; rows marked "
-                f"'{STATUS_SPECULATIVE}'), {s['cancelled']} running trial(s) cancelled")
+        return self.speculative.note('trial', 'ran ahead of the serial order and were not used')
 
-    # -- the dispatch loop's questions
     def next_job(self):
         """The next candidate to start. The serial search's next one first; then those no
         unfinished earlier candidate can prune (farther than 2*STEP from every earlier
@@ -359,14 +234,13 @@ class StageOne:
                                                  data.in_channels, data.num_classes),
                          trainer=self.trainer, progress=self.progress,
                          refit_above=self.best_score(name))
-        return Job(key=spec.key, fn=_run_job, payload=spec)
+        return Job(key=spec.key, fn=run_trial_job, payload=spec)
 
     def obsolete(self, job):
         name, lr = job.payload.key.split('@')[0], job.payload.lr
         if job.key in self.discarded or self._skip_reason(name, lr) is not None:
             self.discarded.add(job.key)
-            self.speculative['cancelled'] += 1
-            self.speculative['seconds'] += time.time() - self.dispatched.get(job.key, time.time())
+            self.speculative.cancel(self.dispatched.get(job.key, time.time()))
             return True
         return False
 
@@ -374,7 +248,7 @@ class StageOne:
         """The best score recorded for a model under this key (0 before any): REFIT retrains
         only a trial that reaches it, as only such a trial can become the best folder."""
         scores = [float(r['score']) for r in self.rows
-                  if r['model'] == name and r['status'] == STATUS_OK and r['score'] != '']
+                  if r['model'] == name and r['status'] == TrialStatus.OK and r['score'] != '']
         return max(scores, default=0.0)
 
     def record(self, outcome):
@@ -389,23 +263,23 @@ class StageOne:
         """Apply a finished trial as the serial search would at this point of its order."""
         spec = outcome.job.payload
         name, lr = spec.key.split('@')[0], spec.lr
-        result = _outcome_result(outcome)
+        result = outcome_result(outcome)
         settings = self.settings
         score = self.score(result)
-        _drop_unneeded_refit(result, settings, self.best_score(name))
-        pruned = result.status == STATUS_DIVERGED or (
-            result.status == STATUS_OK and score < settings.AVOID_PARAM)
+        drop_unneeded_refit(result, settings, self.best_score(name))
+        pruned = result.status == TrialStatus.DIVERGED or (
+            result.status == TrialStatus.OK and score < settings.AVOID_PARAM)
         row = trial_row(result, settings, self.key, model=name, lr=lr_key(lr), pruned=pruned)
-        if result.status == STATUS_OK:
+        if result.status == TrialStatus.OK:
             self._store(name, lr, result)          # artifacts first: the row may rebuild from them
         self.table.append(row)                     # the commit point
         self.rows = [r for r in self.table.rows() if r['settings_key'] == self.key]
         if pruned:
-            why = ('diverged' if result.status == STATUS_DIVERGED else
+            why = ('diverged' if result.status == TrialStatus.DIVERGED else
                    f"{settings.SELECT_METRIC} on {settings.SELECT_ON} {score:.3f} < AVOID_PARAM {settings.AVOID_PARAM}")
             self.avoid.add(lr, name, why, self.key)
         model_dir = os.path.join(self.root, name)
-        if result.status == STATUS_FAILED:
+        if result.status == TrialStatus.FAILED:
             _write_error(model_dir, name, lr, result)
             self.log(f"  {name} lr={lr_key(lr)}: FAILED ({row['error']}); traceback in "
                      f"{os.path.join(model_dir, 'error.txt')}; going on")
@@ -417,7 +291,7 @@ class StageOne:
                      f"{' (pruned)' if pruned else ''}, {row['onnx_kb'] or '-'} KB, "
                      f"{result.wall_s:.1f} s" + (f" on node {result.node}" if result.node not in ('', 'local') else ''))
             self.reconcile(name)
-        if result.status == STATUS_OK and percent(score) >= settings.STAGE1_TARGET \
+        if result.status == TrialStatus.OK and percent(score) >= settings.STAGE1_TARGET \
                 and name not in self.done:
             self.log(f"  {name}: {settings.SELECT_METRIC} {percent(score)} >= STAGE1_TARGET="
                      f"{settings.STAGE1_TARGET}; next model")
@@ -425,7 +299,6 @@ class StageOne:
         self.write_summary()
 
     def score(self, result):
-        from public.test import selection_score
         selected = result.selected(self.settings.SELECT_ON)
         return selection_score(selected, self.settings.SELECT_METRIC) if selected else 0.0
 
@@ -445,7 +318,7 @@ class StageOne:
         from the store when missing, remove stale or doubled ones, keep other settings' best
         folders under <Model>/settings-<key>/; prune the store to the best trial."""
         model_dir = os.path.join(self.root, name)
-        ok = [r for r in self.rows if r['model'] == name and r['status'] == STATUS_OK]
+        ok = [r for r in self.rows if r['model'] == name and r['status'] == TrialStatus.OK]
         best = max(ok, key=best_rank) if ok else None    # max keeps the first of equals
         target = f"{best['xx']}-{best['yy']}" if best else None
         for folder in result_folders(model_dir):
@@ -497,7 +370,7 @@ class StageOne:
                 continue
             recover_folders(store)
             rows = {r['lr'] for r in self.rows
-                    if r['model'] == name and r['status'] != STATUS_SPECULATIVE}
+                    if r['model'] == name and r['status'] != TrialStatus.SPECULATIVE}
             for entry in os.listdir(store):
                 if entry not in rows:
                     shutil.rmtree(os.path.join(store, entry), ignore_errors=True)
@@ -507,28 +380,6 @@ class StageOne:
         summary = summarize(self.settings, self.rows, list(self.models))
         write_atomic(os.path.join(self.root, SUMMARY_CSV), summary.to_csv(index=False))
         return summary
-
-
-def _outcome_result(outcome):
-    """The TrialResult of an Outcome (a failed job becomes a failed result)."""
-    result = outcome.result if outcome.ok else TrialResult(status=STATUS_FAILED,
-                                                           error=outcome.error)
-    result.node, result.attempts = outcome.node, outcome.attempts
-    return result
-
-
-def _drop_unneeded_refit(result, settings, bar):
-    """REFIT is decided at dispatch against the best score then recorded; a trial started
-    ahead of the serial order may see a lower bar than the serial search would. Undo a refit
-    the serial search would not have made (its score is below the bar at commit time), so
-    the row and the files are the serial search's."""
-    if getattr(result, 'refit', None) and deciding_score(result, settings) < bar - 1e-5:
-        result.refit = None
-
-
-def _run_job(spec, data):
-    from public.trial import run_job
-    return run_job(spec, data)
 
 
 def _write_error(model_dir, name, lr, result):
@@ -541,21 +392,13 @@ def run_stage_one(settings, data, models, interrupts, log=print, progress=True, 
                   trainer=None, on_record=None):
     """The stage-one search over `models` (classes); returns the summary DataFrame.
     `executor` defaults to the in-process serial one; `on_record()` runs after each trial."""
-    from public.dispatch import run_dispatch
-    from public.executor import SerialExecutor
     if not settings.RESUME:
         archive_results(settings, log)
     os.makedirs(settings.MODEL_SAVE_PATH, exist_ok=True)
     os.makedirs(settings.TEMP_DIR, exist_ok=True)
     stage = StageOne(settings, data, models, log, progress, trainer)
     stage.start()
-    own = executor is None
-    executor = executor or SerialExecutor(data)
-    try:
-        run_dispatch(stage, executor, interrupts, on_record)
-    finally:
-        if own:
-            executor.shutdown()
+    dispatch(stage, data, interrupts, executor, on_record)
     note = stage.speculative_note()
     if note:
         log(note)
@@ -565,13 +408,12 @@ def run_stage_one(settings, data, models, interrupts, log=print, progress=True, 
 def summarize(settings, rows, model_names):
     """One row per model: its best trial (best_rank: score, then yy, then xx) with metrics,
     size and speed; `rows` are the current settings' rows of results.csv."""
-    from public.test import METRIC_NAMES
     out = []
     for name in model_names:
-        mine = [r for r in rows if r['model'] == name and r['status'] != STATUS_SPECULATIVE]
-        ok = [r for r in mine if r['status'] == STATUS_OK]
+        mine = [r for r in rows if r['model'] == name and r['status'] != TrialStatus.SPECULATIVE]
+        ok = [r for r in mine if r['status'] == TrialStatus.OK]
         entry = {'model': name, 'trials': len(mine), 'pruned': sum(r['pruned'] == 'True' for r in mine),
-                 'failed': sum(r['status'] == STATUS_FAILED for r in mine)}
+                 'failed': sum(r['status'] == TrialStatus.FAILED for r in mine)}
         if ok:
             best = max(ok, key=best_rank)     # max keeps the first of equals
             entry.update(best_lr=best['lr'], result=f"{best['xx']}-{best['yy']}",

@@ -18,20 +18,27 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from public.errors import SettingsError, disk_full_cause
-from public.executor import Job
-from public.export import export_onnx, size_kb
-from public.quantize import quantize_int8
-from public.recipe import add_normalization
-from public.results import (STAGE2_COLUMNS, ResultsTable, atml_made, best_rank, clean_scratch,
-                            read_info, recover_folders, replace_folder, settings_key,
-                            trial_row, write_info, write_result_files)
-from public.test import score_digits, selection_score
-from public.trial import (STATUS_DIVERGED, STATUS_FAILED, STATUS_OK, STATUS_SPECULATIVE,
-                          TrialResult, TrialSpec, calibration_sample, deciding_score)
+import torch
+
+from public.compress.channel_prune import prune_model
+from public.compress.export import export_onnx, like_trained, size_kb
+from public.compress.qat import check_quantizable
+from public.compress.quantize import quantize_int8
+from public.core.atomic import atml_made, replace_folder
+from public.core.errors import SettingsError, disk_full_cause
+from public.data.prepare import calibration_sample
+from public.results.files import read_info, write_info, write_result_files
+from public.results.keys import best_rank, settings_key, trial_row
+from public.results.store import clean_scratch, recover_folders
+from public.results.table import STAGE2_COLUMNS, ResultsTable
+from public.search.dispatch import SpeculativeWork, dispatch
+from public.search.executor import Job
+from public.search.trial import TrialSpec, drop_unneeded_refit, outcome_result, run_trial_job
+from public.train.metrics import score_digits, selection_score
+from public.train.outcome import TrialStatus
+from public.train.recipe import add_normalization
 
 STAGE2_CSV = 'stage2_results.csv'
-STATUS_OVER_SIZE = 'over-size'
 
 
 @dataclass
@@ -59,7 +66,7 @@ class SizeBudget:
 
 
 def _ss_model():
-    import public.ss_model as ss_model
+    import public.ss_model as ss_model      # the user-edited file: read at run time, on purpose
     for attr in ('generate_config', 'AFNet'):
         if not hasattr(ss_model, attr):
             raise SettingsError(f"public/ss_model.py must define {attr}; see its docstring")
@@ -75,28 +82,12 @@ def build_from_config(config):
     return build_candidate_model(_ss_model(), config)
 
 
-def _like_trained(model, seed=0):
-    """Give every parameter and float buffer distinct random values, as training does.
-
-    The ONNX exporter stores identical initializers once: an untrained model's BatchNorm
-    tensors (all ones / all zeros) would share storage and export ~1 % smaller than the
-    same model after training. With distinct values the probe's size is the trained size."""
-    import torch
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for tensor in list(model.parameters()) + list(model.buffers()):
-            if tensor.is_floating_point():
-                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
-    return model
-
-
 def plan_candidates(settings, input_size, in_channels, num_classes=2, probe_dir=None,
                     calibration_x=None):
     """Every (channel, fc) pair with its exact ONNX size, smallest first.
 
     A config that does not build or run is a misconfiguration of public/ss_model.py: it
     raises SettingsError naming the factors and the cause, before any training."""
-    import torch
     ss_model = _ss_model()
     probe_dir = probe_dir or settings.TEMP_DIR
     os.makedirs(probe_dir, exist_ok=True)
@@ -129,8 +120,7 @@ def plan_candidates(settings, input_size, in_channels, num_classes=2, probe_dir=
             for fraction in settings.PRUNE_FRACTIONS:
                 # Which channels go depends on the trained weights; how many does not, so
                 # the pruned probe's file has the pruned model's exact size.
-                from public.prune import prune_model
-                pruned = prune_model(_like_trained(model), fraction,
+                pruned = prune_model(like_trained(model), fraction,
                                      torch.zeros(2, in_channels, input_size, 1)).eval()
                 size = _probe_size(pruned, probe, settings, in_channels, input_size,
                                    calibration_x)
@@ -143,7 +133,7 @@ def plan_candidates(settings, input_size, in_channels, num_classes=2, probe_dir=
 
 def _probe_size(model, probe, settings, in_channels, input_size, calibration_x):
     """The exact ONNX size of `model` once trained (the INT8 size when QUANTIZE_INT8)."""
-    size = export_onnx(_like_trained(model), probe, in_channels, input_size, settings.ONNX_OPSET)
+    size = export_onnx(like_trained(model), probe, in_channels, input_size, settings.ONNX_OPSET)
     if settings.QUANTIZE_INT8:
         # INT8 files vary by a few bytes with the weights: a prediction, re-checked on the
         # trained model.
@@ -155,7 +145,7 @@ def _probe_size(model, probe, settings, in_channels, input_size, calibration_x):
 
 def stage_two_key(settings):
     """Stage one's trial settings, LEARNING_RATE, QUANTIZE_INT8 and public/ss_model.py itself."""
-    import public.ss_model as ss_model
+    import public.ss_model as ss_model      # the user-edited file: read at run time, on purpose
     return settings_key(settings, stage=2, extra={
         'ss_model': hashlib.sha1(inspect.getsource(ss_model).encode()).hexdigest()})
 
@@ -167,7 +157,7 @@ def _deliverable_fits(row, budget, settings):
 
 
 def _meets_metric(row, settings):
-    return (row['status'] == STATUS_OK and row['score'] != ''
+    return (row['status'] == TrialStatus.OK and row['score'] != ''
             and 100 * float(row['score']) >= settings.METRIC_TARGET - 1e-9)
 
 
@@ -193,20 +183,8 @@ def _row(candidate, settings, key, result=None, status=None):
     return row
 
 
-def _outcome_result(outcome):
-    result = outcome.result if outcome.ok else TrialResult(status=STATUS_FAILED,
-                                                           error=outcome.error)
-    result.node, result.attempts = outcome.node, outcome.attempts
-    return result
-
-
-def _run_job(spec, data):
-    from public.trial import run_job
-    return run_job(spec, data)
-
-
 class StageTwo:
-    """Stage two's decisions, for the dispatch loop (public/dispatch.py).
+    """Stage two's decisions: a dispatch.Stage (next_job, record, obsolete).
 
     Candidates are dispatched smallest first. The answer is the smallest candidate that
     meets both targets: it is decided only once every smaller candidate has a recorded
@@ -234,16 +212,15 @@ class StageTwo:
         self.plan = plan_candidates(settings, data.input_size, data.in_channels, data.num_classes,
                                     calibration_x=calibration_sample(data) if settings.QUANTIZE_INT8 else None)
         if settings.QAT_EPOCHS and self.plan:     # a model QAT cannot take stops the run now
-            from public.qat import check_quantizable
             check_quantizable(build_from_config(self.plan[0].config), data.in_channels,
                               data.input_size, settings.ONNX_OPSET)
         self.feasible = [k for k in self.plan if self.budget.fits(k.predicted_bytes)]
         self.outcomes = {}          # candidate name -> its row, once recorded (this key)
         for r in self.table.rows():
-            if r['settings_key'] != self.key or r['status'] in (STATUS_FAILED, STATUS_OVER_SIZE,
-                                                                 STATUS_SPECULATIVE):
+            if r['settings_key'] != self.key or r['status'] in (TrialStatus.FAILED, TrialStatus.OVER_SIZE,
+                                                                 TrialStatus.SPECULATIVE):
                 continue
-            if r['status'] == STATUS_OK and not os.path.isdir(self._dir(r['candidate'])):
+            if r['status'] == TrialStatus.OK and not os.path.isdir(self._dir(r['candidate'])):
                 continue            # its files are gone: train it again
             self.outcomes[r['candidate']] = r
         log(f"Stage two plan: {len(self.plan)} candidate(s) at LEARNING_RATE={settings.LEARNING_RATE}; "
@@ -258,17 +235,17 @@ class StageTwo:
         if self.outcomes:
             log(f"Resuming from {self.table.path}: {len(self.outcomes)} candidate(s) already recorded")
         recorded = {r['candidate'] for r in self.table.rows()
-                    if r['settings_key'] == self.key and r['status'] == STATUS_OVER_SIZE}
+                    if r['settings_key'] == self.key and r['status'] == TrialStatus.OVER_SIZE}
         for k in self.plan:                       # the plan's verdicts, recorded up front
             if not self.budget.fits(k.predicted_bytes) and k.name not in recorded:
-                self.table.append(_row(k, settings, self.key, status=STATUS_OVER_SIZE))
+                self.table.append(_row(k, settings, self.key, status=TrialStatus.OVER_SIZE))
         self.queue = [k for k in self.feasible if k.name not in self.outcomes]
         self.pos = 0                  # how far the walk of the serial order has committed
         self.waiting = {}             # name -> Outcome: finished, a smaller one still open
         self.dispatched = {}          # name -> time.time() when it was handed out
-        self.speculative = {'trials': 0, 'seconds': 0.0, 'cancelled': 0}
+        self.speculative = SpeculativeWork()
         for k in self.feasible:
-            if self.outcomes.get(k.name, {}).get('status') == STATUS_DIVERGED:
+            if self.outcomes.get(k.name, {}).get('status') == TrialStatus.DIVERGED:
                 log(f"  {k.name}: diverged in an earlier run; not retrained")
 
     def _dir(self, name):
@@ -300,8 +277,8 @@ class StageTwo:
         serial answer is this candidate or a smaller one, so larger ones are never needed."""
         meeting = [self._index(n) for n, r in self.outcomes.items() if self._meets(r)]
         for name, outcome in self.waiting.items():
-            result = _outcome_result(outcome)
-            if result.status == STATUS_OK:
+            result = outcome_result(outcome)
+            if result.status == TrialStatus.OK:
                 row = _row(self.feasible[self._index(name)], self.settings, self.key, result)
                 if self._meets({k: str(v) for k, v in row.items()}):
                     meeting.append(self._index(name))
@@ -342,20 +319,19 @@ class StageTwo:
                              quantize=self.settings.QUANTIZE_INT8, trainer=self.trainer,
                              progress=self.progress, prune=k.prune,
                              refit_above=self._refit_above())
-            return Job(key=k.name, fn=_run_job, payload=spec)
+            return Job(key=k.name, fn=run_trial_job, payload=spec)
         return None
 
     def _refit_above(self):
         # REFIT only a candidate that could be delivered: one meeting METRIC_TARGET, or the
         # best so far (the fallback publishes the best under the size cap).
         scores = [float(r['score']) for r in self.outcomes.values()
-                  if r['status'] == STATUS_OK and r['score'] != '']
+                  if r['status'] == TrialStatus.OK and r['score'] != '']
         return min(max(scores, default=0.0), self.settings.METRIC_TARGET / 100)
 
     def obsolete(self, job):
         if self._beyond(job.key):
-            self.speculative['cancelled'] += 1
-            self.speculative['seconds'] += time.time() - self.dispatched.get(job.key, time.time())
+            self.speculative.cancel(self.dispatched.get(job.key, time.time()))
             return True
         return False
 
@@ -369,36 +345,29 @@ class StageTwo:
 
     def _record_speculative(self, outcome):
         k = self.feasible[self._index(outcome.job.key)]
-        result = _outcome_result(outcome)
+        result = outcome_result(outcome)
         row = _row(k, self.settings, self.key, result)
-        row.update(status=STATUS_SPECULATIVE, meets_metric=False,
+        row.update(status=TrialStatus.SPECULATIVE, meets_metric=False,
                    error="ran ahead of the serial order; not used: a smaller candidate meets "
                          "both targets")
         self.table.append(row)
-        self.speculative['trials'] += 1
-        self.speculative['seconds'] += float(result.wall_s or 0.0)
+        self.speculative.discarded(result)
 
     def speculative_note(self):
-        s = self.speculative
-        if not (s['trials'] or s['cancelled']):
-            return ''
-        return (f"Speculative work: {s['trials']} candidate(s) trained ahead of the serial "
-                f"order and not used ({s['seconds']:.0f} s of worker time; rows marked "
-                f"'{STATUS_SPECULATIVE}'), {s['cancelled']} running candidate(s) cancelled")
+        """One line on the work done ahead of the serial order and thrown away, or ''."""
+        return self.speculative.note('candidate', 'trained ahead of the serial order and not used')
 
     def _commit(self, outcome):
         settings = self.settings
         k = self.feasible[self._index(outcome.job.key)]
-        result = _outcome_result(outcome)
-        if (getattr(result, 'refit', None)
-                and deciding_score(result, settings) < self._refit_above() - 1e-5):
-            result.refit = None     # started ahead of the serial order: the serial bar is higher
-        if result.status == STATUS_OK and not settings.QUANTIZE_INT8 and result.onnx_bytes != k.predicted_bytes:
+        result = outcome_result(outcome)
+        drop_unneeded_refit(result, settings, self._refit_above())   # the serial bar is higher
+        if result.status == TrialStatus.OK and not settings.QUANTIZE_INT8 and result.onnx_bytes != k.predicted_bytes:
             self.log(f"  warning: {k.name}: trained ONNX is {result.onnx_bytes} bytes, predicted "
                      f"{k.predicted_bytes}")
         row = _row(k, settings, self.key, result)
         row['meets_metric'] = self._meets({k2: str(v) for k2, v in row.items()})
-        if result.status == STATUS_OK:
+        if result.status == TrialStatus.OK:
             _save_candidate(settings, k, result, self._dir(k.name), self.key)   # artifacts first
         self.table.append(row)                                                # the commit point
         recorded = [r for r in self.table.rows()
@@ -417,7 +386,7 @@ class StageTwo:
         if winner:
             log(f"{winner['candidate']} meets both targets: the smallest such model.")
             return self._publish(winner, True), True, rows
-        trained = [r for r in self.outcomes.values() if r['status'] == STATUS_OK
+        trained = [r for r in self.outcomes.values() if r['status'] == TrialStatus.OK
                    and _deliverable_fits(r, self.budget, settings)]
         if not trained:
             log("No candidate meets both targets, and none under the size cap trained successfully "
@@ -460,19 +429,11 @@ class StageTwo:
 def run_stage_two(settings, data, interrupts, log=print, progress=True, trainer=None,
                   executor=None):
     """The stage-two search; returns (result folder or None, met: bool, rows)."""
-    from public.dispatch import run_dispatch
-    from public.executor import SerialExecutor
     os.makedirs(settings.TEMP_DIR, exist_ok=True)
     stage = StageTwo(settings, data, log, progress, trainer)
     with interrupts.critical():
         stage.start()
-    own = executor is None
-    executor = executor or SerialExecutor(data)
-    try:
-        run_dispatch(stage, executor, interrupts)
-    finally:
-        if own:
-            executor.shutdown()
+    dispatch(stage, data, interrupts, executor)
     note = stage.speculative_note()
     if note:
         log(note)

@@ -1,199 +1,37 @@
-"""One trial, the unit both stages are made of: build, train, evaluate, export, check.
+"""One trial, the unit both stages are made of: build, train, evaluate, export, check; and
+the job a worker runs for it (the trial, then INT8, QAT and REFIT where they are asked for).
 
-    data = prepare_data(settings)                         # parse/cache, split, to device
+    data = prepare_data(settings)                         # public.data.prepare
     result = run_trial(lambda: AFNet(...), lr, data, settings, onnx_path)
+    result = run_trial_job(TrialSpec(key='AFNet@0.0025', build=..., lr=..., settings=...), data)
 
 A trial that fails (the model does not build or run on the input shape, the loss turns
 NaN, export fails) comes back as a TrialResult with status 'failed' or 'diverged' and the
 traceback, never as an exception: a failed candidate is not a failed run. Only an
 interruption (KeyboardInterrupt) propagates.
 """
+import copy
 import dataclasses
 import os
 import shutil
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from public.dataset import (DataError, encode_labels, load_data, num_classes,
-                            split_by_folds, split_by_subject)
-from public.export import check_onnx, export_onnx, onnx_latency_ms
-from public.test import classification_metrics, predict_proba, probabilities
-from public.recipe import add_normalization
-from public.training import STOP_DIVERGED, TrialData, seed_everything, train_model
-
-STATUS_OK, STATUS_DIVERGED, STATUS_FAILED = 'ok', 'diverged', 'failed'
-# A trial the parallel search ran ahead of the serial order and the serial search never
-# reaches (pruned by an earlier result, its model done): its row is kept, it decides nothing.
-STATUS_SPECULATIVE = 'speculative'
-
-
-@dataclass
-class PreparedData:
-    """Everything a trial needs, loaded once per run."""
-    trial: TrialData
-    x_test: torch.Tensor      # (N, C, L) on CPU; empty when there is no test folder
-    y_test: np.ndarray
-    onnx_sample: np.ndarray   # real validation segments for the ONNX-vs-PyTorch check
-    in_channels: int
-    input_size: int
-    num_classes: int
-    device: torch.device
-    summary: str
-    val_subjects: np.ndarray = None    # subject of each validation / test segment
-    test_subjects: np.ndarray = None   # (for per_subject.csv); None when not known
-    multilabel: bool = False           # LABEL_MODE='multilabel': y is (N, K) multi-hot
-    class_names: tuple = ()            # CLASSES as text (per-label metric names)
-
-
-def choose_device(name):
-    if name == 'cuda' and not torch.cuda.is_available():
-        from public.config import SettingsError
-        raise SettingsError("params.py: DEVICE='cuda' but torch sees no CUDA device on this "
-                            "machine; use DEVICE='auto' or 'cpu'")
-    if name == 'auto':
-        name = 'cuda' if torch.cuda.is_available() else 'cpu'
-    return torch.device(name)
-
-
-def prepare_data(settings, progress=True):
-    """Load (parse once / from cache) the training and test folders, split by subject."""
-    device = choose_device(settings.DEVICE)
-    if settings.NUM_THREADS:
-        torch.set_num_threads(settings.NUM_THREADS)
-    train = load_data(settings.DATA_DIR, settings, progress=progress)
-    if not train.has_labels:
-        raise DataError(f"{settings.DATA_DIR}: training data has no labels")
-    y = encode_labels(train, settings, settings.DATA_DIR)
-    if settings.VAL_FOLDS:
-        train_idx, val_idx = split_by_folds(train.folds, settings.VAL_FOLDS, settings.DATA_DIR)
-    else:
-        train_idx, val_idx = split_by_subject(train.subjects, y, settings.VAL_FRACTION,
-                                              settings.SEED, source=settings.DATA_DIR)
-    multilabel = getattr(settings, 'LABEL_MODE', 'multiclass') == 'multilabel'
-    if multilabel:
-        y = np.asarray(y, dtype=np.float32)
-        absent = [str(c) for c, n in zip(settings.CLASSES, y[train_idx].sum(0)) if n == 0]
-        if absent:
-            raise DataError(f"{settings.DATA_DIR}: label(s) {absent} of CLASSES="
-                            f"{settings.CLASSES!r} are on no training segment; a label the "
-                            f"model never sees positive cannot be learnt (drop it from CLASSES)")
-    missing = ([] if multilabel else
-               sorted(set(range(num_classes(settings))) - set(np.unique(y).tolist())))
-    if missing:
-        found = sorted(set(train.rhythms.tolist()))
-        rule = (f"CLASSES={settings.CLASSES!r}" if settings.CLASSES
-                else f"POSITIVE_LABELS={settings.POSITIVE_LABELS!r} (class 1) vs the rest (class 0)")
-        raise DataError(f"{settings.DATA_DIR}: class(es) {missing} have no training segment "
-                        f"under {rule}; labels found: {found[:20]}. Set POSITIVE_LABELS to the "
-                        f"positive label (e.g. ('1',)) or CLASSES to the labels in order")
-    x = train.x           # may be a read-only memory map of the cache; indexing copies
-    trial = TrialData(x_train=torch.from_numpy(x[train_idx]).to(device),
-                      y_train=torch.from_numpy(y[train_idx]).to(device),
-                      x_val=torch.from_numpy(x[val_idx]).to(device),
-                      y_val=torch.from_numpy(y[val_idx]).to(device))
-    lines = [f"train folder {settings.DATA_DIR}: {len(train)} segments "
-             f"({'from cache' if train.from_cache else 'parsed'}), "
-             f"{len(np.unique(train.subjects[train_idx]))} subjects train / "
-             f"{len(np.unique(train.subjects[val_idx]))} validate; "
-             f"{len(train_idx)} / {len(val_idx)} segments, {x.shape[1]} lead(s), "
-             f"{_class_mix(y[train_idx], settings)} / {_class_mix(y[val_idx], settings)}"]
-    lines += _warnings(train, settings.DATA_DIR)
-    x_test = torch.zeros((0,) + tuple(x.shape[1:]))
-    y_test = (np.zeros((0, len(settings.CLASSES)), np.float32) if multilabel
-              else np.zeros(0, np.int64))
-    test_subjects = np.zeros(0, str)
-    if settings.TEST_DIR:
-        test = load_data(settings.TEST_DIR, settings, progress=progress)
-        if test.x.shape[1] != x.shape[1]:
-            raise DataError(f"{settings.TEST_DIR}: segments have {test.x.shape[1]} leads, "
-                            f"the training data's have {x.shape[1]}")
-        if not test.has_labels:
-            raise DataError(f"{settings.TEST_DIR}: test data has no labels, so it cannot be "
-                            f"evaluated; set TEST_DIR='' and use predict.py for unlabelled data")
-        x_test = torch.from_numpy(np.array(test.x))
-        y_test = encode_labels(test, settings, settings.TEST_DIR)
-        if multilabel:
-            y_test = np.asarray(y_test, dtype=np.float32)
-        test_subjects = np.asarray(test.subjects)
-        lines.append(f"test data {settings.TEST_DIR}: {len(test)} segments, "
-                     f"{len(np.unique(test.subjects))} subjects, {_class_mix(y_test, settings)}")
-        lines += _warnings(test, settings.TEST_DIR)
-        lines += _shared_subjects(train, test, settings)
-    lines.append(f"device: {device}")
-    return PreparedData(trial=trial, x_test=x_test, y_test=y_test,
-                        onnx_sample=np.asarray(train.x[val_idx[:32]]), in_channels=x.shape[1],
-                        input_size=settings.INPUT_SIZE, num_classes=num_classes(settings),
-                        device=device, summary='\n'.join(lines),
-                        val_subjects=np.asarray(train.subjects[val_idx]),
-                        test_subjects=test_subjects, multilabel=multilabel,
-                        class_names=tuple(str(c) for c in settings.CLASSES))
-
-
-def _shared_subjects(train, test, settings):
-    if any(np.array_equal(np.asarray(d.subjects), np.asarray(d.names)) for d in (train, test)):
-        return []            # no subject column: the ids stand in for subjects, not patients
-    shared = sorted(set(np.unique(train.subjects).tolist()) & set(np.unique(test.subjects).tolist()))
-    if not shared:
-        return []
-    return [f"warning: {len(shared)} subject(s) of TEST_DIR={settings.TEST_DIR!r} are also in "
-            f"DATA_DIR={settings.DATA_DIR!r} ({', '.join(map(str, shared[:5]))}"
-            f"{', ...' if len(shared) > 5 else ''}): test metrics on seen patients overstate "
-            f"how the model does on new ones"]
-
-
-def _class_mix(y, settings):
-    if np.ndim(y) == 2:
-        return 'labels ' + ' '.join(f"{c}:{int(n)}" for c, n in zip(settings.CLASSES, y.sum(0)))
-    if not settings.CLASSES:
-        return f"AF {y.mean():.0%}" if len(y) else 'empty'
-    counts = np.bincount(y, minlength=len(settings.CLASSES))
-    return 'classes ' + ' '.join(f"{c}:{n}" for c, n in zip(settings.CLASSES, counts))
-
-
-def _warnings(segments, source):
-    lines = []
-    if segments.skipped:
-        lines.append(f"warning: skipped {len(segments.skipped)} bad file(s) in {source} "
-                     f"(SKIP_BAD_FILES=True); first: {segments.skipped[0][1]}")
-    if segments.excluded:
-        lines.append(f"warning: excluded {len(segments.excluded)} segment(s) of {source} shorter "
-                     f"than INPUT_SIZE - PAD_TOLERANCE; first: {segments.excluded[0][0]} "
-                     f"({segments.excluded[0][1]})")
-    return lines
-
-
-@dataclass
-class TrialResult:
-    status: str
-    stop_reason: str = ''
-    epochs: int = 0
-    best_epoch: int = 0
-    val_metrics: dict = field(default_factory=dict)
-    test_metrics: dict = field(default_factory=dict)
-    onnx_bytes: int = 0
-    latency_ms: float = float('nan')
-    params: int = 0
-    wall_s: float = 0.0
-    error: str = ''
-    state_dict: dict = None   # best-validation weights, on the CPU
-    onnx: bytes = None        # the exported, checked ONNX file's bytes
-    history: list = field(default_factory=list)   # (epoch, train_loss, val_loss, lr)
-    confusion: dict = field(default_factory=dict)  # {'val': [[...]], 'test': [[...]]}
-    int8: dict = None         # stage two with QUANTIZE_INT8: bytes, val and test metrics
-    int8_onnx: bytes = None
-    per_subject: list = field(default_factory=list)   # rows of per_subject.csv
-    refit: dict = None        # REFIT: the model retrained on train + validation (see refit())
-    model: object = None      # the trained model (CPU), for run_job's QAT; never sent back
-    node: str = ''            # where it ran ('local', or the Ray node id)
-    attempts: int = 1
-
-    def selected(self, select_on):
-        return self.val_metrics if select_on == 'val' else self.test_metrics
+from public.compress.channel_prune import prune_model
+from public.compress.export import check_onnx, export_onnx, onnx_latency_ms, onnx_predict
+from public.compress.qat import qat_int8
+from public.compress.quantize import quantize_int8
+from public.data.prepare import calibration_sample, on_device
+from public.train.loop import (STOP_DIVERGED, refit_schedule, seed_everything, train_fixed,
+                               train_model)
+from public.train.metrics import classification_metrics, evaluate, probabilities, selection_score
+from public.train.outcome import TrialResult, TrialStatus
+from public.train.recipe import add_normalization
 
 
 def check_model_runs(model, data):
@@ -209,13 +47,13 @@ def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='t
               latency=True, prune_fraction=0.0):
     """Build a fresh seeded model, train, evaluate on val and test, export and check ONNX.
     With prune_fraction, the trained model then loses that fraction of its channels and
-    hidden units (smallest L1 norm first, public/prune.py) and is fine-tuned PRUNE_EPOCHS."""
+    hidden units (smallest L1 norm first, public/compress/channel_prune.py) and is fine-tuned PRUNE_EPOCHS."""
     start = time.perf_counter()
-    result = TrialResult(status=STATUS_FAILED)
+    result = TrialResult(status=TrialStatus.FAILED)
     try:
         seed_everything(settings.SEED)
         model = build_model()
-        if getattr(settings, 'NORMALIZE', 'none') == 'segment':
+        if settings.NORMALIZE == 'segment':
             add_normalization(model)
         model = model.to(data.device)
         result.params = sum(p.numel() for p in model.parameters())
@@ -237,7 +75,7 @@ def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='t
                 model, data.x_test, data.y_test, data.test_subjects, 'test', data, progress)
             result.per_subject += rows
         if outcome.stop_reason == STOP_DIVERGED:
-            result.status = STATUS_DIVERGED
+            result.status = TrialStatus.DIVERGED
             result.error = 'loss became NaN/inf'
         else:
             os.makedirs(os.path.dirname(os.path.abspath(onnx_path)), exist_ok=True)
@@ -248,12 +86,12 @@ def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='t
                 result.onnx = f.read()
             if latency:
                 result.latency_ms = onnx_latency_ms(onnx_path, settings.LATENCY_RUNS)
-            result.status = STATUS_OK
+            result.status = TrialStatus.OK
             result.model = model
     except KeyboardInterrupt:
         raise
     except Exception as exc:
-        result.status = STATUS_FAILED
+        result.status = TrialStatus.FAILED
         result.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
     result.wall_s = time.perf_counter() - start
     return result
@@ -262,8 +100,6 @@ def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='t
 def _prune_and_tune(model, outcome, fraction, data, settings, progress, desc):
     """The pruned model, fine-tuned PRUNE_EPOCHS epochs (best validation loss kept) at the
     learning rate the base run ended with; its outcome continues the base run's history."""
-    import copy
-    from public.prune import prune_model
     example = data.trial.x_train[:2].unsqueeze(-1)
     pruned = prune_model(model, fraction, example).to(data.device)
     if not settings.PRUNE_EPOCHS:
@@ -279,15 +115,6 @@ def _prune_and_tune(model, outcome, fraction, data, settings, progress, desc):
         history=list(outcome.history) + [(offset + e, *rest) for e, *rest in fine.history])
 
 
-def evaluate(model, x, y, subjects, split, data, progress=False):
-    """(metrics, confusion matrix, per-subject rows) of model on one labelled split."""
-    probs = predict_proba(model, x, data.device, progress=progress, desc=split,
-                          multilabel=data.multilabel)
-    metrics = classification_metrics(y, probs, data.num_classes, data.class_names or None)
-    return (metrics, _confusion(y, probs, data.num_classes),
-            per_subject(split, subjects, y, probs, data.num_classes))
-
-
 def refit(build_model, lr, outcome, data, settings, onnx_path, progress=False, desc='refit'):
     """REFIT: a fresh seeded model trained on every training subject (train + validation)
     for the epochs validation chose (outcome.best_epoch), at the learning rates the
@@ -295,10 +122,9 @@ def refit(build_model, lr, outcome, data, settings, onnx_path, progress=False, d
     (it has seen the validation subjects), exported and checked. Returns what the result
     folder needs of it."""
     start = time.perf_counter()
-    from public.training import refit_schedule, train_fixed
     seed_everything(settings.SEED)
     model = build_model()
-    if getattr(settings, 'NORMALIZE', 'none') == 'segment':
+    if settings.NORMALIZE == 'segment':
         add_normalization(model)
     model = model.to(data.device)
     epochs = max(1, outcome.best_epoch)
@@ -320,59 +146,9 @@ def refit(build_model, lr, outcome, data, settings, onnx_path, progress=False, d
     with open(onnx_path, 'rb') as f:
         info['onnx'] = f.read()
     info['state_dict'] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    info['model'] = model          # for run_job's QAT; dropped before the result goes back
+    info['model'] = model          # for run_trial_job's QAT; dropped before the result goes back
     info['wall_s'] = time.perf_counter() - start
     return info
-
-
-PER_SUBJECT_COLUMNS = ('split', 'subject', 'segments', 'class_mix', 'f1', 'accuracy',
-                       'recall', 'precision')
-
-
-def per_subject(split, subjects, y_true, probs, num_classes):
-    """Where the model fails: the metrics of each subject's segments (rows of per_subject.csv)."""
-    if subjects is None or len(subjects) != len(y_true):
-        return []
-    from public.test import binary_metrics
-    y_true, pred = np.asarray(y_true), np.asarray(probs).argmax(1)
-    rows = []
-    for subject in np.unique(subjects):
-        mask = np.asarray(subjects) == subject
-        if y_true.ndim == 2:       # multi-label: positives per label; macro metrics
-            counts = y_true[mask].sum(0).astype(np.int64)
-            m = classification_metrics(y_true[mask], np.asarray(probs)[mask])
-        elif num_classes == 2:
-            counts = np.bincount(y_true[mask], minlength=num_classes)
-            m = binary_metrics(y_true[mask], pred[mask])
-        else:
-            counts = np.bincount(y_true[mask], minlength=num_classes)
-            m = classification_metrics(y_true[mask], np.asarray(probs)[mask], num_classes)
-        rows.append(dict(split=split, subject=str(subject), segments=int(mask.sum()),
-                         class_mix=' '.join(f"{c}:{n}" for c, n in enumerate(counts.tolist())),
-                         **{k: round(float(m[k]), 4) for k in ('f1', 'accuracy', 'recall',
-                                                               'precision')}))
-    return rows
-
-
-def worst_subjects(rows, split, count=3):
-    """The subjects with the lowest accuracy on a split: 'S12 (acc 0.41, 80 segments)'."""
-    mine = sorted((r for r in rows if r['split'] == split), key=lambda r: float(r['accuracy']))
-    return [f"{r['subject']} (accuracy {float(r['accuracy']):.2f}, {r['segments']} segments)"
-            for r in mine[:count]]
-
-
-def _confusion(y_true, probs, num_classes):
-    """Rows: true class, columns: predicted class (counts). Multi-label: one 2x2 matrix per
-    label (rows: label absent/present; columns: predicted absent/present, at 0.5)."""
-    if np.ndim(y_true) == 2:
-        truth, pred = np.asarray(y_true) > 0.5, np.asarray(probs) >= 0.5
-        return [[[int((~t & ~p).sum()), int((~t & p).sum())], [int((t & ~p).sum()),
-                                                               int((t & p).sum())]]
-                for t, p in zip(truth.T, pred.T)]
-    pred = np.asarray(probs).argmax(1) if len(probs) else np.zeros(0, np.int64)
-    matrix = np.zeros((num_classes, num_classes), np.int64)
-    np.add.at(matrix, (np.asarray(y_true, np.int64), pred), 1)
-    return matrix.tolist()
 
 
 @dataclass
@@ -387,67 +163,34 @@ class TrialSpec:
     progress: bool = False
     prune: float = 0.0        # stage two's pruned candidates: the fraction of channels removed
     refit_above: float = 0.0  # REFIT only a trial whose deciding score reaches this (the best
-                              # recorded when it was dispatched): the others cannot be delivered
 
 
-_ON_DEVICE = {}     # per process: id(shared data) -> (data, its copy with tensors on data.device)
-
-
-def on_device(data):
-    """`data` with its training tensors on data.device. A Ray worker receives them on the
-    CPU (from the object store); with DEVICE='cuda' they are moved once per worker process."""
-    if data.trial.x_train.device == data.device:
-        return data
-    cached = _ON_DEVICE.get(id(data))
-    if cached is None or cached[0] is not data:
-        trial = TrialData(**{k: getattr(data.trial, k).to(data.device)
-                             for k in ('x_train', 'y_train', 'x_val', 'y_val')})
-        cached = _ON_DEVICE[id(data)] = (data, dataclasses.replace(data, trial=trial))
-    return cached[1]
-
-
-def run_job(spec, data):
+def run_trial_job(spec, data):
     """One trial as a job of an executor (in-process or a Ray worker): its files go to a
     private scratch folder that is removed afterwards; everything comes back in the result
     (metrics, state dict, ONNX bytes), for the driver to record."""
     data = on_device(data)
-    scratch = _scratch_dir(spec.settings.TEMP_DIR)
+    settings = spec.settings
+    scratch = _scratch_dir(settings.TEMP_DIR)
     try:
         onnx_path = os.path.join(scratch, 'trial.onnx')
         trainer = spec.trainer or run_trial
-        result = trainer(spec.build, spec.lr, data, spec.settings, onnx_path,
+        result = trainer(spec.build, spec.lr, data, settings, onnx_path,
                          progress=spec.progress, desc=spec.key,
                          **({'prune_fraction': spec.prune} if spec.prune else {}))
-        if result.status == STATUS_OK and result.onnx is None and os.path.exists(onnx_path):
+        if result.status == TrialStatus.OK and result.onnx is None and os.path.exists(onnx_path):
             with open(onnx_path, 'rb') as f:
                 result.onnx = f.read()
         if result.state_dict is not None:
             result.state_dict = {k: v.detach().cpu() for k, v in result.state_dict.items()}
-        if result.status == STATUS_OK and spec.quantize:
-            try:
-                _add_int8(result, onnx_path, data, spec.settings)
-            except Exception as exc:
-                result.status = STATUS_FAILED
-                result.error = f"INT8 quantization failed: {type(exc).__name__}: {exc}"
-        if result.status == STATUS_OK and spec.quantize and spec.settings.QAT_EPOCHS:
-            try:
-                _add_qat(result, spec, onnx_path, data)
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:
-                result.status = STATUS_FAILED
-                result.error = (f"quantization-aware training failed: {type(exc).__name__}: "
-                                f"{exc}\n{traceback.format_exc()}")
-        if (result.status == STATUS_OK and getattr(spec.settings, 'REFIT', False)
-                and not spec.prune
-                and deciding_score(result, spec.settings) >= spec.refit_above - 1e-5):   # rows hold 6 digits
-            try:
-                _add_refit(result, spec, onnx_path, data)
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:
-                result.status = STATUS_FAILED
-                result.error = f"REFIT failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        if spec.quantize:
+            _after_training(result, 'INT8 quantization', _add_int8, spec, onnx_path, data)
+        if spec.quantize and settings.QAT_EPOCHS:
+            _after_training(result, 'quantization-aware training', _add_qat, spec, onnx_path,
+                            data)
+        if (settings.REFIT and not spec.prune and result.status == TrialStatus.OK
+                and deciding_score(result, settings) >= spec.refit_above - 1e-5):   # rows hold 6 digits
+            _after_training(result, 'REFIT', _add_refit, spec, onnx_path, data)
         result.model = None
         if result.refit:
             result.refit.pop('model', None)
@@ -456,9 +199,21 @@ def run_job(spec, data):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _after_training(result, what, step, spec, float_path, data):
+    """Run one step after training (INT8, QAT, REFIT) on a trial that is still ok; a step
+    that raises fails the trial, the error naming the step (the search goes on)."""
+    if result.status != TrialStatus.OK:
+        return
+    try:
+        step(result, spec, float_path, data)
+    except Exception as exc:
+        result.status = TrialStatus.FAILED
+        result.error = f"{what} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+
+
 def _scratch_dir(temp_dir):
     # Under TEMP_DIR where it can be written (a stale one, of a killed process, is removed
-    # by the next run: results.clean_scratch); a worker on another machine uses its own /tmp.
+    # by the next run: public.results.store.clean_scratch); a worker on another machine uses its own /tmp.
     prefix = f".atml-scratch-{os.getpid()}-"
     try:
         os.makedirs(temp_dir, exist_ok=True)
@@ -467,17 +222,9 @@ def _scratch_dir(temp_dir):
         return tempfile.mkdtemp(prefix=prefix)
 
 
-def calibration_sample(data, count=256):
-    """A seeded sample of training segments that fixes INT8 activation ranges."""
-    x = data.trial.x_train
-    idx = np.random.default_rng(0).permutation(len(x))[:count]
-    return x[torch.as_tensor(idx)].cpu().numpy()
-
-
-def _add_int8(result, float_path, data, settings):
+def _add_int8(result, spec, float_path, data):
     """Quantize the trained model's ONNX and measure the INT8 model with onnxruntime."""
-    result.int8, result.int8_onnx = _int8_of(float_path, data, ('val', 'test'), settings)
-    return result
+    result.int8, result.int8_onnx = _int8_of(float_path, data, ('val', 'test'), spec.settings)
 
 
 def qat_learning_rate(lr):
@@ -489,12 +236,11 @@ def qat_learning_rate(lr):
 def _add_qat(result, spec, float_path, data):
     """QAT_EPOCHS: fine-tune the trained model with fake quantization and make ITS INT8
     file the deliverable; the post-training INT8 figures are kept beside (int8['ptq'])."""
-    from public.qat import qat_int8
     settings = spec.settings
     model = result.model
     if model is None:                     # a stand-in trainer: rebuild from the weights
         model = spec.build()
-        if getattr(settings, 'NORMALIZE', 'none') == 'segment':
+        if settings.NORMALIZE == 'segment':
             add_normalization(model)
         model.load_state_dict(result.state_dict)
     qat_path = float_path + '.qat.onnx'
@@ -508,7 +254,6 @@ def _add_qat(result, spec, float_path, data):
 def deciding_score(result, settings):
     """The score the search decides on: the INT8 model's when there is one (stage two with
     QUANTIZE_INT8), else the float model's, on SELECT_ON by SELECT_METRIC."""
-    from public.test import selection_score
     metrics = result.int8[settings.SELECT_ON] if result.int8 else result.selected(settings.SELECT_ON)
     return selection_score(metrics, settings.SELECT_METRIC) if metrics else 0.0
 
@@ -524,7 +269,6 @@ def _add_refit(result, spec, float_path, data):
         return
     result.refit['int8'], result.refit['int8_onnx'] = _int8_of(path, data, ('test',), settings)
     if settings.QAT_EPOCHS:
-        from public.qat import qat_int8
         qat_int8(result.refit['model'], data.trial, qat_learning_rate(spec.lr), settings,
                  settings.QAT_EPOCHS, calibration_sample(data), path + '.qat', data.in_channels,
                  data.input_size, settings.ONNX_OPSET, data.device)
@@ -533,7 +277,6 @@ def _add_refit(result, spec, float_path, data):
 
 
 def _measure_int8(int8_path, data, splits):
-    from public.export import onnx_predict
     measured = {'bytes': os.path.getsize(int8_path)}
     for split, x, y in (('val', data.trial.x_val, data.trial.y_val.cpu().numpy()),
                         ('test', data.x_test, data.y_test)):
@@ -548,8 +291,24 @@ def _measure_int8(int8_path, data, splits):
 
 
 def _int8_of(float_path, data, splits, settings):
-    from public.quantize import quantize_int8
     int8_path = float_path + '.int8.onnx'
     quantize_int8(float_path, int8_path, calibration_sample(data),
                   reduce_range=settings.INT8_REDUCE_RANGE)
     return _measure_int8(int8_path, data, splits)
+
+
+def outcome_result(outcome):
+    """The TrialResult of an executor's Outcome (a failed job becomes a failed result)."""
+    result = outcome.result if outcome.ok else TrialResult(status=TrialStatus.FAILED,
+                                                           error=outcome.error)
+    result.node, result.attempts = outcome.node, outcome.attempts
+    return result
+
+
+def drop_unneeded_refit(result, settings, bar):
+    """REFIT is decided at dispatch against the best score then recorded; a trial started
+    ahead of the serial order may see a lower bar than the serial search would. Undo a refit
+    the serial search would not have made (its score is below the bar at commit time), so
+    the row and the files are the serial search's."""
+    if getattr(result, 'refit', None) and deciding_score(result, settings) < bar - 1e-5:
+        result.refit = None

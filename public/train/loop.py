@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from public.recipe import Augmenter, class_weights
 from tqdm import tqdm
+
+from public.data.prepare import TrialData
+from public.train.recipe import Augmenter, class_weights
 
 
 # Why a trial stopped: the values of the results table's `stop_reason` column.
@@ -53,15 +55,6 @@ class EarlyStopping:
                 and train_loss < val_loss - self.overfit_gap):
             return False, True, STOP_EARLY
         return False, False, None
-
-
-@dataclass
-class TrialData:
-    """Tensors of one trial, on the training device: x is (N, C, L), y is (N,)."""
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
 
 
 @dataclass
@@ -106,7 +99,7 @@ def make_criterion(settings, y_train, num_outputs):
     """The loss of a task: cross-entropy for one label per segment (y int64 (N,)), with
     CLASS_WEIGHTS='balanced' class weights; BCE-with-logits for multi-label (y float (N, K)
     multi-hot), with 'balanced' per-label positive weights (negatives / positives)."""
-    balanced = getattr(settings, 'CLASS_WEIGHTS', 'none') == 'balanced'
+    balanced = settings.CLASS_WEIGHTS == 'balanced'
     if y_train.dim() == 2:
         pos_weight = None
         if balanced:
@@ -149,7 +142,7 @@ def train_model(model, data, lr, settings, device, progress=True, desc='train'):
 
     AdamW (weight decay WEIGHT_DECAY), ReduceLROnPlateau on val loss (patience 3, factor
     0.5), cross-entropy (BCE for multi-label), up to NUM_EPOCHS epochs of BATCH_SIZE,
-    EarlyStopping. Ctrl+C arrives as KeyboardInterrupt (public/interrupts.py) and abandons
+    EarlyStopping. Ctrl+C arrives as KeyboardInterrupt (public/core/interrupts.py) and abandons
     the trial."""
     start = time.perf_counter()
     model.to(device)
@@ -157,7 +150,7 @@ def train_model(model, data, lr, settings, device, progress=True, desc='train'):
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode='min', patience=3,
                                                            factor=0.5)
     criterion = make_criterion(settings, data.y_train, num_classes_of(model, data))
-    augment = (Augmenter(settings.SEED, device) if getattr(settings, 'AUGMENT', False)
+    augment = (Augmenter(settings.SEED, device) if settings.AUGMENT
                else None)
     stopper = EarlyStopping(settings.PATIENCE, settings.OVERFIT_GAP)
     generator = torch.Generator().manual_seed(settings.SEED)
@@ -203,7 +196,7 @@ def train_fixed(model, x, y, lrs, settings, device, progress=True, desc='refit')
     model.to(device)
     optimizer = _optimizer(model, lrs[0], settings, device)
     criterion = make_criterion(settings, y, num_classes_of(model, TrialData(x, y, x, y)))
-    augment = (Augmenter(settings.SEED, device) if getattr(settings, 'AUGMENT', False)
+    augment = (Augmenter(settings.SEED, device) if settings.AUGMENT
                else None)
     generator = torch.Generator().manual_seed(settings.SEED)
     x = x.unsqueeze(-1)

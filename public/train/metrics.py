@@ -1,10 +1,12 @@
-"""Evaluation: predictions in batches, the metrics, and the original's xx/yy digits.
+"""Evaluation: predictions in batches, the metrics, the original's xx/yy digits, and the
+per-subject rows of per_subject.csv (public/test.py is its face).
 
     probs = predict_proba(model, x, device)                 # (N, classes) softmax
     metrics = classification_metrics(y, probs, classes)    # f1, accuracy, precision, recall,
                                                             # abs_sum, auc (binary)
     xx, yy = score_digits(metrics)                          # int(100*max), int(100*min)
     score = selection_score(metrics, 'min4')                # what SELECT_METRIC decides on
+    metrics, confusion, rows = evaluate(model, x, y, subjects, 'val', data)   # + per subject
 
 Binary tasks measure F1/precision/recall of class 1 (AF); multi-class tasks their macro
 averages. abs_sum is seed 003's metric: the mean over samples of sum_i |p_i - y_i|
@@ -145,3 +147,61 @@ def score_digits(metrics):
 def worst_metric(metrics):
     """The minimum of F1, accuracy, precision and recall (what pruning and targets use)."""
     return min(metrics[name] for name in METRIC_NAMES)
+
+
+def evaluate(model, x, y, subjects, split, data, progress=False):
+    """(metrics, confusion matrix, per-subject rows) of model on one labelled split."""
+    probs = predict_proba(model, x, data.device, progress=progress, desc=split,
+                          multilabel=data.multilabel)
+    metrics = classification_metrics(y, probs, data.num_classes, data.class_names or None)
+    return (metrics, _confusion(y, probs, data.num_classes),
+            per_subject(split, subjects, y, probs, data.num_classes))
+
+
+PER_SUBJECT_COLUMNS = ('split', 'subject', 'segments', 'class_mix', 'f1', 'accuracy',
+                       'recall', 'precision')
+
+
+def per_subject(split, subjects, y_true, probs, num_classes):
+    """Where the model fails: the metrics of each subject's segments (rows of per_subject.csv)."""
+    if subjects is None or len(subjects) != len(y_true):
+        return []
+    y_true, pred = np.asarray(y_true), np.asarray(probs).argmax(1)
+    rows = []
+    for subject in np.unique(subjects):
+        mask = np.asarray(subjects) == subject
+        if y_true.ndim == 2:       # multi-label: positives per label; macro metrics
+            counts = y_true[mask].sum(0).astype(np.int64)
+            m = classification_metrics(y_true[mask], np.asarray(probs)[mask])
+        elif num_classes == 2:
+            counts = np.bincount(y_true[mask], minlength=num_classes)
+            m = binary_metrics(y_true[mask], pred[mask])
+        else:
+            counts = np.bincount(y_true[mask], minlength=num_classes)
+            m = classification_metrics(y_true[mask], np.asarray(probs)[mask], num_classes)
+        rows.append(dict(split=split, subject=str(subject), segments=int(mask.sum()),
+                         class_mix=' '.join(f"{c}:{n}" for c, n in enumerate(counts.tolist())),
+                         **{k: round(float(m[k]), 4) for k in ('f1', 'accuracy', 'recall',
+                                                               'precision')}))
+    return rows
+
+
+def worst_subjects(rows, split, count=3):
+    """The subjects with the lowest accuracy on a split: 'S12 (acc 0.41, 80 segments)'."""
+    mine = sorted((r for r in rows if r['split'] == split), key=lambda r: float(r['accuracy']))
+    return [f"{r['subject']} (accuracy {float(r['accuracy']):.2f}, {r['segments']} segments)"
+            for r in mine[:count]]
+
+
+def _confusion(y_true, probs, num_classes):
+    """Rows: true class, columns: predicted class (counts). Multi-label: one 2x2 matrix per
+    label (rows: label absent/present; columns: predicted absent/present, at 0.5)."""
+    if np.ndim(y_true) == 2:
+        truth, pred = np.asarray(y_true) > 0.5, np.asarray(probs) >= 0.5
+        return [[[int((~t & ~p).sum()), int((~t & p).sum())], [int((t & ~p).sum()),
+                                                               int((t & p).sum())]]
+                for t, p in zip(truth.T, pred.T)]
+    pred = np.asarray(probs).argmax(1) if len(probs) else np.zeros(0, np.int64)
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(matrix, (np.asarray(y_true, np.int64), pred), 1)
+    return matrix.tolist()
