@@ -178,12 +178,13 @@ def sensitivity(args, model, data, calibration, float_val, log, reduce_range):
     """Where PTQ's error comes from, on (up to --sensitivity) validation segments."""
     import tempfile
     import public.compress.qat as qat
+    import public.compress.qdq_graph as qdq_graph
     n = min(args.sensitivity, len(data.trial.x_val))
     x = data.trial.x_val[:n].unsqueeze(-1)
     with tempfile.TemporaryDirectory() as tmp:
-        prepared = qat._prepare(model, 1, 1250, 18, tmp)
-    graph = qat.FakeQuantGraph(prepared, qat._quantize(prepared, calibration, None, reduce_range),
-                               reduce_range)
+        prepared = qdq_graph.prepare_float_graph(model, 1, 1250, 18, tmp)
+    qdq = qdq_graph.quantize_qdq(prepared, calibration, None, reduce_range)
+    graph = qdq_graph.FakeQuantGraph(prepared, qdq, reduce_range)
     rows = qat.quantization_sensitivity(graph, x, kl_to(float_val[:n]))
     base = rows[0][1]
     log(f"    PTQ error by source (validation KL from float on {n} segments; lower = that "

@@ -19,6 +19,7 @@ from torch import nn
 from conftest import PARAMS, settings_values
 from public import ss_model
 import public.compress.qat as qat
+import public.compress.qdq_graph as qdq_graph
 from public.core.settings import load_settings
 from public.core.errors import SettingsError
 from public.compress.export import export_onnx, onnx_predict
@@ -124,7 +125,7 @@ def test_full_8_bit_weights_are_simulated_exactly_too(prepared, settings, calibr
     x = _all_segments(prepared)
     with torch.no_grad():
         got = out.graph(torch.from_numpy(x).unsqueeze(-1)).numpy()
-    _assert_same_as_onnxruntime(got, qat.onnx_logits(out.int8, x), out.int8, x)
+    _assert_same_as_onnxruntime(got, qdq_graph.onnx_logits(out.int8, x), out.int8, x)
     assert out.graph.weight_mismatch() == 0.0
 
 
@@ -236,8 +237,8 @@ def test_onnxruntime_agrees_with_the_fake_quantized_pytorch_graph(outcome, prepa
 def test_all_float_graph_is_the_float_model(prepared, calibration, tmp_path):
     """The switches quantization_sensitivity uses: nothing quantized = the float model."""
     model = _afnet(prepared)
-    prepared_graph = qat._prepare(model, 1, 1250, OPSET, str(tmp_path))
-    graph = qat.FakeQuantGraph(prepared_graph, qat._quantize(prepared_graph, calibration))
+    prepared_graph = qdq_graph.prepare_float_graph(model, 1, 1250, OPSET, str(tmp_path))
+    graph = qdq_graph.FakeQuantGraph(prepared_graph, qdq_graph.quantize_qdq(prepared_graph, calibration))
     x = torch.from_numpy(_all_segments(prepared)).unsqueeze(-1)
     with torch.no_grad():
         reference = model(x)
@@ -442,6 +443,6 @@ def test_supported_models_run_in_pytorch_exactly_as_in_onnxruntime(build, prepar
     x = _all_segments(prepared)
     with torch.no_grad():
         got = out.graph(torch.from_numpy(x).unsqueeze(-1)).numpy()
-    expected = qat.onnx_logits(out.int8, x)
+    expected = qdq_graph.onnx_logits(out.int8, x)
     _assert_same_as_onnxruntime(got, expected, out.int8, x)
     assert out.graph.weight_mismatch() == 0.0

@@ -17,7 +17,7 @@ Labels: with LABEL_MODE='multiclass' (the default) a label is an integer class n
 ('3' for 3 or 3.0) and every row needs one. With LABEL_MODE='multilabel' a label is the
 row's label names joined with LABEL_SEPARATOR, e.g. `NORM|MI` (spaces around names are
 dropped), and an empty label means none of the labels (PTB-XL has such records); names
-are checked against CLASSES by public.dataset.encode_labels.
+are checked against CLASSES by public.data.loading.encode_labels.
 
     segments = load_csv('ptbxl.csv', LengthPolicy(1000),
                         label_spec=LabelSpec('multilabel', '|', ('NORM', 'MI', 'STTC')))
@@ -43,7 +43,7 @@ _CHUNK_ROWS = 20000     # rows parsed per pandas call: bounds the joined text he
 
 
 def load(path, options):
-    """Segments of a CSV file (the loader entry of public.dataset.LOADERS)."""
+    """Segments of a CSV file (the loader entry of public.data.loading.LOADERS)."""
     return load_csv(path, options.policy, cache_dir=options.cache_dir, label_spec=options.labels)
 
 

@@ -30,7 +30,7 @@ from public.data.segments import DataError, LOAD_ERRORS, LabelSpec, Segments, st
 
 
 def load(path, options):
-    """Segments of a .npz/.npy file (the loader entry of public.dataset.LOADERS)."""
+    """Segments of a .npz/.npy file (the loader entry of public.data.loading.LOADERS)."""
     return load_numpy(path, options.policy, label_spec=options.labels)
 
 

@@ -2,23 +2,24 @@
 
 The data path has one direction (module -> what it imports):
 
-    public/dataset.py       entry: LOADERS table, load_data, detect_format, encode_labels,
-       |                    split_by_subject / split_by_folds (re-exports this module's names)
+    public/data/loading.py       entry: LOADERS table, load_data, detect_format, encode_labels,
+       |                         split_by_subject / split_by_folds (public/dataset.py: its face)
        +-> public/data/txt_format.py     a folder of S<subject>-<RHYTHM>-<index>.txt files
        +-> public/data/csv_format.py     a CSV, one segment per row (Tianchi heartbeat, PTB-XL)
        +-> public/data/numpy_format.py   a .npz (x, y, subject, fold, id) or a .npy (x)
               |
               +-> public/data/segments.py   (this module; imports no other data module)
 
-A loader module imports this module only, never public.dataset. It exposes
+A loader module imports this module only, never public.data.loading. It exposes
 `load(path, options) -> Segments`, options a `LoadOptions` (length policy, cache folder,
-label rules, ...). Adding a format is one new `public/format_<name>.py` with such a
-`load`, plus one line in `public.dataset.LOADERS` (its name, file endings and a few words
-for messages); the name must also be allowed by DATA_FORMAT's rule in public/core/settings.py.
+label rules, ...). Adding a format is one new `public/data/<name>_format.py` with such a
+`load`, plus one line in `public.data.loading.LOADERS` (its name, file endings and a few
+words for messages); the name must also be allowed by DATA_FORMAT's rule in
+public/core/settings.py.
 
 Labels are kept as TEXT in `Segments.rhythms` whatever the source ('AFIB', '3', and for
 LABEL_MODE='multilabel' the segment's labels joined with LABEL_SEPARATOR, e.g. 'NORM|MI';
-'' = no label). `public.dataset.encode_labels` turns the text into training targets.
+'' = no label). `public.data.loading.encode_labels` turns the text into training targets.
 
 The parse cache is safe to share: every file is written under a temporary name of its own
 (pid and uuid) and renamed into place, so processes loading the same source at once each

@@ -42,7 +42,7 @@ _CHUNK = 1000
 
 
 def load(path, options):
-    """Segments of a folder (the loader entry of public.dataset.LOADERS)."""
+    """Segments of a folder (the loader entry of public.data.loading.LOADERS)."""
     if options.labels.multilabel:
         raise DataError(f"{path}: LABEL_MODE='multilabel' needs a CSV or .npz source (a label "
                         f"column of labels joined with LABEL_SEPARATOR="

@@ -84,10 +84,10 @@ from public.core.interrupts import named_interrupt
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 # Never shipped to a cluster as part of the working_dir (gitignore-style patterns; Ray also
-# honours the project's .gitignore).
+# honours the project's .gitignore). '/data' is the project's data folder, not public/data/.
 WORKING_DIR_EXCLUDES = [
     '.git', '.venv', 'venv', '.ci-venv', '.pytest_cache', '__pycache__', '*.pyc',
-    'multi-result', 'multi-result-archive-*', 'temp', '.atml-cache', 'ttdata', 'data',
+    'multi-result', 'multi-result-archive-*', 'temp', '.atml-cache', 'ttdata', '/data',
     '*.onnx', '*.pth', '*.pt', '*.npy', '*.npz', '*.zip', '*.tar.gz', 'predictions.csv',
 ]
 
