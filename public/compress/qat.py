@@ -5,10 +5,11 @@ onnxruntime will run, then write that INT8 model.
     int8_bytes = qat_int8(model, data, lr, settings, epochs, calibration_x, 'saved.int8.onnx',
                           in_channels=1, input_size=1250, opset=18)
 
-How. The model is exported (public/compress/export.py) and prepared as public/compress/quantize.py prepares
-it, and onnxruntime's own static quantizer writes the INT8 QDQ graph (per-channel int8
-weights, uint8 activations, calibrated on `calibration_x`), as post-training quantization
-(PTQ) does. `FakeQuantGraph` then runs *that graph* in PyTorch: each QuantizeLinear /
+How. The model is exported (public/compress/export.py) and prepared as
+public/compress/quantize.py prepares it, and onnxruntime's own static quantizer writes the
+INT8 QDQ graph (per-channel int8 weights, uint8 activations, calibrated on
+`calibration_x`), as post-training quantization (PTQ) does. `FakeQuantGraph`
+(public/compress/qdq_graph.py) then runs *that graph* in PyTorch: each QuantizeLinear /
 DequantizeLinear is a fake quantization with the scale and zero point onnxruntime chose
 (straight-through gradient), and each int8 weight or int32 bias is its trainable float
 weight, quantized every step with onnxruntime's formula. So fine-tuning sees exactly the

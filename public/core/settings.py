@@ -15,7 +15,7 @@ import os
 from types import SimpleNamespace
 
 
-from public.core.errors import SettingsError  # noqa: F401  (re-exported: public.core.settings.SettingsError)
+from public.core.errors import SettingsError  # noqa: F401  (re-exported: the settings API)
 
 
 def _is_number(v):
