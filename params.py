@@ -1,10 +1,12 @@
 """ATML settings: one constant per line, a comment with the unit or the allowed values.
 
 Edit this file, then run `python train_multi.py` (stage one) or `python train_final.py`
-(stage two). Every setting is checked before any work starts (public/core/settings.py holds the
-rules); a bad one stops the run with a message naming it, its value and the rule.
+(stage two). Every setting is checked before any work starts (the table of
+public/core/settings.py holds the defaults, rules and docs; docs/settings.md is the
+reference); a bad one stops the run with a message naming it, its value and the rule.
 The defaults run the demo on the synthetic data in ttdata/.
 """
+
 
 # ----------------------------------------------------------------------------- data
 DATA_DIR = 'ttdata/train'        # training folder (.txt files S<subject>-<RHYTHM>-<index>.txt); 20 % of its subjects validate
@@ -25,10 +27,10 @@ CACHE_DIR = '.atml-cache'        # parsed data folders are cached here (invalida
 
 # ----------------------------------------------------------------------------- stage one search
 LR_MIN = 0.0015                  # first learning rate of the grid
-LR_MAX = 0.0050                  # last learning rate of the grid (inclusive)
+LR_MAX = 0.005                   # last learning rate of the grid (inclusive)
 STEP = 0.0005                    # grid step; > 0
 AVOID_FILE_PATH = 'avoid.txt'    # pruned learning rates; candidates within 2*STEP of an entry are skipped
-AVOID_PARAM = 0.80               # a trial whose worst metric (min of F1/acc/precision/recall) is below this prunes its rate
+AVOID_PARAM = 0.8                # a trial whose worst metric (min of F1/acc/precision/recall) is below this prunes its rate
 STAGE1_TARGET = 97               # a model's search ends once yy (int(100*min metric)) reaches this, 0..100
 SELECT_ON = 'val'                # split that drives pruning, best model and stop: 'val' or 'test' (the original)
 SELECT_METRIC = 'min4'           # score that drives them: 'min4' (min of F1/acc/precision/recall, the original), 'f1', 'accuracy', 'auc' (binary), 'abs_sum' (as 1 - abs_sum/2)
@@ -41,14 +43,14 @@ NUM_EPOCHS = 30                  # maximum epochs per trial
 BATCH_SIZE = 32                  # training batch size
 PATIENCE = 5                     # epochs without validation-loss improvement before early stopping may fire
 OVERFIT_GAP = 0.01               # ... and only if train loss < val loss - OVERFIT_GAP (the original's rule)
-WEIGHT_DECAY = 1e-3              # AdamW weight decay
+WEIGHT_DECAY = 0.001             # AdamW weight decay
 SEED = 42                        # seed of every trial (initialisation, shuffling, split, augmentation)
-AUGMENT = True                   # True (measured default, README 'Recipe'): label-preserving augmentations per batch (amplitude, noise, baseline wander, time shift)
+AUGMENT = True                   # True (measured default, docs/recipe.md): label-preserving augmentations per batch (amplitude, noise, baseline wander, time shift)
 NORMALIZE = 'none'               # 'segment': each segment and lead standardised by the model itself (inside the exported ONNX)
 CLASS_WEIGHTS = 'none'           # 'balanced': loss weights inversely proportional to the training class counts
 REFIT = False                    # True: the chosen model is retrained on all training subjects (train + validation) for the epochs validation chose, and delivered
 DEVICE = 'auto'                  # 'auto' (cuda if available), 'cpu' or 'cuda'
-NUM_THREADS = 1                  # torch CPU threads; 0 = torch's default (all cores). 1 is fastest for these tiny nets on a shared machine (README, Speed)
+NUM_THREADS = 1                  # torch CPU threads; 0 = torch's default (all cores). 1 is fastest for these tiny nets on a shared machine (bench/README.md)
 NUM_WORKERS = 0                  # kept for compatibility with the original; data is served from memory, so unused
 PREFETCH_FACTOR = 2              # kept for compatibility with the original; unused (see NUM_WORKERS)
 

@@ -10,7 +10,7 @@ import time
 from public.core.errors import (ATMLError, DiskFullError, disk_full_cause, disk_full_reason,
                                 free_bytes)
 from public.core.interrupts import GracefulInterrupts
-from public.core.settings import load_settings
+from public.core.settings import help_text, load_settings
 
 # The folders a stage writes, by setting: a full disk is reported as the one of these it is.
 FOLDERS = ('MODEL_SAVE_PATH', 'TEMP_DIR', 'FINAL_RESULT_DIR', 'CACHE_DIR')
@@ -21,6 +21,27 @@ def log(message):
     print(message, flush=True)
 
 
+def usage(name, argv=()):
+    """--help: the command line, examples with shell quoting, then every setting with its
+    current value (params.py plus the given overrides, when they load) and its doc line."""
+    try:
+        settings, note = load_settings(argv), 'current values (params.py + command line)'
+    except Exception as exc:       # noqa: BLE001  (help must answer even with a bad params.py)
+        settings, note = None, f"defaults (the settings do not load: {exc})"
+    other = 'train_final.py' if name == 'train_multi.py' else 'train_multi.py'
+    return (f"usage: python {name} [--params PATH] [--report] [KEY=VALUE ...]\n\n"
+            f"Settings come from params.py; KEY=VALUE overrides one for this run (a Python\n"
+            f"literal; quote it for the shell when it has brackets, commas or spaces).\n"
+            f"  --params PATH   another settings file\n"
+            f"  --report        rebuild this stage's report.html from the files on disk only\n\n"
+            f"examples:\n"
+            f"  python {name} NUM_EPOCHS=10 LR_MAX=0.003\n"
+            f"  python {name} \"MODELS=('SepNet',)\" WORKERS=1\n"
+            f"  python {name} --report\n"
+            f"  (the other stage: python {other} --help)\n\n"
+            f"settings, {note}:\n{help_text(settings)}")
+
+
 def main(run, argv=None, name='ATML', folders=FOLDERS):
     """Load and validate settings, then run(settings, interrupts). Exit codes: 0 done,
     2 a problem the user can fix, nothing lost (bad settings or data: the message names the
@@ -29,8 +50,7 @@ def main(run, argv=None, name='ATML', folders=FOLDERS):
     writes (which one a full disk is)."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ('-h', '--help') for a in argv):
-        log(f"usage: python {name} [--params PATH] [KEY=VALUE ...]\n"
-            f"Settings come from params.py; KEY=VALUE overrides one (a Python literal).")
+        log(usage(name, [a for a in argv if a not in ('-h', '--help')]))
         return 0
     start = time.time()
     settings = None

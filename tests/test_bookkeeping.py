@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, output, run_script, settings_values, write_params
-from public.core.settings import SettingsError, _RULES, trial_settings
+from public.core.settings import SETTINGS, SettingsError, trial_settings
 from public.core.errors import BusyError
 from public.results.keys import settings_key
 from public.results.store import RunLock, clean_scratch
@@ -37,7 +37,7 @@ NOT_TRIAL = {
 
 def test_every_setting_is_classified_for_the_settings_key():
     keyed = set(trial_settings(2))
-    unclassified = sorted(set(_RULES) - keyed - set(NOT_TRIAL))
+    unclassified = sorted(set(SETTINGS) - keyed - set(NOT_TRIAL))
     assert unclassified == [], (f"{unclassified}: mark them KEY/KEY2 in public/core/settings.py's "
                                 f"rules table, or list them in NOT_TRIAL with the reason")
     assert not keyed & set(NOT_TRIAL)

@@ -177,7 +177,7 @@ def test_override_of_the_wrong_type_is_rejected(override, rule):
 
 
 def test_override_without_equals_sign_is_rejected():
-    with pytest.raises(SettingsError, match=r"command line: expected KEY=VALUE, got 'NUM_EPOCHS'"):
+    with pytest.raises(SettingsError, match=r"command line: expected KEY=VALUE \(a setting of params.py, e.g. NUM_EPOCHS=30\), got 'NUM_EPOCHS'"):
         load_settings(['NUM_EPOCHS'], params_path=str(PARAMS))
 
 

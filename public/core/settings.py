@@ -3,8 +3,9 @@
     settings = load_settings(argv)          # params.py next to the cwd, or --params PATH
 
 Overrides are `KEY=VALUE` arguments (VALUE a Python literal); only known settings are
-accepted and the value's type is checked like any other. All rules live in one table,
-`_RULES`, which both the check and its message use. A bad setting raises `SettingsError`
+accepted and the value's type is checked like any other. Every setting's default, rule
+and doc live in one table, `SETTINGS`, which the check, its message, `--help`, the shipped
+params.py and docs/settings.md all use. A bad setting raises `SettingsError`
 naming the file, the setting, the rule and the value, before any work starts.
 """
 import ast
@@ -13,6 +14,7 @@ import importlib.util
 import math
 import os
 from types import SimpleNamespace
+from typing import Callable, NamedTuple
 
 
 from public.core.errors import SettingsError  # noqa: F401  (re-exported: the settings API)
@@ -38,90 +40,253 @@ KEY, KEY2 = 'key', 'key2'     # tags of the rules table (see below)
 MAX_GRID = 10_000             # learning rates a stage-one grid may hold
 
 
-# name -> (rule as the message states it, predicate[, KEY]). Order is the order of checking.
+class Setting(NamedTuple):
+    """One setting: everything ATML knows about it, in one place."""
+    name: str
+    default: object         # the value params.py ships with
+    section: str            # params.py's section
+    doc: str                # one line: params.py's comment, --help's line
+    rule: str               # what a valid value is, as error messages state it
+    check: Callable         # the rule as a predicate
+    key: str = ''           # KEY / KEY2: part of the settings key of a results row (below)
+    detail: str = ''        # the reference's longer text (docs/settings.md), '' = doc
+
+
+# THE settings table. Validation, `--help`, the shipped params.py and docs/settings.md all
+# come from it (tools/write_settings_docs.py writes the two files; tests/test_settings_table.py
+# fails when they are out of date). Order: params.py's, which is also the order of checking.
 # KEY marks a setting that changes what a trial computes (its data, training or scoring):
 # the settings key of a results row is derived from the KEY settings (trial_settings()),
 # so a run with another value of one of them never reuses that row. KEY2 marks settings
-# that change only stage two's trials. tests/test_config.py fails for an unmarked setting
-# that is not listed there as not changing a trial.
-_RULES = {
-    'DATA_DIR': ('a non-empty path string', lambda v: _is_str(v) and v != '', KEY),
-    'TEST_DIR': ("a path string ('' for no test set)", _is_str, KEY),
-    'DATA_FORMAT': ("one of 'auto', 'txt', 'csv', 'numpy'", lambda v: v in ('auto', 'txt', 'csv', 'numpy'), KEY),
-    'INPUT_SIZE': ('an int >= 16', lambda v: _is_int(v) and v >= 16, KEY),
-    'PAD_TOLERANCE': ('an int >= 0', lambda v: _is_int(v) and v >= 0, KEY),
-    'SHORTER': ("one of 'error', 'exclude'", lambda v: v in ('error', 'exclude'), KEY),
-    'LONGER': ("one of 'error', 'crop'", lambda v: v in ('error', 'crop'), KEY),
-    'POSITIVE_LABELS': ('a non-empty list/tuple of rhythm strings',
-                        lambda v: _is_seq(v) and len(v) > 0 and all(_is_str(s) for s in v), KEY),
-    'CLASSES': ('a list/tuple of distinct class names (str) or ints: () for binary, else >= 2',
-                lambda v: _is_seq(v) and (len(v) == 0 or len(v) >= 2)
+# that change only stage two's trials. tests/test_bookkeeping.py fails for an unmarked
+# setting that is not listed there as not changing a trial.
+SETTINGS = {s.name: s for s in (
+    Setting('DATA_DIR', 'ttdata/train', 'data',
+            'training folder (.txt files S<subject>-<RHYTHM>-<index>.txt); 20 % of its subjects validate',
+            'a non-empty path string', lambda v: _is_str(v) and v != '', KEY,
+            detail='training folder; `VAL_FRACTION` of its subjects validate'),
+    Setting('TEST_DIR', 'ttdata/test', 'data',
+            "test folder, other subjects; '' = no test set (only validation metrics)",
+            "a path string ('' for no test set)", _is_str, KEY,
+            detail="test folder (other subjects); `''` = none"),
+    Setting('DATA_FORMAT', 'auto', 'data',
+            "'auto' (folder -> 'txt', .csv -> 'csv', .npy/.npz -> 'numpy'), 'txt', 'csv', 'numpy'",
+            "one of 'auto', 'txt', 'csv', 'numpy'", lambda v: v in ('auto', 'txt', 'csv', 'numpy'), KEY,
+            detail="`'auto'` (folder → txt, `.csv` → csv, `.npy`/`.npz` → numpy), `'txt'`, `'csv'`, `'numpy'`"),
+    Setting('INPUT_SIZE', 1250, 'data',
+            'samples per segment (5 s at 250 Hz)',
+            'an int >= 16', lambda v: _is_int(v) and v >= 16, KEY,
+            detail='samples per segment'),
+    Setting('PAD_TOLERANCE', 0, 'data',
+            'segments shorter by at most this many samples are zero-padded (seed 002: 50)',
+            'an int >= 0', lambda v: _is_int(v) and v >= 0, KEY,
+            detail='segments shorter by at most this many samples are zero-padded at the end (seed 002: 50)'),
+    Setting('SHORTER', 'error', 'data',
+            "segments shorter beyond PAD_TOLERANCE: 'error' or 'exclude' (skipped and counted)",
+            "one of 'error', 'exclude'", lambda v: v in ('error', 'exclude'), KEY,
+            detail="shorter beyond the tolerance: `'error'`, or `'exclude'` (skipped, counted in a warning)"),
+    Setting('LONGER', 'error', 'data',
+            "segments longer than INPUT_SIZE: 'error' or 'crop' (first INPUT_SIZE samples)",
+            "one of 'error', 'crop'", lambda v: v in ('error', 'crop'), KEY,
+            detail="longer than `INPUT_SIZE`: `'error'`, or `'crop'` (first `INPUT_SIZE` samples)"),
+    Setting('POSITIVE_LABELS', ('AFIB',), 'data',
+            'binary task: rhythms labelled 1 (AF); every other rhythm, empty included, is 0',
+            'a non-empty list/tuple of rhythm strings', lambda v: _is_seq(v) and len(v) > 0 and all(_is_str(s) for s in v), KEY,
+            detail='binary task: rhythms labelled 1'),
+    Setting('CLASSES', (), 'data',
+            'multi-class task: class names/integers in label order, e.g. (0, 1, 2, 3); () = binary',
+            'a list/tuple of distinct class names (str) or ints: () for binary, else >= 2', lambda v: _is_seq(v) and (len(v) == 0 or len(v) >= 2)
                 and all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in v)
-                and len({str(c) for c in v}) == len(v), KEY),
-    'LABEL_MODE': ("one of 'multiclass', 'multilabel'",
-                   lambda v: v in ('multiclass', 'multilabel'), KEY),
-    'LABEL_SEPARATOR': ('a non-empty string (joins the labels of one multi-label segment)',
-                        lambda v: _is_str(v) and v != '', KEY),
-    'VAL_FRACTION': ('a number in (0, 1)', lambda v: _is_number(v) and 0 < v < 1, KEY),
-    'VAL_FOLDS': ('a list/tuple of fold values (str or int); () = split by subject',
-                  lambda v: _is_seq(v) and all(isinstance(f, (str, int)) and not isinstance(f, bool)
-                                               for f in v), KEY),
-    'SKIP_BAD_FILES': ('True or False', lambda v: isinstance(v, bool), KEY),
-    'CACHE_DIR': ('a non-empty path string', lambda v: _is_str(v) and v != ''),
-    'LR_MIN': ('a number > 0', lambda v: _is_number(v) and v > 0),
-    'LR_MAX': ('a number > 0', lambda v: _is_number(v) and v > 0),
-    'STEP': ('a number > 0', lambda v: _is_number(v) and v > 0),
-    'AVOID_FILE_PATH': ('a non-empty path string', lambda v: _is_str(v) and v != ''),
-    'AVOID_PARAM': ('a number in [0, 1]', lambda v: _is_number(v) and 0 <= v <= 1),
-    'STAGE1_TARGET': ('an int in [0, 100]', lambda v: _is_int(v) and 0 <= v <= 100),
-    'SELECT_ON': ("one of 'val', 'test'", lambda v: v in ('val', 'test'), KEY),
-    'SELECT_METRIC': ("one of 'min4', 'f1', 'accuracy', 'auc', 'abs_sum'",
-                      lambda v: v in ('min4', 'f1', 'accuracy', 'auc', 'abs_sum'), KEY),
-    'MODELS': ('a list/tuple of registered model names (() = all of public/model.py)',
-               lambda v: _is_seq(v) and all(_is_str(m) for m in v)),
-    'MODEL_SAVE_PATH': ('a non-empty path string', lambda v: _is_str(v) and v != ''),
-    'RESUME': ('True or False', lambda v: isinstance(v, bool)),
-    'NUM_EPOCHS': ('an int >= 1', lambda v: _is_int(v) and v >= 1, KEY),
-    'BATCH_SIZE': ('an int >= 2 (BatchNorm needs 2 samples)', lambda v: _is_int(v) and v >= 2, KEY),
-    'PATIENCE': ('an int >= 1', lambda v: _is_int(v) and v >= 1, KEY),
-    'OVERFIT_GAP': ('a number >= 0', lambda v: _is_number(v) and v >= 0, KEY),
-    'WEIGHT_DECAY': ('a number >= 0', lambda v: _is_number(v) and v >= 0, KEY),
-    'AUGMENT': ('True or False', lambda v: isinstance(v, bool), KEY),
-    'NORMALIZE': ("one of 'none', 'segment'", lambda v: v in ('none', 'segment'), KEY),
-    'CLASS_WEIGHTS': ("one of 'none', 'balanced'", lambda v: v in ('none', 'balanced'), KEY),
-    'REFIT': ('True or False', lambda v: isinstance(v, bool), KEY),
-    'SEED': ('an int >= 0', lambda v: _is_int(v) and v >= 0, KEY),
-    'DEVICE': ("one of 'auto', 'cpu', 'cuda'", lambda v: v in ('auto', 'cpu', 'cuda')),
-    'NUM_THREADS': ('an int >= 0', lambda v: _is_int(v) and v >= 0),
-    'NUM_WORKERS': ('an int >= 0', lambda v: _is_int(v) and v >= 0),
-    'PREFETCH_FACTOR': ('an int >= 1', lambda v: _is_int(v) and v >= 1),
-    'ONNX_OPSET': ('an int in [18, 23]', lambda v: _is_int(v) and 18 <= v <= 23, KEY),
-    'LATENCY_RUNS': ('an int >= 1', lambda v: _is_int(v) and v >= 1),
-    'LEARNING_RATE': ('a number > 0', lambda v: _is_number(v) and v > 0, KEY2),
-    'CHANNEL_SCALES': ('a non-empty list/tuple of ints >= 1',
-                       lambda v: _is_seq(v) and len(v) > 0 and all(_is_int(s) and s >= 1 for s in v)),
-    'FC_SCALES': ('a non-empty list/tuple of ints >= 1',
-                  lambda v: _is_seq(v) and len(v) > 0 and all(_is_int(s) and s >= 1 for s in v)),
-    'METRIC_TARGET': ('a number in (0, 100]', lambda v: _is_number(v) and 0 < v <= 100),
-    'SIZE_TARGET_KB': ('a number > 0', lambda v: _is_number(v) and v > 0),
-    'QUANTIZE_INT8': ('True or False', lambda v: isinstance(v, bool), KEY2),
-    'INT8_REDUCE_RANGE': ('True or False', lambda v: isinstance(v, bool), KEY2),
-    'QAT_EPOCHS': ('an int >= 0 (0 = no quantization-aware training)',
-                   lambda v: _is_int(v) and v >= 0, KEY2),
-    'PRUNE_FRACTIONS': ('a list/tuple of numbers in (0, 1), distinct in whole percent '
-                        '(() = no pruned candidates)',
-                        lambda v: _is_seq(v) and all(_is_number(f) and 0.005 <= f < 0.995 for f in v)
-                        and len({round(100 * f) for f in v}) == len(v)),
-    'PRUNE_EPOCHS': ('an int >= 0 (fine-tuning epochs after pruning)',
-                     lambda v: _is_int(v) and v >= 0, KEY2),
-    'TEMP_DIR': ('a non-empty path string', lambda v: _is_str(v) and v != ''),
-    'FINAL_RESULT_DIR': ('a non-empty path string', lambda v: _is_str(v) and v != ''),
-    'WORKERS': ("'auto' (every CPU core Ray sees) or an int >= 1 (1 = serial, in-process, no Ray)",
-                lambda v: v == 'auto' or (_is_int(v) and v >= 1)),
-    'RAY_ADDRESS': ("'' (a private local Ray instance), 'auto' or 'host:port' of a running cluster",
-                    lambda v: _is_str(v) and (v in ('', 'auto') or (':' in v and ' ' not in v))),
-}
-
+                and len({str(c) for c in v}) == len(v), KEY,
+            detail='multi-class task: class names or integers in label order, e.g. `(0, 1, 2, 3)`; models get `len(CLASSES)` outputs'),
+    Setting('LABEL_MODE', 'multiclass', 'data',
+            "'multiclass': one label per segment (binary, or CLASSES); 'multilabel': a set of CLASSES per segment (seed 004, sigmoid outputs)",
+            "one of 'multiclass', 'multilabel'", lambda v: v in ('multiclass', 'multilabel'), KEY,
+            detail="`'multiclass'`: one label per segment (binary via `POSITIVE_LABELS`, or one of `CLASSES`); `'multilabel'`: a set of `CLASSES` per segment (seed 004), sigmoid outputs, BCE loss, macro metrics. Needs `CLASSES`"),
+    Setting('LABEL_SEPARATOR', '|', 'data',
+            "multilabel: joins a segment's labels in a CSV label column, e.g. 'NORM|MI'",
+            'a non-empty string (joins the labels of one multi-label segment)', lambda v: _is_str(v) and v != '', KEY,
+            detail="multi-label: joins a segment's labels in a CSV label column (`NORM\\|MI`)"),
+    Setting('VAL_FRACTION', 0.2, 'data',
+            'fraction of training subjects held out for validation, in (0, 1)',
+            'a number in (0, 1)', lambda v: _is_number(v) and 0 < v < 1, KEY,
+            detail='fraction of training subjects held out, in (0, 1)'),
+    Setting('VAL_FOLDS', (), 'data',
+            "predefined folds instead: validate on these values of the data's 'fold' column/array (PTB-XL: (9,)); () = by subject",
+            'a list/tuple of fold values (str or int); () = split by subject', lambda v: _is_seq(v) and all(isinstance(f, (str, int)) and not isinstance(f, bool)
+                                               for f in v), KEY,
+            detail="validate on these values of the data's `fold` column/array instead (PTB-XL's `strat_fold`: `(9,)` or `(9, 10)`); `()` = split by subject"),
+    Setting('SKIP_BAD_FILES', False, 'data',
+            'False: a bad data file stops the run; True: it is skipped and counted',
+            'True or False', lambda v: isinstance(v, bool), KEY,
+            detail='skip and count bad files instead of stopping'),
+    Setting('CACHE_DIR', '.atml-cache', 'data',
+            'parsed data folders are cached here (invalidated when a folder changes)',
+            'a non-empty path string', lambda v: _is_str(v) and v != '',
+            detail='parsed-folder cache'),
+    Setting('LR_MIN', 0.0015, 'stage one search',
+            'first learning rate of the grid',
+            'a number > 0', lambda v: _is_number(v) and v > 0,
+            detail='learning-rate grid, inclusive, exact decimal steps'),
+    Setting('LR_MAX', 0.0050, 'stage one search',
+            'last learning rate of the grid (inclusive)',
+            'a number > 0', lambda v: _is_number(v) and v > 0),
+    Setting('STEP', 0.0005, 'stage one search',
+            'grid step; > 0',
+            'a number > 0', lambda v: _is_number(v) and v > 0),
+    Setting('AVOID_FILE_PATH', 'avoid.txt', 'stage one search',
+            'pruned learning rates; candidates within 2*STEP of an entry are skipped',
+            'a non-empty path string', lambda v: _is_str(v) and v != '',
+            detail='pruned learning rates'),
+    Setting('AVOID_PARAM', 0.80, 'stage one search',
+            'a trial whose worst metric (min of F1/acc/precision/recall) is below this prunes its rate',
+            'a number in [0, 1]', lambda v: _is_number(v) and 0 <= v <= 1,
+            detail='a trial whose worst metric is below this prunes its rate (and neighbours within 2·STEP)'),
+    Setting('STAGE1_TARGET', 97, 'stage one search',
+            "a model's search ends once yy (int(100*min metric)) reaches this, 0..100",
+            'an int in [0, 100]', lambda v: _is_int(v) and 0 <= v <= 100,
+            detail="a model's search ends once yy reaches this"),
+    Setting('SELECT_ON', 'val', 'stage one search',
+            "split that drives pruning, best model and stop: 'val' or 'test' (the original)",
+            "one of 'val', 'test'", lambda v: v in ('val', 'test'), KEY,
+            detail="split that drives pruning, best model, stop and targets: `'val'` or `'test'` (the original)"),
+    Setting('SELECT_METRIC', 'min4', 'stage one search',
+            "score that drives them: 'min4' (min of F1/acc/precision/recall, the original), 'f1', 'accuracy', 'auc' (binary), 'abs_sum' (as 1 - abs_sum/2)",
+            "one of 'min4', 'f1', 'accuracy', 'auc', 'abs_sum'", lambda v: v in ('min4', 'f1', 'accuracy', 'auc', 'abs_sum'), KEY,
+            detail="score that drives them: `'min4'` (min of F1/accuracy/precision/recall, the original), `'f1'`, `'accuracy'`, `'auc'` (binary), `'abs_sum'` (seed 003, as 1 − abs_sum/2); compared with `AVOID_PARAM` (0..1), `STAGE1_TARGET` and `METRIC_TARGET` (percent)"),
+    Setting('MODELS', (), 'stage one search',
+            'model names to search, in order; () = every model of public/model.py',
+            'a list/tuple of registered model names (() = all of public/model.py)', lambda v: _is_seq(v) and all(_is_str(m) for m in v),
+            detail='model names to search, in order; `()` = every model of `public/model.py` (the seed models `SEResNet1d`, `HeartbeatCNN` are chosen by name)'),
+    Setting('MODEL_SAVE_PATH', 'multi-result', 'stage one search',
+            'stage-one results: results.csv, summary.csv and one folder per model',
+            'a non-empty path string', lambda v: _is_str(v) and v != '',
+            detail='stage-one results'),
+    Setting('RESUME', True, 'stage one search',
+            'True: a rerun continues the previous search; False: start fresh (old results archived)',
+            'True or False', lambda v: isinstance(v, bool),
+            detail="`False` starts fresh: earlier results are moved to `multi-result-archive-<time>/`, the search's avoid.txt lines (those tagged `# atml:`) dropped, yours kept"),
+    Setting('NUM_EPOCHS', 30, 'training (both stages)',
+            'maximum epochs per trial',
+            'an int >= 1', lambda v: _is_int(v) and v >= 1, KEY,
+            detail='maximum epochs per trial'),
+    Setting('BATCH_SIZE', 32, 'training (both stages)',
+            'training batch size',
+            'an int >= 2 (BatchNorm needs 2 samples)', lambda v: _is_int(v) and v >= 2, KEY,
+            detail='training batch'),
+    Setting('PATIENCE', 5, 'training (both stages)',
+            'epochs without validation-loss improvement before early stopping may fire',
+            'an int >= 1', lambda v: _is_int(v) and v >= 1, KEY,
+            detail='epochs without val-loss improvement before early stopping may fire'),
+    Setting('OVERFIT_GAP', 0.01, 'training (both stages)',
+            "... and only if train loss < val loss - OVERFIT_GAP (the original's rule)",
+            'a number >= 0', lambda v: _is_number(v) and v >= 0, KEY,
+            detail='... and only if train loss < val loss − gap'),
+    Setting('WEIGHT_DECAY', 1e-3, 'training (both stages)',
+            'AdamW weight decay',
+            'a number >= 0', lambda v: _is_number(v) and v >= 0, KEY,
+            detail='AdamW weight decay'),
+    Setting('SEED', 42, 'training (both stages)',
+            'seed of every trial (initialisation, shuffling, split, augmentation)',
+            'an int >= 0', lambda v: _is_int(v) and v >= 0, KEY,
+            detail='seed of initialisation, shuffling, the split and augmentation'),
+    Setting('AUGMENT', True, 'training (both stages)',
+            "True (measured default, docs/recipe.md): label-preserving augmentations per batch (amplitude, noise, baseline wander, time shift)",
+            'True or False', lambda v: isinstance(v, bool), KEY,
+            detail="label-preserving augmentations drawn per batch on the device, seeded: amplitude ×U(0.8, 1.2), noise (5 % of the segment's std), baseline wander (0.05–0.5 Hz, 10 % of std), circular time shift up to ±10 % (per lead for multi-lead data; the shift keeps leads aligned). `False` = the original recipe. See [recipe](recipe.md)"),
+    Setting('NORMALIZE', 'none', 'training (both stages)',
+            "'segment': each segment and lead standardised by the model itself (inside the exported ONNX)",
+            "one of 'none', 'segment'", lambda v: v in ('none', 'segment'), KEY,
+            detail="`'segment'`: the model standardises each segment and lead itself (a forward pre-hook, so it is inside the exported ONNX, which takes the raw signal; the state dict is unchanged)"),
+    Setting('CLASS_WEIGHTS', 'none', 'training (both stages)',
+            "'balanced': loss weights inversely proportional to the training class counts",
+            "one of 'none', 'balanced'", lambda v: v in ('none', 'balanced'), KEY,
+            detail="`'balanced'`: cross-entropy weights n / (classes × count) from the training labels (multi-label: per-label positive weights, negatives / positives)"),
+    Setting('REFIT', False, 'training (both stages)',
+            'True: the chosen model is retrained on all training subjects (train + validation) for the epochs validation chose, and delivered',
+            'True or False', lambda v: isinstance(v, bool), KEY,
+            detail="`True`: after a trial has trained and been scored, a fresh model of the same architecture and seed is trained on **all** training subjects (train + validation) for the epochs validation chose (`best_epoch`), at the learning rates the validated run used in those epochs, and is what `saved.onnx` delivers (both stages). Every decision (pruning, best, targets) still uses the validation-chosen model, kept as `saved.val.onnx`; the refit model's test metrics are recorded beside (`refit` column, `evaluation_metrics.txt`). Only a trial that can be delivered is refit: one whose score reaches the best recorded for its model when it was dispatched (stage two: that, or `METRIC_TARGET`), so a serial search refits only its improvements; the refit is part of the trial (same row, same crash safety). See [recipe](recipe.md)"),
+    Setting('DEVICE', 'auto', 'training (both stages)',
+            "'auto' (cuda if available), 'cpu' or 'cuda'",
+            "one of 'auto', 'cpu', 'cuda'", lambda v: v in ('auto', 'cpu', 'cuda'),
+            detail="`'auto'`, `'cpu'` or `'cuda'`"),
+    Setting('NUM_THREADS', 1, 'training (both stages)',
+            "torch CPU threads; 0 = torch's default (all cores). 1 is fastest for these tiny nets on a shared machine (bench/README.md)",
+            'an int >= 0', lambda v: _is_int(v) and v >= 0,
+            detail='torch CPU threads (0 = torch default); see Speed'),
+    Setting('NUM_WORKERS', 0, 'training (both stages)',
+            'kept for compatibility with the original; data is served from memory, so unused',
+            'an int >= 0', lambda v: _is_int(v) and v >= 0,
+            detail='accepted for compatibility with the original; unused (data is served from memory)'),
+    Setting('PREFETCH_FACTOR', 2, 'training (both stages)',
+            'kept for compatibility with the original; unused (see NUM_WORKERS)',
+            'an int >= 1', lambda v: _is_int(v) and v >= 1),
+    Setting('ONNX_OPSET', 18, 'export',
+            'ONNX opset of exported models, 18..23',
+            'an int in [18, 23]', lambda v: _is_int(v) and 18 <= v <= 23, KEY,
+            detail='ONNX opset, 18..23'),
+    Setting('LATENCY_RUNS', 200, 'export',
+            'onnxruntime single-segment runs timed for the latency figure (median)',
+            'an int >= 1', lambda v: _is_int(v) and v >= 1,
+            detail='onnxruntime runs timed for the latency (median, batch 1, 1 thread)'),
+    Setting('LEARNING_RATE', 0.003, 'stage two',
+            "fixed stage-two learning rate (the original's LEARING_RATE is accepted too)",
+            'a number > 0', lambda v: _is_number(v) and v > 0, KEY2,
+            detail="stage-two learning rate (the original's `LEARING_RATE` is accepted)"),
+    Setting('CHANNEL_SCALES', (1, 2, 3, 4, 5), 'stage two',
+            'conv channel scaling factors tried',
+            'a non-empty list/tuple of ints >= 1', lambda v: _is_seq(v) and len(v) > 0 and all(_is_int(s) and s >= 1 for s in v),
+            detail='stage-two scaling factors'),
+    Setting('FC_SCALES', (1, 2, 3, 4, 5), 'stage two',
+            'hidden FC width scaling factors tried',
+            'a non-empty list/tuple of ints >= 1', lambda v: _is_seq(v) and len(v) > 0 and all(_is_int(s) and s >= 1 for s in v)),
+    Setting('METRIC_TARGET', 90, 'stage two',
+            'percent; the minimum of F1/accuracy/precision/recall must reach it',
+            'a number in (0, 100]', lambda v: _is_number(v) and 0 < v <= 100,
+            detail='percent; the minimum of F1/accuracy/precision/recall must reach it'),
+    Setting('SIZE_TARGET_KB', 60, 'stage two',
+            'ONNX file size cap in KB (1 KB = 1024 bytes)',
+            'a number > 0', lambda v: _is_number(v) and v > 0,
+            detail='ONNX size cap, KB = 1024 bytes'),
+    Setting('QUANTIZE_INT8', False, 'stage two',
+            'True: also build an INT8 ONNX (onnxruntime static quantization); its size and metrics decide',
+            'True or False', lambda v: isinstance(v, bool), KEY2,
+            detail="also quantize each trained candidate to INT8 (onnxruntime static quantization, QDQ, per-channel int8 weights, calibrated on 256 training segments); the INT8 file's size and measured metrics then decide"),
+    Setting('INT8_REDUCE_RANGE', True, 'stage two',
+            'True: INT8 weights in 7 bits, so the file computes the same on every CPU (x86 without VNNI saturates 8-bit weights); False: full 8-bit weights',
+            'True or False', lambda v: isinstance(v, bool), KEY2,
+            detail='with `QUANTIZE_INT8`: INT8 weights in 7 bits (onnxruntime\'s `reduce_range`), so the file computes the same on every CPU; `False` = full 8-bit weights, which onnxruntime\'s kernels on x86 CPUs without VNNI compute with saturated sums (see "INT8 on CPUs without VNNI")'),
+    Setting('QAT_EPOCHS', 0, 'stage two',
+            '> 0 (needs QUANTIZE_INT8): the INT8 model is fine-tuned this many epochs with fake quantization (quantization-aware training)',
+            'an int >= 0 (0 = no quantization-aware training)', lambda v: _is_int(v) and v >= 0, KEY2,
+            detail='> 0 (needs `QUANTIZE_INT8`): after float training, each candidate is fine-tuned this many epochs with fake quantization (quantization-aware training) and ITS INT8 file is the deliverable; the post-training INT8 figures are kept beside. See [stage two, QAT](stage-two.md)'),
+    Setting('PRUNE_FRACTIONS', (), 'stage two',
+            'e.g. (0.25, 0.5): pruned variants of each width are also candidates (whole channels removed by L1 norm)',
+            'a list/tuple of numbers in (0, 1), distinct in whole percent '
+                        '(() = no pruned candidates)', lambda v: _is_seq(v) and all(_is_number(f) and 0.005 <= f < 0.995 for f in v)
+                        and len({round(100 * f) for f in v}) == len(v),
+            detail='e.g. `(0.25, 0.5)`: pruned variants `c<C>-f<F>-p25`, `-p50` of every width pair are also stage-two candidates (whole channels / hidden units removed by L1 norm, physically smaller); values in (0, 1), distinct in whole percent. See [stage two](stage-two.md)'),
+    Setting('PRUNE_EPOCHS', 3, 'stage two',
+            'fine-tuning epochs after pruning',
+            'an int >= 0 (fine-tuning epochs after pruning)', lambda v: _is_int(v) and v >= 0, KEY2,
+            detail='fine-tuning epochs of a pruned candidate (0 = none)'),
+    Setting('TEMP_DIR', 'temp', 'stage two',
+            'stage-two work in progress',
+            'a non-empty path string', lambda v: _is_str(v) and v != '',
+            detail='work in progress'),
+    Setting('FINAL_RESULT_DIR', '.', 'stage two',
+            'the stage-two result folder <xx>-<yy>/ is written here (project root, as the original)',
+            'a non-empty path string', lambda v: _is_str(v) and v != '',
+            detail='where stage two writes `<xx>-<yy>/`'),
+    Setting('WORKERS', 'auto', 'parallel search (Ray)',
+            "concurrent trials: 'auto' = every CPU core Ray sees; 1 = serial, in-process, no Ray",
+            "'auto' (every CPU core Ray sees) or an int >= 1 (1 = serial, in-process, no Ray)", lambda v: v == 'auto' or (_is_int(v) and v >= 1),
+            detail="concurrent trials: `'auto'` = every CPU Ray sees (this machine's cores, or the cluster's); an int = that many; `1` = today's serial search, in-process, Ray never started. Each trial uses `NUM_THREADS` torch threads"),
+    Setting('RAY_ADDRESS', '', 'parallel search (Ray)',
+            "'' = a private local Ray instance; 'auto' or 'host:port' = a running cluster (env RAY_ADDRESS works too)",
+            "'' (a private local Ray instance), 'auto' or 'host:port' of a running cluster", lambda v: _is_str(v) and (v in ('', 'auto') or (':' in v and ' ' not in v)),
+            detail="`''` = a private local Ray instance (no dashboard, files under `temp/ray`, shut down at the end), or the cluster named by the environment variable `RAY_ADDRESS` when it is set; `'auto'` or `'host:port'` = attach to a running cluster"),
+)}
 # Settings added after results tables existed: at these values they compute exactly what
 # ATML computed before they were added, so they stay out of the settings key there and the
 # rows of an earlier version remain reusable (public.results.keys.settings_key).
@@ -140,11 +305,11 @@ _ALIASES = {'LEARING_RATE': 'LEARNING_RATE'}
 def trial_settings(stage=1):
     """The settings that make two trials the same trial (KEY; stage 2 adds KEY2)."""
     tags = (KEY,) if stage == 1 else (KEY, KEY2)
-    return tuple(n for n, entry in _RULES.items() if len(entry) > 2 and entry[2] in tags)
+    return tuple(n for n, entry in SETTINGS.items() if entry.key in tags)
 
 
 def _check_value(name, value, source):
-    rule, ok = _RULES[name][:2]
+    rule, ok = SETTINGS[name].rule, SETTINGS[name].check
     if not ok(value):
         raise SettingsError(f"{source}: {name} must be {rule}, got {name}={value!r}")
 
@@ -206,10 +371,10 @@ def _cross_checks(s, source, overridden=()):
 
 
 def _unknown(name, source):
-    close = difflib.get_close_matches(name, list(_RULES) + list(_ALIASES), n=1)
+    close = difflib.get_close_matches(name, list(SETTINGS) + list(_ALIASES), n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
     return SettingsError(f"{source}: unknown setting {name}{hint}; known settings: "
-                         f"{', '.join(_RULES)}")
+                         f"{', '.join(SETTINGS)}")
 
 
 def _module_settings(path):
@@ -233,14 +398,14 @@ def validate(values, source='params.py', overridden=()):
                                     f"{alias}={values[alias]!r} are set; keep one")
             values[name] = values.pop(alias)
     for name in values:
-        if name not in _RULES:
+        if name not in SETTINGS:
             raise _unknown(name, source)
-    missing = [n for n in _RULES if n not in values]
+    missing = [n for n in SETTINGS if n not in values]
     if missing:
         raise SettingsError(f"{source}: missing setting(s) {', '.join(missing)}")
-    for name in _RULES:
+    for name in SETTINGS:
         _check_value(name, values[name], 'command line' if name in overridden else source)
-    settings = SimpleNamespace(**{n: values[n] for n in _RULES})
+    settings = SimpleNamespace(**{n: values[n] for n in SETTINGS})
     _cross_checks(settings, source, overridden)
     settings.POSITIVE_LABELS = tuple(settings.POSITIVE_LABELS)
     settings.CLASSES = tuple(settings.CLASSES)
@@ -261,7 +426,13 @@ def parse_overrides(args):
         key, sep, raw = arg.partition('=')
         key = key.lstrip('-')
         if not sep or not key:
-            raise SettingsError(f"command line: expected KEY=VALUE, got {arg!r}")
+            wanted = key.upper().replace('-', '_')
+            close = ([n for n in SETTINGS if n.endswith(wanted) or n.startswith(wanted)]
+                     or difflib.get_close_matches(wanted, list(SETTINGS), n=1, cutoff=0.5))
+            hint = (f", e.g. {close[0]}={SETTINGS[close[0]].default!r}" if close
+                    else ", e.g. NUM_EPOCHS=3")
+            raise SettingsError(f"command line: expected KEY=VALUE (a setting of params.py{hint}),"
+                                f" got {arg!r}; `--help` lists the settings")
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
@@ -287,7 +458,7 @@ def load_settings(argv=(), params_path=None):
     source = os.path.basename(params_path)
     overrides = parse_overrides(argv)
     for name in overrides:
-        if name not in _RULES:
+        if name not in SETTINGS:
             raise _unknown(name, 'command line')
         for alias, canonical in _ALIASES.items():
             if canonical == name:          # an override replaces the file's misspelt alias too
@@ -310,7 +481,7 @@ def source_of(settings, name):
 
 def settings_dict(settings):
     """The validated settings as a plain {NAME: value} dict (for result folders)."""
-    return {n: getattr(settings, n) for n in _RULES}
+    return {n: getattr(settings, n) for n in SETTINGS}
 
 
 def write_settings(settings, path):
@@ -319,3 +490,70 @@ def write_settings(settings, path):
         f.write('# Settings this result was produced with (resolved params.py + overrides)\n')
         for name, value in settings_dict(settings).items():
             f.write(f"{name} = {value!r}\n")
+
+
+# ----------------------------------------------------------------------------- generated files
+
+_SECTION_RULE = 77          # width of params.py's section lines
+
+
+def params_text():
+    """The shipped params.py, written from the table (tools/write_settings_docs.py)."""
+    head = ('"""ATML settings: one constant per line, a comment with the unit or the allowed values.\n\n'
+            'Edit this file, then run `python train_multi.py` (stage one) or `python train_final.py`\n'
+            '(stage two). Every setting is checked before any work starts (the table of\n'
+            'public/core/settings.py holds the defaults, rules and docs; docs/settings.md is the\n'
+            'reference); a bad one stops the run with a message naming it, its value and the rule.\n'
+            'The defaults run the demo on the synthetic data in ttdata/.\n"""\n')
+    lines, section = [head], None
+    for s in SETTINGS.values():
+        if s.section != section:
+            section = s.section
+            lines.append(f"\n# {'-' * _SECTION_RULE} {section}")
+        assignment = f"{s.name} = {_literal(s.default)}"
+        lines.append(f"{assignment:<32} # {s.doc}")
+    return '\n'.join(lines) + '\n'
+
+
+def _literal(value):
+    """A default as params.py writes it (numbers as their shortest exact repr)."""
+    return repr(value)
+
+
+def settings_markdown():
+    """docs/settings.md, written from the table (tools/write_settings_docs.py)."""
+    out = ['# Settings (`params.py`)', '',
+           'Generated from the table in `public/core/settings.py` by '
+           '`python tools/write_settings_docs.py`; do not edit by hand. Every setting can be '
+           'overridden for one run: `python train_multi.py KEY=VALUE` (a Python literal). '
+           '"key" marks settings that are part of a results row\'s settings key: a run with '
+           'another value never reuses that row (stage two: "key (stage two)").', '']
+    section = None
+    for s in SETTINGS.values():
+        if s.section != section:
+            section = s.section
+            out += ['', f"## {section[:1].upper()}{section[1:]}", '',
+                    '| setting | default | rule | meaning | key |', '|---|---|---|---|---|']
+        key = {KEY: 'key', KEY2: 'key (stage two)'}.get(s.key, '')
+        text = (s.detail or s.doc).replace('|', '\\|').replace('\\\\|', '\\|')
+        out.append(f"| `{s.name}` | `{_literal(s.default)}` | {s.rule.replace('|', '/')} | "
+                   f"{text} | {key} |")
+    return '\n'.join(out) + '\n'
+
+
+def help_text(settings=None, width=100):
+    """Every setting with its current value (or default) and its doc line, by section."""
+    lines, section = [], None
+    for s in SETTINGS.values():
+        if s.section != section:
+            section = s.section
+            lines.append(f"\n{section}:")
+        value = getattr(settings, s.name) if settings is not None else s.default
+        mark = '' if value == s.default else '  (changed; default ' + _literal(s.default) + ')'
+        lines.append(f"  {s.name} = {_literal(value)}{mark}")
+        doc = s.doc
+        while doc:
+            cut = doc if len(doc) <= width - 6 else doc[:doc.rfind(' ', 0, width - 6)]
+            lines.append(f"      {cut}")
+            doc = doc[len(cut):].strip()
+    return '\n'.join(lines).lstrip('\n')
