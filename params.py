@@ -33,7 +33,12 @@ AVOID_FILE_PATH = 'avoid.txt'    # pruned learning rates; candidates within 2*ST
 AVOID_PARAM = 0.8                # a trial whose worst metric (min of F1/acc/precision/recall) is below this prunes its rate
 STAGE1_TARGET = 97               # a model's search ends once yy (int(100*min metric)) reaches this, 0..100
 SELECT_ON = 'val'                # split that drives pruning, best model and stop: 'val' or 'test' (the original)
-SELECT_METRIC = 'min4'           # score that drives them: 'min4' (min of F1/acc/precision/recall, the original), 'f1', 'accuracy', 'auc' (binary), 'abs_sum' (as 1 - abs_sum/2)
+SELECT_METRIC = 'min4'           # score that drives them: 'min4' (min of F1/acc/precision/recall, the original), 'f1', 'accuracy', 'auc' (binary), 'abs_sum' (as 1 - abs_sum/2); binary tasks also 'fbeta', 'subj_fbeta', 'gen', 'contest' (docs/contest-scoring.md)
+FBETA_BETA = 2.0                 # beta of the F-beta metrics (fbeta, subj_fbeta, gen, contest); 2 = recall weighs 4x precision, as both contests
+NO_AF_SUBJECT = 'contest'        # F-beta of a subject without AF (0/0): 'contest' (1.0, the contests' scoring code), 'accuracy' (its share of segments predicted non-AF), 'skip' (left out)
+GEN_THRESHOLD = 0.9              # gen = share of subjects whose F-beta is > this (IESD-2024's G: 0.9)
+CONTEST = 'iesd2024'             # contest whose score is the 'contest' metric: 'iesd2024' (25 Fb + 15 G + 35 L + 5 M) or 'tdc2022' (100 Fb + 20 L + 20 M)
+LATENCY_SCALE = 1.0              # the measured onnxruntime latency times this is the contest's latency (this machine -> the target board)
 MODELS = ()                      # model names to search, in order; () = every model of public/model.py
 MODEL_SAVE_PATH = 'multi-result' # stage-one results: results.csv, summary.csv and one folder per model
 RESUME = True                    # True: a rerun continues the previous search; False: start fresh (old results archived)
@@ -64,6 +69,9 @@ CHANNEL_SCALES = (1, 2, 3, 4, 5) # conv channel scaling factors tried
 FC_SCALES = (1, 2, 3, 4, 5)      # hidden FC width scaling factors tried
 METRIC_TARGET = 90               # percent; the minimum of F1/accuracy/precision/recall must reach it
 SIZE_TARGET_KB = 60              # ONNX file size cap in KB (1 KB = 1024 bytes)
+LATENCY_TARGET_MS = 0            # onnxruntime latency cap in ms (batch 1, one thread), measured on the untrained candidate before training; 0 = none
+RAM_TARGET_KB = 0                # peak activation memory cap in KB from the exported graph (INT8 figure with QUANTIZE_INT8), checked before training; 0 = none
+CANDIDATE_ORDER = 'smallest'     # order candidates are trained in: 'smallest' (ONNX size) or 'fastest' (probe latency) first
 QUANTIZE_INT8 = False            # True: also build an INT8 ONNX (onnxruntime static quantization); its size and metrics decide
 INT8_REDUCE_RANGE = True         # True: INT8 weights in 7 bits, so the file computes the same on every CPU (x86 without VNNI saturates 8-bit weights); False: full 8-bit weights
 QAT_EPOCHS = 0                   # > 0 (needs QUANTIZE_INT8): the INT8 model is fine-tuned this many epochs with fake quantization (quantization-aware training)

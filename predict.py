@@ -15,12 +15,22 @@ is read from params_used.py next to MODEL when it is there (every ATML result fo
 one), so a model trained with PAD_TOLERANCE=50 accepts 4,950-sample segments without
 flags; --input-size, --pad-tolerance, --shorter and --longer still override it.
 
-The output CSV has one row per segment, `id,label_0,...,label_{K-1}`: the softmax of the
-logits. A multi-label model (LABEL_MODE='multilabel' in params_used.py beside it, or
---multilabel) gets one independent sigmoid probability per label instead, in columns
-named by its CLASSES (`id,NORM,MI,STTC,CD,HYP`); a label is present where p >= 0.5 (id = the file name for a folder, the id column of a CSV, the id array or the row
-index of a .npy/.npz). --snap rounds confident probabilities as seed 003 did for the
-abs-sum metric: p < 0.1 -> 0, p > 0.9 -> 1 (rows then no longer sum to exactly 1).
+The output CSV has one row per segment, `id,label_0,...,label_{K-1},label`: the softmax
+of the logits (4 decimals) and the predicted class (the argmax: its CLASSES name when
+params_used.py names the classes, else its index). A multi-label model
+(LABEL_MODE='multilabel' in params_used.py beside it, or --multilabel) gets one
+independent sigmoid probability per label instead, in columns named by its CLASSES
+(`id,NORM,MI,STTC,CD,HYP,label`); a label is present where p >= 0.5, and `label` joins the
+present ones with LABEL_SEPARATOR ('NORM|MI'; '' for none). id = the file name for a
+folder, the id column of a CSV, the id array or the row index of a .npy/.npz. --snap
+rounds confident probabilities as seed 003 did for the abs-sum metric: p < 0.1 -> 0,
+p > 0.9 -> 1 (rows then no longer sum to exactly 1).
+
+When DATA is labelled (the rhythm in the file names, a CSV label column), the metrics
+(F1, accuracy, precision, recall, the confusion counts) and the per-subject table (worst
+first, at most 15 lines) are printed after the CSV is written. The label text becomes a
+class as in training: one of CLASSES, else 1 for POSITIVE_LABELS (read from
+params_used.py beside the model) and 0 for the rest.
 Errors (a missing model, data that does not fit it) print `error: ...` and exit with 2.
 """
 import argparse
@@ -31,8 +41,13 @@ import sys
 import numpy as np
 import pandas as pd
 
+from public.core.settings import SETTINGS
+from public.train.metrics import classification_metrics, per_subject
+
 FORMATS = ('auto', 'txt', 'csv', 'numpy')
 SNAP_LOW, SNAP_HIGH = 0.1, 0.9
+DIGITS = 4                 # decimals of the probabilities in the CSV
+SUBJECT_LINES = 15         # per-subject lines printed for labelled data
 
 
 class PredictError(Exception):
@@ -120,16 +135,24 @@ def trained_policy(model_path):
 def trained_task(model_path):
     """(multilabel, class names) of the model from params_used.py beside it; (False, ())
     when there is none or it cannot be read as literals."""
+    values = trained_labels(model_path)
+    return (values.get('LABEL_MODE') == 'multilabel',
+            tuple(str(c) for c in values.get('CLASSES', ())))
+
+
+def trained_labels(model_path):
+    """{LABEL_MODE, CLASSES, POSITIVE_LABELS, LABEL_SEPARATOR} as written in params_used.py
+    beside the model (only those present; {} without the file)."""
     path, tree = _params_used(model_path)
     values = {}
     for name, node in _assignments(tree) if tree is not None else ():
-        if name in ('LABEL_MODE', 'CLASSES'):
+        if name in ('LABEL_MODE', 'CLASSES', 'POSITIVE_LABELS', 'LABEL_SEPARATOR'):
             try:
                 values[name] = ast.literal_eval(node.value)
             except ValueError:
                 raise PredictError(f"{path}: line {node.lineno}: {name} must be a literal "
                                    f"value") from None
-    return values.get('LABEL_MODE') == 'multilabel', tuple(str(c) for c in values.get('CLASSES', ()))
+    return values
 
 
 def _policy_value(path, node, setting):
@@ -225,15 +248,102 @@ def predict(session, input_name, x, batch, multilabel=False):
     return sigmoid(logits) if multilabel else softmax(logits)
 
 
-def write_csv(path, ids, probabilities, names=None):
+def predicted_labels(probabilities, names=None, multilabel=False, separator='|'):
+    """The `label` column: the argmax class (its name when names has one per class, else
+    its index), or for a multi-label model the names with p >= 0.5 joined by separator."""
+    k = probabilities.shape[1]
+    names = list(names) if names and len(names) == k else None
+    if multilabel:
+        names = names or [f"label_{j}" for j in range(k)]
+        return [separator.join(n for n, p in zip(names, row) if p >= 0.5)
+                for row in probabilities]
+    best = probabilities.argmax(axis=1)
+    return [names[i] for i in best] if names else best.tolist()
+
+
+def write_csv(path, ids, probabilities, names=None, labels=None):
     columns = (list(names) if names and len(names) == probabilities.shape[1]
                else [f"label_{k}" for k in range(probabilities.shape[1])])
-    table = pd.DataFrame(probabilities, columns=columns)
+    table = pd.DataFrame(np.round(probabilities, DIGITS), columns=columns)
     table.insert(0, 'id', ids)
+    if labels is not None:
+        table['label'] = labels
     from public.core.atomic import write_atomic
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     write_atomic(path, table.to_csv(index=False), step=False)   # never a half-written file
+
+
+# ----------------------------------------------------------------------------- labelled data
+
+def true_labels(segments, k, task, multilabel):
+    """Targets of labelled segments, as training makes them: a multi-hot (N, K) array for a
+    multi-label model, else class indices (CLASSES, else 1 for POSITIVE_LABELS); with the
+    number of segments whose label is not a class. None when the data has no labels."""
+    rhythms = np.asarray(segments.rhythms, dtype=str)
+    if not getattr(segments, 'has_labels', True) or not len(rhythms) or not (rhythms != '').any():
+        return None, 0
+    classes = [str(c) for c in task.get('CLASSES', ())]
+    if multilabel:
+        separator = task.get('LABEL_SEPARATOR', SETTINGS['LABEL_SEPARATOR'].default)
+        names = classes if len(classes) == k else [f"label_{j}" for j in range(k)]
+        y = np.array([[n in [p.strip() for p in r.split(separator)] for n in names]
+                      for r in rhythms], dtype=np.int64)
+        return y, 0
+    if classes:
+        index = {c: i for i, c in enumerate(classes)}
+        y = np.array([index.get(r, -1) for r in rhythms])
+    elif k > 2 and all(r.isdigit() for r in rhythms):     # e.g. Tianchi's label column 0..3
+        y = rhythms.astype(np.int64)
+        y[y >= k] = -1
+    else:
+        positive = task.get('POSITIVE_LABELS', SETTINGS['POSITIVE_LABELS'].default)
+        y = np.isin(rhythms, [str(p) for p in positive]).astype(np.int64)
+    return y, int((y < 0).sum())
+
+
+def confusion_counts(y, probabilities, multilabel):
+    """Rows: true class, columns: predicted class; multi-label: [TN, FP, FN, TP] per label."""
+    k = probabilities.shape[1]
+    if multilabel:
+        pred = probabilities >= 0.5
+        truth = np.asarray(y) > 0
+        return [[int((~t & ~p).sum()), int((~t & p).sum()), int((t & ~p).sum()), int((t & p).sum())]
+                for t, p in zip(truth.T, pred.T)]
+    matrix = np.zeros((k, k), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(y), probabilities.argmax(axis=1)), 1)
+    return matrix.tolist()
+
+
+def metrics_report(y, probabilities, subjects, names, multilabel):
+    """Lines: the metrics, the confusion counts and the worst subjects of labelled data."""
+    k = probabilities.shape[1]
+    names = list(names) if names and len(names) == k else [str(j) for j in range(k)]
+    m = classification_metrics(y, probabilities, k, names if multilabel else None)
+    lines = [f"metrics on {len(y)} labelled segment(s): F1 {m['f1']:.4f}, accuracy "
+             f"{m['accuracy']:.4f}, precision {m['precision']:.4f}, recall {m['recall']:.4f}"
+             + (' (macro over the classes)' if k > 2 or multilabel else ' (class 1)')]
+    counts = confusion_counts(y, probabilities, multilabel)
+    width = max(len(n) for n in names)
+    if multilabel:
+        lines.append('confusion counts per label (TN FP FN TP at p >= 0.5):')
+        lines += [f"  {n:<{width}}  " + ' '.join(f"{c:>5}" for c in row)
+                  for n, row in zip(names, counts)]
+    else:
+        lines.append('confusion counts (rows: true class, columns: predicted class):')
+        lines.append(f"  {'':<{width}}  " + ' '.join(f"{n:>6}" for n in names))
+        lines += [f"  {n:<{width}}  " + ' '.join(f"{c:>6}" for c in row)
+                  for n, row in zip(names, counts)]
+    rows = per_subject('data', np.asarray(subjects, dtype=str), y, probabilities, k)
+    if rows and len(rows) < len(y):          # one segment a subject (a CSV's ids): no table
+        rows.sort(key=lambda r: (r['accuracy'], r['f1'], r['subject']))
+        shown = rows[:SUBJECT_LINES]
+        sw = max(7, max(len(r['subject']) for r in shown))
+        lines.append(f"per subject, worst first ({len(shown)} of {len(rows)}):")
+        lines.append(f"  {'subject':<{sw}} {'n':>5} {'accuracy':>8} {'F1':>6}")
+        lines += [f"  {r['subject']:<{sw}} {r['segments']:>5} {r['accuracy']:>8.3f} "
+                  f"{r['f1']:>6.3f}" for r in shown]
+    return lines
 
 
 def run(args):
@@ -247,6 +357,7 @@ def run(args):
     if input_size is None:
         raise PredictError(f"{args.model}: the model's input length is dynamic; give "
                            f"--input-size")
+    task = trained_labels(args.model)
     multilabel, classes = trained_task(args.model)
     multilabel = multilabel or args.multilabel
     try:
@@ -266,10 +377,27 @@ def run(args):
     probabilities = predict(session, input_name, segments.x, args.batch, multilabel)
     if args.snap:
         probabilities = snap(probabilities)
-    write_csv(args.out, segments.names, probabilities, classes if multilabel else None)
+    separator = task.get('LABEL_SEPARATOR', SETTINGS['LABEL_SEPARATOR'].default)
+    labels = predicted_labels(probabilities, classes, multilabel, separator)
+    write_csv(args.out, segments.names, probabilities, classes if multilabel else None, labels)
     print(f"wrote {len(probabilities)} rows ({probabilities.shape[1]} "
           f"{'labels, sigmoid' if multilabel else 'classes'}"
           f"{', snapped' if args.snap else ''}) to {args.out}")
+    y, unknown = true_labels(segments, probabilities.shape[1], task, multilabel)
+    if y is None:
+        return
+    if unknown:
+        print(f"{unknown} segment(s) with a label that is not a class of the model: left out "
+              f"of the metrics")
+    known = y >= 0 if y.ndim == 1 else np.ones(len(y), dtype=bool)
+    names = classes
+    if not classes and probabilities.shape[1] == 2 and not multilabel:
+        positive = task.get('POSITIVE_LABELS', SETTINGS['POSITIVE_LABELS'].default)
+        names = ('0 other', f"1 {'/'.join(str(p) for p in positive)}")
+    if known.any():
+        for line in metrics_report(y[known], probabilities[known], segments.subjects[known],
+                                   names, multilabel):
+            print(line)
 
 
 def main(argv=None):

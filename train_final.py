@@ -8,6 +8,8 @@ until a model meets both METRIC_TARGET and SIZE_TARGET_KB of params.py.
 Candidates over the size target are known before training (exact ONNX size of the
 untrained model) and never trained; the rest are trained smallest first. The result goes
 to <xx>-<yy>/; temp/ holds the work in progress. Ctrl+C stops cleanly; rerun to resume.
+When no candidate meets both targets, the closest one goes to <xx>-<yy>-MISS/ and the exit
+status is 3.
 """
 import sys
 
@@ -25,7 +27,7 @@ def run(settings, interrupts):
     import_user_module('public.ss_model')
     from public.core.settings import source_of
     from public.dataset import with_label_lines
-    from public.results.files import worst_subjects_note
+    from public.results.files import WORST_BELOW, worst_subjects_note
     from public.results.store import RunLock, check_writable
     from public.search.dispatch import make_executor, threads_note
     from public.search.stage_two import run_stage_two
@@ -41,17 +43,68 @@ def run(settings, interrupts):
             folder, met, rows = run_stage_two(settings, data, interrupts, log=log,
                                               executor=executor)
         page = write_report(settings, data.summary, stage=2, folder=folder)
-    columns = ['candidate', 'predicted_bytes', 'status', 'xx', 'yy', 'meets_metric', 'onnx_kb',
-               'latency_ms', 'wall_s']
-    table = pd.DataFrame(rows, columns=columns)
-    table = table.assign(_size=pd.to_numeric(table['predicted_bytes'])).sort_values(
-        '_size', kind='stable').drop(columns='_size')          # by size, over-size rows last
-    with pd.option_context('display.width', 100):
-        log("\nStage-two candidates (smallest first):\n" + table.to_string(index=False))
+    log("\nStage-two candidates (smallest first):\n" + candidates_table(rows, settings))
     if page:
         log(f"\nReport: {page}")
-    if folder:
-        log('\n'.join(worst_subjects_note([folder])))
+    worst = worst_subjects_note([folder]) if folder else []
+    if worst:
+        log(f"Subjects below accuracy {WORST_BELOW:.2f} (worst first; all in per_subject.csv):\n"
+            + '\n'.join(worst))
+    if not met:
+        log(f"Exit status {MISSED}: no model meets both targets"
+            + (f" ({folder}/ is the closest, marked -MISS)." if folder else "."))
+        return MISSED
+    return 0
+
+
+MISSED = 3          # the exit status of a stage two that meets no target (cli.main)
+
+
+def _sig3(value):
+    """A latency rounded to 3 significant digits ('' when unknown)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return ''
+    return '' if value != value else f"{value:.3g}"
+
+
+def _tenth(value):
+    try:
+        return f"{float(value):.1f}"
+    except (TypeError, ValueError):
+        return ''
+
+
+def candidates_table(rows, settings, width=100):
+    """Stage two's candidates for the terminal, smallest first: the trained ones (and
+    failed, speculative) one line each, the over-size ones summarised in one line; sizes in
+    KB with two decimals, latencies to 3 significant digits, times to 0.1 s."""
+    import pandas as pd
+    from public.results.files import kb2
+    latest = {}
+    for r in rows:                          # each candidate once: its latest row
+        latest[r['candidate']] = r
+    over = [r for r in latest.values() if r['status'] == 'over-size']
+    shown = sorted((r for r in latest.values() if r['status'] != 'over-size'),
+                   key=lambda r: int(r['predicted_bytes'] or 0))
+    size = 'int8_bytes' if settings.QUANTIZE_INT8 else 'onnx_bytes'
+    table = pd.DataFrame([{
+        'candidate': r['candidate'], 'predicted_KB': kb2(int(r['predicted_bytes'])),
+        'status': r['status'], 'xx-yy': f"{r['xx']}-{r['yy']}" if r.get('xx') not in (None, '') else '',
+        'meets': {'True': 'yes', 'False': 'no'}.get(str(r.get('meets_metric')), ''),
+        'KB': kb2(int(r[size])) if r.get(size) not in (None, '') else '',
+        'latency_ms': _sig3(r.get('latency_ms')), 'wall_s': _tenth(r.get('wall_s'))}
+        for r in shown])
+    text = table.to_string(index=False) if len(table) else '  (no candidate trained)'
+    if over:
+        sizes = sorted(int(r['predicted_bytes']) for r in over)
+        line = (f"{len(over)} over-size candidate(s), never trained (ONNX {kb2(sizes[0])} to "
+                f"{kb2(sizes[-1])} KB > SIZE_TARGET_KB={settings.SIZE_TARGET_KB})")
+        names = ', '.join(r['candidate'] for r in sorted(over, key=lambda r: int(r['predicted_bytes'])))
+        text += '\n' + (f"{line}: {names}" if len(line) + len(names) + 2 <= width else line)
+    return '\n'.join(line if len(line) <= width else line[:width - 1] + '~'
+                     for line in text.splitlines())
 
 
 if __name__ == '__main__':

@@ -54,11 +54,12 @@ def run(settings, interrupts):
     import pandas as pd
     from public.core.settings import source_of
     from public.dataset import with_label_lines
-    from public.results.files import worst_subjects_note
+    from public.results.files import WORST_BELOW, worst_subjects_note
     from public.results.store import RunLock, check_writable
     from public.results.table import ResultsTable, STAGE1_COLUMNS
     from public.search.dispatch import make_executor, threads_note
-    from public.search.stage_one import RESULTS_CSV, run_stage_one
+    from public.search.stage_one import (RESULTS_CSV, next_step_lines, recommended_pick,
+                                         run_stage_one)
     from public.data.prepare import prepare_data
     from public.train.outcome import TrialStatus
     model_classes = selected_models(settings)
@@ -86,17 +87,41 @@ def run(settings, interrupts):
             summary = run_stage_one(settings, data, model_classes, interrupts, log=log,
                                     executor=executor, on_record=on_record)
         page = write_report(settings, data.summary)
-    show = [c for c in ('model', 'trials', 'pruned', 'failed', 'best_lr', 'result', 'score',
-                        'test_f1', 'onnx_kb', 'latency_ms', 'wall_s') if c in summary.columns]
-    with pd.option_context('display.width', 100, 'display.max_columns', 30):
-        log("\nSummary (best trial per model; metrics on the "
-            f"{settings.SELECT_ON} split decide):\n" + summary[show].to_string(index=False))
+    log("\nSummary (best trial per model; metrics on the "
+        f"{settings.SELECT_ON} split decide):\n" + summary_table(summary))
     log(f"\nAll trials: {os.path.join(settings.MODEL_SAVE_PATH, 'results.csv')}; summary with "
         f"every column: {os.path.join(settings.MODEL_SAVE_PATH, 'summary.csv')}"
         + (f"; report: {page}" if page else ''))
     worst = worst_subjects_note(summary['folder'].dropna() if 'folder' in summary else [])
     if worst:
-        log("Where the best models fail (per_subject.csv in each folder):\n" + '\n'.join(worst))
+        log(f"Subjects below accuracy {WORST_BELOW:.2f} (worst first; all in per_subject.csv "
+            f"of each folder):\n" + '\n'.join(worst))
+    log('')
+    for line in next_step_lines(recommended_pick(summary.to_dict('records')), settings):
+        log(line)
+
+
+# The terminal summary's columns and their short headers (summary.csv has every column).
+SUMMARY_COLUMNS = {'model': 'model', 'trials': 'trials', 'skipped': 'skipped', 'pruned': 'pruned',
+                   'failed': 'failed', 'best_lr': 'best_lr', 'result': 'xx-yy', 'score': 'score',
+                   'test_f1': 'test_f1', 'onnx_kb': 'KB', 'latency_ms': 'ms', 'wall_s': 'wall_s'}
+
+
+def summary_table(summary, width=100):
+    """The stage-one summary for the terminal: at most `width` columns (trailing columns
+    dropped when it would be wider), sizes in KB with two decimals."""
+    import pandas as pd
+    show = summary[[c for c in SUMMARY_COLUMNS if c in summary.columns]].copy()
+    if 'onnx_kb' in show:
+        show['onnx_kb'] = show['onnx_kb'].map(lambda v: '' if pd.isna(v) else f"{v:.2f}")
+    if 'model' in show:
+        show['model'] = show['model'].map(lambda m: m if len(m) <= 24 else m[:23] + '~')
+    show = show.rename(columns=SUMMARY_COLUMNS).fillna('')
+    text = show.to_string(index=False)
+    while show.shape[1] > 2 and max(map(len, text.splitlines())) > width:
+        show = show.iloc[:, :-1]
+        text = show.to_string(index=False)
+    return text
 
 
 if __name__ == '__main__':

@@ -46,8 +46,9 @@ def main(run, argv=None, name='ATML', folders=FOLDERS):
     """Load and validate settings, then run(settings, interrupts). Exit codes: 0 done,
     2 a problem the user can fix, nothing lost (bad settings or data: the message names the
     file or setting, the value and the rule; a full disk: the message names the folder and
-    its setting), 130 interrupted. `folders` are the settings naming the folders the stage
-    writes (which one a full disk is)."""
+    its setting), 3 stage two finished but no candidate meets both targets (the closest is
+    in <xx>-<yy>-MISS/; run()'s own status), 130 interrupted. `folders` are the settings
+    naming the folders the stage writes (which one a full disk is)."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ('-h', '--help') for a in argv):
         log(usage(name, [a for a in argv if a not in ('-h', '--help')]))
@@ -57,7 +58,7 @@ def main(run, argv=None, name='ATML', folders=FOLDERS):
     try:
         settings = load_settings(argv)
         with GracefulInterrupts() as interrupts:
-            run(settings, interrupts)
+            status = run(settings, interrupts)
     except KeyboardInterrupt as exc:
         log(f"\nInterrupted ({exc.args[0] if exc.args and exc.args[0] else 'SIGINT'}) after {time.time() - start:.0f} s. Finished "
             f"trials are saved; run the same command again to resume.")
@@ -69,7 +70,7 @@ def main(run, argv=None, name='ATML', folders=FOLDERS):
         log(f"error: {message}")
         return 2
     log(f"Done in {time.time() - start:.0f} s.")
-    return 0
+    return status if isinstance(status, int) and not isinstance(status, bool) else 0
 
 
 def clear_message(exc, settings=None, folders=FOLDERS):

@@ -32,6 +32,8 @@ NOT_TRIAL = {
     'SIZE_TARGET_KB': 'decides feasibility', 'TEMP_DIR': 'a path', 'FINAL_RESULT_DIR': 'a path',
     'WORKERS': 'parallelism; results equal the serial run', 'RAY_ADDRESS': 'where it runs',
     'PRUNE_FRACTIONS': 'which candidates exist; the candidate (c4-f2-p50) is a column',
+    'LATENCY_TARGET_MS': 'decides feasibility', 'RAM_TARGET_KB': 'decides feasibility',
+    'CANDIDATE_ORDER': 'the order candidates are tried in',
 }
 
 
@@ -50,7 +52,8 @@ def test_every_keyed_setting_changes_the_key(make_settings):
                'SKIP_BAD_FILES': True, 'SELECT_ON': 'test', 'SELECT_METRIC': 'f1',
                'QUANTIZE_INT8': True, 'TEST_DIR': '', 'DATA_DIR': '/elsewhere',
                'AUGMENT': False, 'NORMALIZE': 'segment', 'CLASS_WEIGHTS': 'balanced',
-               'REFIT': True, 'LABEL_SEPARATOR': ';'}
+               'REFIT': True, 'LABEL_SEPARATOR': ';', 'NO_AF_SUBJECT': 'skip',
+               'CONTEST': 'tdc2022'}
     needs = {'LABEL_MODE': dict(LABEL_MODE='multilabel', CLASSES=('A', 'B')),
              'QAT_EPOCHS': dict(QAT_EPOCHS=2, QUANTIZE_INT8=True),
              # keyed only with INT8 on: test_int8_weight_range_keys_only_int8_runs

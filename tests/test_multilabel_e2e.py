@@ -69,7 +69,7 @@ def test_stage_two_and_predict_give_per_label_probabilities(project):
                          timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     pred = pd.read_csv(out)
-    assert list(pred.columns) == ['id', *PTBXL_CLASSES]
+    assert list(pred.columns) == ['id', *PTBXL_CLASSES, 'label']      # + the labels at p >= 0.5
     probs = pred[list(PTBXL_CLASSES)].to_numpy()
     assert ((probs > 0) & (probs < 1)).all()
     assert not np.allclose(probs.sum(1), 1.0), 'independent sigmoids, not a softmax'

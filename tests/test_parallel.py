@@ -155,3 +155,11 @@ def test_stage_two_once_the_answer_is_certain_larger_running_candidates_are_canc
     assert [r['candidate'] for r in rows if r['status'] != 'over-size'] == [small]
     table = _rows(os.path.join(settings.TEMP_DIR, 'stage2_results.csv'), STAGE2_COLUMNS)
     assert larger not in [r['candidate'] for r in table]
+
+
+def test_parallel_workers_report_their_epochs_to_the_driver(prepared, make_settings, tmp_path,
+                                                            executor):
+    from test_progress import _check_stage_one_events, _stage_one_events
+    settings = make_settings(LR_MIN=0.002, LR_MAX=0.003, STEP=0.001, NUM_EPOCHS=2, PATIENCE=5)
+    events, _ = _stage_one_events(settings, prepared, executor)
+    _check_stage_one_events(events, ['TinyNet@0.002', 'TinyNet@0.003'], skipped=0, epochs=2)

@@ -51,13 +51,21 @@ def test_predict_csv_end_to_end(heartbeat, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f"wrote 17 rows (4 classes) to {out}" in proc.stdout
     table = pd.read_csv(out)
-    assert list(table.columns) == ['id', 'label_0', 'label_1', 'label_2', 'label_3']
+    assert list(table.columns) == ['id', 'label_0', 'label_1', 'label_2', 'label_3', 'label']
     assert table['id'].tolist() == list(range(100000, 100017))
-    probabilities = table.iloc[:, 1:].to_numpy()
-    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-6)
+    probabilities = _probabilities(table)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-3)   # 4 decimals
+    assert all(len(f"{p:.10f}".rstrip('0').split('.')[1]) <= 4 for p in probabilities.ravel())
+    assert table['label'].tolist() == probabilities.argmax(axis=1).tolist()
+    assert 'metrics on' not in proc.stdout                       # testA.csv has no labels
     with torch.no_grad():
         logits = model(torch.from_numpy(test_signals)[:, None, :, None])
-    np.testing.assert_allclose(probabilities, torch.softmax(logits, 1).numpy(), atol=1e-4)
+    np.testing.assert_allclose(probabilities, torch.softmax(logits, 1).numpy(), atol=2e-4)
+
+
+def _probabilities(table):
+    """The probability columns of a predictions CSV (id first, the predicted label last)."""
+    return table.drop(columns=['id', 'label']).to_numpy()
 
 
 class MeanLogits(nn.Module):
@@ -81,11 +89,11 @@ def test_snap_gives_zero_one_or_middle_values(heartbeat, tmp_path):
     for out, extra in ((plain, []), (snapped, ['--snap'])):
         assert predict.main([str(tmp_path / 'mean.onnx'), str(tmp_path / 'means.csv'),
                              '--out', str(out), *extra]) == 0
-    values = pd.read_csv(snapped).iloc[:, 1:].to_numpy()
-    assert len(values) == 21                                   # labels in the file are ignored
+    values = _probabilities(pd.read_csv(snapped))
+    assert len(values) == 21
     assert np.all((values == 0) | (values == 1) | ((values >= 0.1) & (values <= 0.9)))
     assert (values == 0).any() and (values == 1).any() and ((values > 0) & (values < 1)).any()
-    unsnapped = pd.read_csv(plain).iloc[:, 1:].to_numpy()
+    unsnapped = _probabilities(pd.read_csv(plain))
     np.testing.assert_array_equal(values, predict.snap(unsnapped))
     assert values[0].tolist() == [0, 0, 1, 0] and values[-1].tolist() == [1, 0, 0, 0]
     np.testing.assert_allclose(unsnapped[10], 0.25, atol=0.02)        # mean 0: undecided
@@ -107,7 +115,7 @@ def test_predict_numpy_ids_are_indices_or_the_id_array(heartbeat, tmp_path):
                              '--out', str(out), '--batch', '2']) == 0
         table = pd.read_csv(out)
         assert table['id'].tolist() == ids
-        np.testing.assert_allclose(table.iloc[:, 1:].sum(axis=1), 1.0, atol=1e-6)
+        np.testing.assert_allclose(_probabilities(table).sum(axis=1), 1.0, atol=1e-3)
 
 
 def test_predict_eight_lead_folder_pads_short_segments(seed_models, tmp_path, capsys):
@@ -122,8 +130,8 @@ def test_predict_eight_lead_folder_pads_short_segments(seed_models, tmp_path, ca
     assert predict.main(args + ['--pad-tolerance', '50']) == 0
     table = pd.read_csv(out)
     assert table['id'].tolist() == sorted(written)           # file names, in name order
-    assert list(table.columns) == ['id', 'label_0', 'label_1']
-    np.testing.assert_allclose(table.iloc[:, 1:].sum(axis=1), 1.0, atol=1e-6)
+    assert list(table.columns) == ['id', 'label_0', 'label_1', 'label']
+    np.testing.assert_allclose(_probabilities(table).sum(axis=1), 1.0, atol=1e-3)
 
 
 def _error(capsys, *args):
@@ -237,3 +245,55 @@ def test_a_bad_policy_in_params_used_is_reported(padded_model, tmp_path, capsys)
     assert predict.main([str(folder / 'saved.onnx'), str(data), '--out', str(tmp_path / 'p.csv')]) == 2
     err = capsys.readouterr().err
     assert 'params_used.py: line' in err and 'PAD_TOLERANCE must be an int >= 0, got PAD_TOLERANCE=-5' in err
+
+
+# ----------------------------------------------------------------------------- labels and metrics
+
+@pytest.mark.parametrize('probabilities, names, multilabel, labels', [
+    ([[0.2, 0.8], [0.7, 0.3]], None, False, [1, 0]),                         # argmax index
+    ([[0.1, 0.2, 0.7], [0.5, 0.3, 0.2]], ['N', 'AF', 'O'], False, ['O', 'N']),  # CLASSES names
+    ([[0.6, 0.2, 0.9], [0.1, 0.1, 0.1], [0.5, 0.49, 0.5]], ['NORM', 'MI', 'CD'], True,
+     ['NORM|CD', '', 'NORM|CD']),                                            # p >= 0.5, '|'
+])
+def test_predicted_labels(probabilities, names, multilabel, labels):
+    assert predict.predicted_labels(np.array(probabilities), names, multilabel) == labels
+
+
+def _mean_folder(folder, means):
+    """One 500-sample .txt segment per (name, mean)."""
+    folder.mkdir()
+    for name, mean in means:
+        np.savetxt(folder / name, np.full((500, 1), mean, dtype=np.float32), fmt='%.4f')
+    return folder
+
+
+def test_labelled_folder_prints_metrics_and_subjects_worst_first(tmp_path, capsys):
+    export_onnx(MeanNet(), str(tmp_path / 'mean.onnx'), in_channels=1, input_size=500, opset=18)
+    # MeanNet: class 1 (AFIB) for a negative mean. S2's AFIB segment is missed.
+    data = _mean_folder(tmp_path / 'ecg', [('S1-AFIB-0.txt', -1), ('S1-N-1.txt', 1),
+                                           ('S2-AFIB-2.txt', 1), ('S2-N-3.txt', 1)])
+    out = tmp_path / 'p.csv'
+    assert predict.main([str(tmp_path / 'mean.onnx'), str(data), '--out', str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert pd.read_csv(out)['label'].tolist() == [1, 0, 0, 0]
+    assert printed.index('wrote 4 rows') < printed.index('metrics on 4 labelled segment(s)')
+    assert ('F1 0.6667, accuracy 0.7500, precision 1.0000, recall 0.5000 (class 1)'
+            in printed)
+    lines = printed.splitlines()
+    confusion = lines.index('confusion counts (rows: true class, columns: predicted class):')
+    assert [line.split()[-2:] for line in lines[confusion + 2:confusion + 4]] == [['2', '0'],
+                                                                               ['1', '1']]
+    table = lines.index('per subject, worst first (2 of 2):')
+    subjects = [line.split() for line in lines[table + 2:]]
+    assert subjects == [['S2', '2', '0.500', '0.000'], ['S1', '2', '1.000', '1.000']]
+
+
+def test_labelled_csv_prints_metrics_without_a_subject_table(heartbeat, tmp_path, capsys):
+    root, _, _ = heartbeat                     # train.csv: labels 0..3, no subject column
+    assert predict.main([str(root / 'model.onnx'), str(root / 'train.csv'),
+                         '--out', str(tmp_path / 'p.csv')]) == 0
+    printed = capsys.readouterr().out
+    assert 'metrics on 40 labelled segment(s): F1' in printed
+    assert '(macro over the classes)' in printed
+    assert 'per subject' not in printed
+    assert len([line for line in printed.splitlines() if line.startswith('  ')]) == 5   # 4x4 + head

@@ -298,3 +298,39 @@ def test_drain_hands_over_everything_waiting():
             return batch
     assert P.drain(Batched([P.TrialEnded(KEY, 'ok', 20.0)]), progress.handle) == 1
     assert progress.statuses == {'ok': 1}
+
+
+# --------------------------------------------------------------- wired into the search
+def _stage_one_events(settings, prepared, executor=None):
+    from conftest import TinyNet
+    from public.core.interrupts import NoInterrupts
+    from public.search.stage_one import run_stage_one
+    events, lines = [], []
+    run_stage_one(settings, prepared, [TinyNet], NoInterrupts(), log=lines.append,
+                  progress=False, executor=executor, on_event=events.append)
+    return events, lines
+
+
+def _check_stage_one_events(events, trained, skipped, epochs):
+    started = [e.key for e in events if isinstance(e, P.TrialStarted)]
+    ended = [e.key for e in events if isinstance(e, P.TrialEnded)]
+    assert sorted(started) == sorted(trained) and set(ended) == set(trained)
+    for key in trained:
+        assert [e.epoch for e in events if isinstance(e, P.EpochDone) and e.key == key] \
+            == list(range(1, epochs + 1))
+    plans = [e for e in events if isinstance(e, P.PlanChanged)]
+    assert plans[0].planned == len(trained) + skipped
+    assert max(e.skipped or 0 for e in plans) == skipped
+    progress = P.Progress()
+    for event in events:
+        progress.handle(event)
+    assert progress.finished == progress.planned and not progress.running
+
+
+def test_a_serial_stage_one_reports_every_trial_epoch_and_skip(prepared, make_settings, tmp_path):
+    # 0.004 is within 2*STEP of avoid.txt's 0.006: skipped, counted as decided
+    (tmp_path / 'avoid.txt').write_text('0.006 TinyNet\n')
+    settings = make_settings(LR_MIN=0.002, LR_MAX=0.004, STEP=0.001, NUM_EPOCHS=2, PATIENCE=5)
+    events, lines = _stage_one_events(settings, prepared)
+    _check_stage_one_events(events, ['TinyNet@0.002', 'TinyNet@0.003'], skipped=1, epochs=2)
+    assert any('TinyNet lr=0.003: ok' in line for line in lines)   # log lines stay as they were

@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 from html.parser import HTMLParser
 
@@ -159,6 +160,69 @@ def test_stage_one_report_shows_the_search(stage_one, prepared):
     rows = read_table(os.path.join(settings.MODEL_SAVE_PATH, 'results.csv'))
     if 'history' not in rows.columns:            # before per-trial history is recorded
         assert 'loss curves are not available' in page.plain
+
+
+def _between(raw, start, end):
+    """The page text from the first `start` to the next `end`."""
+    i = raw.index(start)
+    return raw[i:raw.index(end, i)]
+
+
+def test_stage_one_next_step_names_the_pick_and_the_command(stage_one):
+    from public.report.pages import stage_one_pick
+    from public.report.reading import load_stage_one
+    settings, _, path = stage_one
+    page = _parse(path)
+    trials, _ = load_stage_one(settings)
+    best = plots.best_rows(trials)
+    pick = stage_one_pick(best)
+    assert pick['score'] == best['score'].max()
+    box = _between(page.raw, '<div class="next', '</div>')
+    assert f"Recommended: <b>{pick['model']}</b>" in box
+    assert f"python train_final.py LEARNING_RATE={pick['lr']:g}" in box
+    assert 'public/ss_model.py' in box and 'NUM_EPOCHS=1' in box    # overrides carried
+
+
+def test_stage_one_pick_breaks_ties_by_the_smaller_file():
+    from public.report.pages import stage_one_pick
+    best = pd.DataFrame({'model': ['Big', 'Small', 'Worse'], 'score': [0.9, 0.9, 0.8],
+                         'onnx_kb': [80.0, 12.5, 3.0], 'lr': [0.001, 0.002, 0.003]})
+    assert stage_one_pick(best)['model'] == 'Small'
+    assert stage_one_pick(best.iloc[0:0]) is None
+
+
+def test_settings_changed_first_the_rest_folded_stage_two_only_in_stage_two(stage_one,
+                                                                             stage_two):
+    one, two = _parse(stage_one[2]).raw, _parse(stage_two[3]).raw
+    for raw in (one, two):
+        shown, folded = raw.split('<h2 id="settings">')[1].split('<details>')
+        assert 'NUM_EPOCHS = 1   # command line' in shown and 'ONNX_OPSET' not in shown
+        assert 'ONNX_OPSET = 18' in folded
+    assert 'CHANNEL_SCALES' not in one.split('<h2 id="settings">')[1]
+    assert 'SIZE_TARGET_KB = 35   # command line' in two
+
+
+def test_both_pages_show_the_subjects_worst_first(stage_one, stage_two):
+    tiny = os.path.join(stage_one[0].MODEL_SAVE_PATH, 'TinyNet')
+    for path, folder, label in ((stage_one[2], os.path.join(tiny, os.listdir(tiny)[0]),
+                                 'TinyNet '), (stage_two[3], stage_two[2], stage_two[2])):
+        section = _parse(path).raw.split('<h2 id="subjects">')[1]
+        section = section[section.index(f"<h3>{label}"):]
+        section = section[:section.index('</table>')]
+        rows = pd.read_csv(os.path.join(folder, 'per_subject.csv'), dtype={'subject': str})
+        test = rows[rows['split'] == 'test'].sort_values(['accuracy', 'f1'], kind='stable')
+        assert f"{len(test)} test subject(s), worst first" in section
+        assert re.findall(r'<td class="text">(S\d+)</td>', section) == test['subject'].tolist()
+
+
+def test_stage_two_next_step_and_no_link_into_temp(stage_two):
+    settings, _, folder, path = stage_two
+    page = _parse(path)
+    box = _between(page.raw, '<div class="next', '</div>')
+    assert 'the targets are missed' in box and 'c1-f1' in box
+    assert f"python predict.py {os.path.join(folder, 'saved.onnx')} {settings.TEST_DIR}" in box
+    assert not [h for h in page.links if 'temp' in h or '..' in h]
+    assert '4 candidate(s):' in page.plain and '1 over the size target' in page.plain
 
 
 def test_stage_one_report_regenerated_from_disk_is_identical(stage_one, capsys):
@@ -378,3 +442,50 @@ def test_figures_are_deterministic(tmp_path):
     a = plots.size_score_plot(_trials(), str(tmp_path / 'a.png'))
     b = plots.size_score_plot(_trials(), str(tmp_path / 'b.png'))
     assert open(a, 'rb').read() == open(b, 'rb').read()
+
+
+def test_score_band_holds_the_finished_trials_not_the_pruned_ones():
+    score = pd.Series([99.0, 95.0, 0.0, np.nan])
+    finished = pd.Series([True, True, True, False])
+    pruned = pd.Series([False, False, True, False])
+    low, high = plots.score_band(score, finished, pruned)
+    assert 90 < low < 95 and 99 < high <= 102                   # the 0 is clipped, not shown
+    assert plots.score_band(score, finished, pd.Series([True] * 4))[0] < 0   # all pruned
+    assert plots.score_band(score, finished & False, pruned) is None
+
+
+def test_skipped_rates_are_grid_rates_without_a_row_that_avoid_txt_rules_out(make_settings,
+                                                                            tmp_path):
+    from public.report.pages import skipped_rates
+    settings = make_settings(LR_MIN=0.001, LR_MAX=0.004, STEP=0.0005)
+    (tmp_path / 'avoid.txt').write_text('0.001 A\n')
+    trials = pd.DataFrame({'model': ['A', 'B'], 'lr': [0.001, 0.004]})
+    # A: 0.0015 and 0.002 lie within 2*STEP of 0.001; B has no avoid.txt entry.
+    assert skipped_rates(settings, trials) == {'A': [0.0015, 0.002], 'B': []}
+    path = plots.lr_score_plot(_trials(), str(tmp_path / 'lr.png'), avoid_param=0.8,
+                               skipped={'A': [0.0015, 0.0025], 'C': [0.002]})
+    _png(path)
+
+
+def test_the_grid_shows_every_planned_cell(make_settings, tmp_path):
+    from public.report.pages import grid_cells, planned_cells
+    settings = make_settings(CHANNEL_SCALES=(1, 2, 3), FC_SCALES=(1, 2))
+    rows = pd.DataFrame({'candidate': ['c1-f1', 'c3-f2'], 'channel_scale': [1, 3],
+                         'fc_scale': [1, 2], 'status': ['ok', 'over-size'], 'score': [0.97, np.nan],
+                         'predicted_bytes': [18577, 64253], 'onnx_bytes': [18577, np.nan]})
+    met = planned_cells(rows, settings, met=True)
+    assert len(met) == 6 and sorted(met['candidate']) == ['c1-f1', 'c1-f2', 'c2-f1', 'c2-f2',
+                                                          'c3-f1', 'c3-f2']
+    assert (met['status'] == plots.NOT_NEEDED).sum() == 4
+    assert (planned_cells(rows, settings)['status'] == '').sum() == 4       # a miss: untrained
+    cells, views = grid_cells(met, settings)
+    assert cells['kb'].round(2).tolist()[:2] == [18.14, 62.75]              # KB, two decimals
+    _png(plots.stage_two_grid_plot(cells, str(tmp_path / 'grid.png'), metric_target=90,
+                                   size_target_kb=30, winner=(1, 1), views=views))
+    look = plots._cell_look
+    norm, cmap = plots._target_norm(pd.Series([97.0]), 90), plots.plt.get_cmap('RdYlGn')
+    over, broken = (look(pd.Series({'status': s, 'kb': 41.54}), 'score', 'kb', norm, cmap)
+                    for s in ('over-size', 'failed'))
+    assert over[0] != broken[0] and over[1] != broken[1]                    # distinguishable
+    assert over[2] == '41.54 KB\nover-size'
+    assert 'not needed' in look(met.iloc[2], 'score', 'kb', norm, cmap)[2]

@@ -183,3 +183,19 @@ def test_a_torn_quoted_field_does_not_swallow_later_rows(tmp_path):
     table.append(_row(3))
     assert [r['model'] for r in table.rows()] == ['M0', 'M2', 'M3']
     assert list(pd.read_csv(table.path).dropna(subset=['status'])['model'])[-2:] == ['M2', 'M3']
+
+
+def test_worst_subjects_names_only_those_below_the_threshold(tmp_path):
+    from public.results.files import worst_subjects_note
+    folder = tmp_path / 'AFNet' / '98-97'
+    folder.mkdir(parents=True)
+    accuracy = [1.0, 0.95, 0.5, 0.7, 0.8, 0.85, 0.6, 0.89]
+    pd.DataFrame({'split': 'test', 'subject': [f"S{i}" for i in range(len(accuracy))],
+                  'accuracy': accuracy, 'segments': 40}).to_csv(folder / 'per_subject.csv',
+                                                               index=False)
+    [line] = worst_subjects_note([folder])
+    assert line == "  AFNet/98-97 (test): S2 0.50, S6 0.60, S3 0.70, S4 0.80, S5 0.85 (of 40 segments each)"
+    assert len(line) <= 100
+    pd.DataFrame({'split': 'test', 'subject': ['S1'], 'accuracy': [0.95], 'segments': [40]}
+                 ).to_csv(folder / 'per_subject.csv', index=False)
+    assert worst_subjects_note([folder]) == []

@@ -180,17 +180,23 @@ def test_stage_two_search_order_and_stop(plan, prepared, make_settings, outcomes
         scores = {plan[r].name: v for r, v in outcomes.items()}
         best = max(scores, key=scores.get)
         assert met is False
-        assert f'No candidate meets both targets. Best under the size cap: {best}' in log
+        assert f'No candidate met METRIC_TARGET={target}: the closest, {best} (' in log
         assert [r['candidate'] for r in rows if r['status'] == 'over-size'] == [plan[3].name]
     xx, yy = score_digits(_metrics(outcomes[[r for r in outcomes if plan[r].name == best][0]]))
-    assert folder == os.path.join(settings.FINAL_RESULT_DIR, f'{xx}-{yy}')
-    assert sorted(os.listdir(settings.FINAL_RESULT_DIR)) == [f'{xx}-{yy}']
+    name = f'{xx}-{yy}' + ('' if winner is not None else '-MISS')   # a miss is marked
+    assert folder == os.path.join(settings.FINAL_RESULT_DIR, name)
+    assert sorted(os.listdir(settings.FINAL_RESULT_DIR)) == [name]
     files = set(os.listdir(folder))
     assert {'saved.pth', 'saved.onnx', 'evaluation_metrics.txt', 'params_used.py',
             'stage2_results.csv'} <= files
     text = open(os.path.join(folder, 'evaluation_metrics.txt')).read()
     assert f'ONNX file size: {os.path.getsize(os.path.join(folder, "saved.onnx")) / 1024:.2f} KB' in text
     assert ('does NOT meet' in text) is (winner is None)
+    broken = [r for r in trained if outcomes[r] in ('failed', 'diverged')]
+    missed = len(trained) - len(broken) - (winner is not None)
+    assert (f"Candidates (4): {int(winner is not None)} met, {missed} trained and missed, "
+            f"{3 - len(trained)} not needed (a smaller one met first), 1 over size") in log
+    assert f"{len(broken)} failed" in log.split('Candidates (4):')[1]
     info = json.load(open(os.path.join(folder, 'result.json')))
     assert f"c{info['channel_scale']}-f{info['fc_scale']}" == best
     state = torch.load(os.path.join(folder, 'saved.pth'), weights_only=True)
@@ -265,3 +271,26 @@ def test_with_quantize_int8_the_measured_int8_model_decides(plan, prepared, make
     text = open(os.path.join(folder, 'evaluation_metrics.txt')).read()
     int8_kb = f"{os.path.getsize(os.path.join(folder, 'saved.int8.onnx')) / 1024:.2f}"
     assert 'INT8 model' in text and f'ONNX file size: {int8_kb} KB' in text
+
+
+# -------------------------------------------------------------- stage two's opening lines
+def test_stage_two_opens_with_what_it_scales_and_warns_without_stage_one(make_settings):
+    from public.search.stage_two import stage_two_intro
+    text = '\n'.join(stage_two_intro(make_settings(LEARNING_RATE=0.003)))
+    assert 'Stage two scales AFNet of public/ss_model.py: Stage-two model' in text
+    assert 'LEARNING_RATE=0.003; targets: METRIC_TARGET=' in text and 'Scores: xx-yy' in text
+    assert 'warning: no stage-one results in' in text
+
+
+def test_stage_two_warns_when_it_does_not_follow_stage_ones_pick(make_settings):
+    import pandas as pd
+    from public.search.stage_two import stage_two_intro
+    settings = make_settings(LEARNING_RATE=0.003)
+    os.makedirs(settings.MODEL_SAVE_PATH)
+    pd.DataFrame([dict(model='SepNet', best_lr='0.004', score=0.97, onnx_kb=13.28,
+                       result='98-97')]).to_csv(
+        os.path.join(settings.MODEL_SAVE_PATH, 'summary.csv'), index=False)
+    text = '\n'.join(stage_two_intro(settings))
+    assert "warning: stage one's best model is SepNet (lr 0.004, 98-97)" in text
+    assert 'did best at 0.004 (python train_final.py LEARNING_RATE=0.004)' in text
+    assert 'no stage-one results' not in text

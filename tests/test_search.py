@@ -17,7 +17,8 @@ from public.core.interrupts import NoInterrupts
 from public.results.table import ResultsTable, STAGE1_COLUMNS
 from public.core.errors import AvoidFileError
 from public.search.avoid import AvoidList, learning_rate_candidates
-from public.search.stage_one import result_folders, run_stage_one
+from public.search.stage_one import (next_step_lines, recommended_pick, result_folders,
+                                     run_stage_one)
 from public.test import score_digits
 
 # ----------------------------------------------------------------------------- grid
@@ -163,7 +164,8 @@ def test_pruning_skips_neighbours_of_a_bad_rate_within_its_model(prepared, make_
     assert sorted((e[0], e[1]) for e in entries) == sorted(
         (lr, m) for m in ('TinyNet', 'TinyNetB') for lr in (0.001, 0.0025, 0.004))
     assert 'lr=0.0015: skipped (avoid.txt has 0.001 for TinyNet, within 2*STEP)' in log
-    assert list(summary['pruned']) == [3, 3]
+    assert list(summary['pruned']) == [3, 3]       # trained, below AVOID_PARAM
+    assert list(summary['skipped']) == [4, 4]      # never trained: avoid.txt
 
 
 def test_a_users_bare_line_prunes_every_model(prepared, make_settings, tmp_path):
@@ -355,3 +357,34 @@ def test_summary_has_one_row_per_model_with_best_trial(prepared, make_settings):
         assert entry['result'] == f"{best['xx']}-{best['yy']}"
         assert np.isclose(entry['best_lr'], float(best['lr']))
         assert os.path.isdir(entry['folder'])
+
+
+# ------------------------------------------------------------------- stage one -> stage two
+PICKS = [   # summary rows -> (model, lr) of the pick: best score, ties to the smaller ONNX
+    ([dict(model='A', best_lr='0.003', score=0.9, onnx_kb=80.0, result='95-90'),
+      dict(model='B', best_lr='0.004', score=0.9, onnx_kb=13.28, result='94-90')], ('B', '0.004')),
+    ([dict(model='A', best_lr='0.003', score=0.91, onnx_kb=80.0, result='95-91'),
+      dict(model='B', best_lr='0.004', score=0.9, onnx_kb=13.28, result='94-90')], ('A', '0.003')),
+    ([dict(model='A', best_lr=float('nan'), score=float('nan'), onnx_kb=float('nan'))], None),
+    ([], None),
+]
+
+
+@pytest.mark.parametrize('rows,expected', PICKS)
+def test_recommended_pick(rows, expected):
+    pick = recommended_pick(rows)
+    assert (pick and (pick['model'], pick['lr'])) == expected
+
+
+def test_stage_one_ends_with_the_pick_and_the_exact_next_step(make_settings):
+    settings = make_settings(LEARNING_RATE=0.003)
+    pick = recommended_pick([dict(model='OptimizedAFNet', best_lr='0.004', score=0.97,
+                                  onnx_kb=13.28, result='98-97')])
+    text = '\n'.join(next_step_lines(pick, settings))
+    assert 'Recommended: OptimizedAFNet at learning rate 0.004 (val 98-97, 13.28 KB' in text
+    assert 'public/ss_model.py' in text and 'AFNet-like' in text
+    assert text.endswith('python train_final.py LEARNING_RATE=0.004')
+    same = next_step_lines(dict(pick, model='AFNet', lr='0.003'), settings)
+    assert same[-1].endswith('python train_final.py') and 'already scales AFNet' in same[-1]
+    other = '\n'.join(next_step_lines(dict(pick, model='SepNet'), settings))
+    assert 'put SepNet in public/ss_model.py' in other and 'docs/stage-two.md' in other

@@ -90,7 +90,7 @@ def test_multilead_folder_through_both_stages_and_predict(multilead, tmp_path):
                 '--pad-tolerance', '50')
     assert pred.returncode == 0, pred.stdout + pred.stderr
     probs = pd.read_csv(out)
-    assert list(probs.columns) == ['id', 'label_0', 'label_1'] and len(probs) == 8
+    assert list(probs.columns) == ['id', 'label_0', 'label_1', 'label'] and len(probs) == 8
     assert np.allclose(probs[['label_0', 'label_1']].sum(axis=1), 1, atol=1e-4)
 
 
@@ -115,7 +115,7 @@ def test_four_class_csv_through_both_stages_and_predict(tianchi, tmp_path):
                 str(out), '--snap')
     assert pred.returncode == 0, pred.stdout + pred.stderr
     submit = pd.read_csv(out)
-    assert list(submit.columns) == ['id', 'label_0', 'label_1', 'label_2', 'label_3']
+    assert list(submit.columns) == ['id', 'label_0', 'label_1', 'label_2', 'label_3', 'label']
     assert list(submit['id']) == list(range(100000, 100032))
     values = submit[['label_0', 'label_1', 'label_2', 'label_3']].to_numpy()
     assert (((values == 0) | (values == 1) | ((values >= 0.1) & (values <= 0.9)))).all()

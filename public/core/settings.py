@@ -37,6 +37,10 @@ def _is_seq(v):
 
 
 KEY, KEY2 = 'key', 'key2'     # tags of the rules table (see below)
+# SELECT_METRIC's values; the last four need a binary task (they score AF, class 1).
+SELECT_METRICS = ('min4', 'f1', 'accuracy', 'auc', 'abs_sum', 'fbeta', 'subj_fbeta', 'gen',
+                  'contest')
+BINARY_METRICS = ('fbeta', 'subj_fbeta', 'gen', 'contest')
 MAX_GRID = 10_000             # learning rates a stage-one grid may hold
 
 
@@ -151,9 +155,29 @@ SETTINGS = {s.name: s for s in (
             "one of 'val', 'test'", lambda v: v in ('val', 'test'), KEY,
             detail="split that drives pruning, best model, stop and targets: `'val'` or `'test'` (the original)"),
     Setting('SELECT_METRIC', 'min4', 'stage one search',
-            "score that drives them: 'min4' (min of F1/acc/precision/recall, the original), 'f1', 'accuracy', 'auc' (binary), 'abs_sum' (as 1 - abs_sum/2)",
-            "one of 'min4', 'f1', 'accuracy', 'auc', 'abs_sum'", lambda v: v in ('min4', 'f1', 'accuracy', 'auc', 'abs_sum'), KEY,
-            detail="score that drives them: `'min4'` (min of F1/accuracy/precision/recall, the original), `'f1'`, `'accuracy'`, `'auc'` (binary), `'abs_sum'` (seed 003, as 1 − abs_sum/2); compared with `AVOID_PARAM` (0..1), `STAGE1_TARGET` and `METRIC_TARGET` (percent)"),
+            "score that drives them: 'min4' (min of F1/acc/precision/recall, the original), 'f1', 'accuracy', 'auc' (binary), 'abs_sum' (as 1 - abs_sum/2); binary tasks also 'fbeta', 'subj_fbeta', 'gen', 'contest' (docs/contest-scoring.md)",
+            "one of " + ', '.join(repr(m) for m in SELECT_METRICS), lambda v: v in SELECT_METRICS, KEY,
+            detail="score that drives them: `'min4'` (min of F1/accuracy/precision/recall, the original), `'f1'`, `'accuracy'`, `'auc'` (binary), `'abs_sum'` (seed 003, as 1 − abs_sum/2); binary tasks also `'fbeta'` (pooled F-beta), `'subj_fbeta'` (mean over subjects of their F-beta), `'gen'` (share of subjects with F-beta > `GEN_THRESHOLD`), `'contest'` (normalised `CONTEST` score, latency and size included; see [contest scoring](contest-scoring.md)); compared with `AVOID_PARAM` (0..1), `STAGE1_TARGET` and `METRIC_TARGET` (percent)"),
+    Setting('FBETA_BETA', 2.0, 'stage one search',
+            'beta of the F-beta metrics (fbeta, subj_fbeta, gen, contest); 2 = recall weighs 4x precision, as both contests',
+            'a number > 0', lambda v: _is_number(v) and v > 0, KEY,
+            detail='beta of the F-beta metrics (binary tasks); 2 = the contests\' (recall weighs four times precision)'),
+    Setting('NO_AF_SUBJECT', 'contest', 'stage one search',
+            "F-beta of a subject without AF (0/0): 'contest' (1.0, the contests' scoring code), 'accuracy' (its share of segments predicted non-AF), 'skip' (left out)",
+            "one of 'contest', 'accuracy', 'skip'", lambda v: v in ('contest', 'accuracy', 'skip'), KEY,
+            detail="per-subject F-beta/F1 of a subject with no AF segment, where the formula is 0/0: `'contest'` = 1.0 whatever was predicted (the contests' evaluation helpers), `'accuracy'` = its accuracy (false alarms cost in proportion), `'skip'` = left out of the averages and of G. See [contest scoring](contest-scoring.md)"),
+    Setting('GEN_THRESHOLD', 0.9, 'stage one search',
+            "gen = share of subjects whose F-beta is > this (IESD-2024's G: 0.9)",
+            'a number in [0, 1)', lambda v: _is_number(v) and 0 <= v < 1, KEY,
+            detail="the generalisation score `gen` is the share of subjects whose F-beta is strictly above this (IESD-2024's G uses 0.9)"),
+    Setting('CONTEST', 'iesd2024', 'stage one search',
+            "contest whose score is the 'contest' metric: 'iesd2024' (25 Fb + 15 G + 35 L + 5 M) or 'tdc2022' (100 Fb + 20 L + 20 M)",
+            "one of 'iesd2024', 'tdc2022'", lambda v: v in ('iesd2024', 'tdc2022'), KEY,
+            detail="the contest whose score (divided by its maximum, so in [0, 1]) is the `contest` metric: `'iesd2024'` = 25·Fβn + 15·Gn + 35·Ln + 5·Mn (subject-averaged F-beta), `'tdc2022'` = 100·Fβ + 20·Ln + 20·Mn (pooled); L = the measured onnxruntime latency × `LATENCY_SCALE`, M = the ONNX file in KiB (the INT8 file's with `QUANTIZE_INT8`). See [contest scoring](contest-scoring.md)"),
+    Setting('LATENCY_SCALE', 1.0, 'stage one search',
+            "the measured onnxruntime latency times this is the contest's latency (this machine -> the target board)",
+            'a number > 0', lambda v: _is_number(v) and v > 0, KEY,
+            detail="the contest score's latency term uses the measured onnxruntime latency (this machine, 1 thread) times this: the ratio of the target board's latency to this machine's"),
     Setting('MODELS', (), 'stage one search',
             'model names to search, in order; () = every model of public/model.py',
             'a list/tuple of registered model names (() = all of public/model.py)', lambda v: _is_seq(v) and all(_is_str(m) for m in v),
@@ -248,6 +272,18 @@ SETTINGS = {s.name: s for s in (
             'ONNX file size cap in KB (1 KB = 1024 bytes)',
             'a number > 0', lambda v: _is_number(v) and v > 0,
             detail='ONNX size cap, KB = 1024 bytes'),
+    Setting('LATENCY_TARGET_MS', 0, 'stage two',
+            'onnxruntime latency cap in ms (batch 1, one thread), measured on the untrained candidate before training; 0 = none',
+            'a number >= 0 (0 = no latency target)', lambda v: _is_number(v) and v >= 0,
+            detail="latency cap (ms; onnxruntime, batch 1, one thread, median of `LATENCY_RUNS`), measured on each candidate's untrained probe before training (the INT8 probe with `QUANTIZE_INT8`): candidates over it are recorded `over-latency` and never trained; 0 = none. See [stage two](stage-two.md)"),
+    Setting('RAM_TARGET_KB', 0, 'stage two',
+            'peak activation memory cap in KB from the exported graph (INT8 figure with QUANTIZE_INT8), checked before training; 0 = none',
+            'a number >= 0 (0 = no memory target)', lambda v: _is_number(v) and v >= 0,
+            detail="peak activation memory cap (KB = 1024 bytes; the largest total size of tensors alive at once, `public/compress/graph_stats.py`; the INT8 figure with `QUANTIZE_INT8`), checked on each candidate's probe before training: candidates over it are recorded `over-ram` and never trained; 0 = none"),
+    Setting('CANDIDATE_ORDER', 'smallest', 'stage two',
+            "order candidates are trained in: 'smallest' (ONNX size) or 'fastest' (probe latency) first",
+            "one of 'smallest', 'fastest'", lambda v: v in ('smallest', 'fastest'),
+            detail="order in which feasible candidates are trained: `'smallest'` (predicted ONNX size, the original) or `'fastest'` (probe latency) first"),
     Setting('QUANTIZE_INT8', False, 'stage two',
             'True: also build an INT8 ONNX (onnxruntime static quantization); its size and metrics decide',
             'True or False', lambda v: isinstance(v, bool), KEY2,
@@ -292,7 +328,8 @@ SETTINGS = {s.name: s for s in (
 # rows of an earlier version remain reusable (public.results.keys.settings_key).
 INTRODUCED_AT = {'LABEL_MODE': 'multiclass', 'LABEL_SEPARATOR': '|', 'REFIT': False,
                  'QAT_EPOCHS': 0, 'PRUNE_FRACTIONS': (), 'PRUNE_EPOCHS': 3,
-                 'INT8_REDUCE_RANGE': False}
+                 'INT8_REDUCE_RANGE': False, 'FBETA_BETA': 2.0, 'NO_AF_SUBJECT': 'contest',
+                 'GEN_THRESHOLD': 0.9, 'CONTEST': 'iesd2024', 'LATENCY_SCALE': 1.0}
 
 # Settings that change nothing unless another one is on: out of the settings key while that
 # one is off (a float-only stage two does not depend on how INT8 weights are quantized).
@@ -355,6 +392,11 @@ def _cross_checks(s, source, overridden=()):
         raise SettingsError(f"{where('SELECT_METRIC', 'LABEL_MODE')}: SELECT_METRIC='abs_sum' is "
                             f"not defined for LABEL_MODE='multilabel'; use 'min4', 'f1', "
                             f"'accuracy' or 'auc' (macro over the labels)")
+    if s.SELECT_METRIC in BINARY_METRICS and (s.CLASSES or s.LABEL_MODE == 'multilabel'):
+        raise SettingsError(f"{where('SELECT_METRIC', 'CLASSES')}: SELECT_METRIC="
+                            f"{s.SELECT_METRIC!r} scores AF detection, so it needs a binary task "
+                            f"(CLASSES=() and LABEL_MODE='multiclass'), got CLASSES={s.CLASSES!r}, "
+                            f"LABEL_MODE={s.LABEL_MODE!r}")
     if s.QAT_EPOCHS and not s.QUANTIZE_INT8:
         raise SettingsError(f"{where('QAT_EPOCHS', 'QUANTIZE_INT8')}: QAT_EPOCHS="
                             f"{s.QAT_EPOCHS!r} trains the INT8 model, so it needs "

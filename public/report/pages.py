@@ -12,22 +12,26 @@ run: it holds no generation time, only the finishing time of the latest trial. W
 not on disk (a per-epoch history, a confusion matrix) is left out with a short note,
 never an error. `python -m public.report` (public/report/main.py) rewrites a page.
 """
+import ast
 import base64
 import hashlib
 import html
 import json
 import os
 import re
+import shlex
 
 import matplotlib
 import numpy as np
 import pandas as pd
 
 from public.core.atomic import write_atomic
-from public.core.settings import settings_dict
+from public.core.settings import SETTINGS, settings_dict
 from public.report import plots
 from public.report.reading import (METRICS, load_stage_one, load_stage_two, read_json,
                                    read_text)
+from public.search.avoid import AvoidList, AvoidFileError, learning_rate_candidates
+from public.results.keys import settings_key
 from public.train.metrics import selection_score
 from public.train.outcome import TrialStatus
 
@@ -149,6 +153,10 @@ pre{background:#fff;border:1px solid #e2e2e2;padding:8px;font-size:0.85em;overfl
  border:1px solid #e2e2e2;padding:8px}
 .settings div{break-inside:avoid;overflow-wrap:anywhere}
 nav a{margin-right:14px}
+.next{background:#eef5fc;border:1px solid #8fb5dc;border-radius:4px;padding:8px 14px;margin:10px 0}
+.next.bad{background:#fdeaea;border-color:#e39b9b}
+.next h2{border:none;margin:0.2em 0;font-size:1.1em}
+.next code{background:#fff;border:1px solid #d5d5d5;padding:1px 5px;font-size:0.92em}
 """
 
 
@@ -218,7 +226,7 @@ def _percent(value, _row):
 
 def _kb(size_bytes, _row):
     size = pd.to_numeric(size_bytes, errors='coerce')
-    return '' if pd.isna(size) else f"{size / 1024:.1f}"
+    return '' if pd.isna(size) else f"{size / 1024:.2f}"
 
 
 def _int(value, _row):
@@ -235,10 +243,37 @@ def _link(folder_of_report):
     return fmt
 
 
-def _settings_html(settings):
-    items = settings_dict(settings)
-    lines = ''.join(f'<div>{_esc(k)} = {_esc(repr(v))}</div>' for k, v in items.items())
-    return f'<div class="settings">{lines}</div>'
+STAGE_TWO_SECTION = 'stage two'
+
+
+def _settings_html(settings, stage_two=True):
+    """Settings that differ from params.py's defaults or came from the command line first,
+    the rest folded away; the stage-one page leaves out the stage-two-only settings."""
+    overrides = settings.OVERRIDES
+    changed, rest = [], []
+    for name, value in settings_dict(settings).items():
+        spec = SETTINGS[name]
+        if not stage_two and spec.section == STAGE_TWO_SECTION:
+            continue
+        line = f"{name} = {value!r}"
+        if name in overrides:
+            changed.append(f"{line}   # command line")
+        elif not _same(value, spec.default):
+            changed.append(f"{line}   # default {spec.default!r}")
+        else:
+            rest.append(line)
+    lines = ''.join(f'<div>{_esc(t)}</div>' for t in changed)
+    head = (f'<div class="settings">{lines}</div>' if changed
+            else _note('Every setting has its params.py default.'))
+    folded = ''.join(f'<div>{_esc(t)}</div>' for t in rest)
+    return (head + f'<details><summary>{len(rest)} setting(s) at their default</summary>'
+            f'<div class="settings">{folded}</div></details>')
+
+
+def _same(value, default):
+    if isinstance(value, (tuple, list)) and isinstance(default, (tuple, list)):
+        return tuple(value) == tuple(default)
+    return value == default
 
 
 def _data_html(summary):
@@ -266,6 +301,141 @@ def class_names(settings):
         return [str(c) for c in classes]
     positive = '/'.join(settings.POSITIVE_LABELS or ('positive',))
     return ['0 other', f"1 {positive}"]
+
+
+# ----------------------------------------------------------------------------- next step, subjects
+
+PER_SUBJECT_ROWS = 15      # rows of a per-subject table shown before the rest is folded
+
+
+def _next_box(title, lines, bad=False):
+    """The page's "Next step" box: lines are already-escaped HTML."""
+    items = ''.join(f'<p>{line}</p>' for line in lines)
+    return f'<div class="next{" bad" if bad else ""}" id="next"><h2>{_esc(title)}</h2>{items}</div>'
+
+
+def _code(text):
+    return f'<code>{_esc(text)}</code>'
+
+
+def _override_args(settings, keep):
+    """KEY=VALUE words of the command-line overrides a next stage needs (shell-quoted)."""
+    overrides = settings.OVERRIDES
+    return [shlex.quote(f"{n}={_literal(overrides[n])}") for n in overrides if keep(n)]
+
+
+def _literal(value):
+    """A value as the command line takes it: a string bare when it reads back as itself."""
+    if isinstance(value, str):
+        try:
+            ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+    return repr(value)
+
+
+def stage_one_pick(best):
+    """The recommended stage-one trial: the best score over the models' best trials, a tie
+    going to the smaller ONNX file; None when no model has a scored trial."""
+    if best.empty:
+        return None
+    ranked = best.assign(_score=plots.numeric_column(best, 'score'),
+                         _kb=plots.numeric_column(best, 'onnx_kb').fillna(np.inf))
+    ranked = ranked.sort_values(['_score', '_kb'], ascending=[False, True], kind='stable')
+    return ranked.iloc[0]
+
+
+_GENERATE_CONFIG = 'generate_config(channel_scaling_factor, fc_scaling_factor, input_size)'
+
+
+def _stage_one_next(settings, best):
+    pick = stage_one_pick(best)
+    if pick is None:
+        return _next_box('Next step', [_esc('No model has a finished trial with a score yet: '
+                                           'nothing to recommend.')], bad=True)
+    lr = float(pick['lr'])
+    score = pd.to_numeric(pick.get('score'), errors='coerce')
+    kb = pd.to_numeric(pick.get('onnx_kb'), errors='coerce')
+    facts = [f"learning rate {lr:g}", f"folder {plots.xx_yy(pick)}" if plots.xx_yy(pick) else '',
+             f"score {100 * score:.1f} %" if pd.notna(score) else '',
+             f"{kb:.2f} KB" if pd.notna(kb) else '']
+    facts = ', '.join(t for t in facts if t)
+    carried = _override_args(settings, lambda n: n == 'MODEL_SAVE_PATH' or SETTINGS[n].section
+                             not in ('stage one search', STAGE_TWO_SECTION))
+    command = ' '.join(['python train_final.py', f"LEARNING_RATE={lr:g}", *carried])
+    model = str(pick['model'])
+    lines = [f"Recommended: <b>{_esc(model)}</b> ({_esc(facts)}), the best score of "
+             f"{best['model'].nunique()} model(s) (a tie goes to the smaller file).",
+             f"1. Put the {_esc(model)} architecture into {_code('public/ss_model.py')}: its "
+             f"class, and {_code(_GENERATE_CONFIG)} returning its layer widths at the given "
+             f"scaling factors (now it scales AFNet).",
+             f"2. Run stage two at this learning rate: {_code(command)}"]
+    if model == 'AFNet':
+        lines[1] = (f"1. {_code('public/ss_model.py')} already scales AFNet: nothing to change.")
+    return _next_box('Next step', lines)
+
+
+def _read_per_subject(folder):
+    path = os.path.join(folder, 'per_subject.csv') if folder else ''
+    if not path or not os.path.isfile(path):
+        return pd.DataFrame()
+    try:
+        frame = pd.read_csv(path, dtype={'subject': str})
+    except (OSError, ValueError):
+        return pd.DataFrame()
+    for name in ('accuracy', 'f1', 'precision', 'recall', 'segments'):
+        if name in frame.columns:
+            frame[name] = pd.to_numeric(frame[name], errors='coerce')
+    return frame
+
+
+def _per_subject_html(folders):
+    """One table per (label, folder): its per_subject.csv rows of the test split (else
+    validation), worst accuracy first; the rows after PER_SUBJECT_ROWS folded away."""
+    parts = []
+    for label, folder in folders:
+        frame = _read_per_subject(folder)
+        if frame.empty or 'subject' not in frame.columns:
+            continue
+        split = next((s for s in ('test', 'val') if 'split' in frame.columns
+                      and (frame['split'] == s).any()), None)
+        rows = frame[frame['split'] == split] if split else frame
+        keys = [k for k in ('accuracy', 'f1') if k in rows.columns]
+        rows = rows.sort_values(keys, kind='stable') if keys else rows
+        columns = [('subject', 'subject', None, True), ('segments', 'segments', _int, False),
+                   ('class mix', 'class_mix', None, True), ('accuracy', 'accuracy', _num(3), False),
+                   ('F1', 'f1', _num(3), False), ('precision', 'precision', _num(3), False),
+                   ('recall', 'recall', _num(3), False), ('F-beta', 'fbeta', _num(3), False)]
+        columns = [c for c in columns if c[1] in rows.columns]
+        records = rows.to_dict('records')
+        name = {'test': 'test', 'val': 'validation'}.get(split, '')
+        parts.append(f'<h3>{_esc(label)}: {len(records)} {name} subject(s), worst first</h3>')
+        parts.append(_table(columns, records[:PER_SUBJECT_ROWS]))
+        if len(records) > PER_SUBJECT_ROWS:
+            parts.append(f'<details><summary>{len(records) - PER_SUBJECT_ROWS} more subject(s)'
+                         f'</summary>{_table(columns, records[PER_SUBJECT_ROWS:])}</details>')
+    if not parts:
+        return [_note('No per_subject.csv in the result folder(s): per-subject metrics not '
+                      'available.')]
+    return parts + [_note('From per_subject.csv in each folder (accuracy, then F1, lowest first).')]
+
+
+def skipped_rates(settings, trials):
+    """{model: [lr, ...]}: the grid's learning rates (LR_MIN..LR_MAX by STEP) a model has no
+    row for and avoid.txt rules out (within 2*STEP of one of its entries)."""
+    try:
+        grid = learning_rate_candidates(settings.LR_MIN, settings.LR_MAX, settings.STEP)
+        avoid = AvoidList(settings.AVOID_FILE_PATH, settings.STEP)
+    except (ValueError, OSError, AvoidFileError):
+        return {}
+    key = settings_key(settings)
+    skipped = {}
+    for model, group in trials.groupby('model', sort=False):
+        tried = plots.numeric_column(group, 'lr').dropna().to_numpy()
+        skipped[model] = [lr for lr in grid
+                          if not np.isclose(tried, lr, rtol=1e-9, atol=0).any()
+                          and avoid.pruned_by(lr, model, key) is not None]
+    return skipped
 
 
 # ----------------------------------------------------------------------------- loss curves
@@ -296,11 +466,12 @@ def _best_folder(root, row):
     return '', {}
 
 
-def _summary_rows(trials, best, root):
+def _summary_rows(trials, best, root, skipped=None):
     rows = []
     for model, group in trials.groupby('model', sort=False):
         entry = {'model': model, 'trials': len(group),
                  'pruned': int(group['pruned'].sum()) if 'pruned' in group else 0,
+                 'skipped': len((skipped or {}).get(model, ())),
                  'failed': int((group['status'] == TrialStatus.FAILED).sum()),
                  'diverged': int((group['status'] == TrialStatus.DIVERGED).sum()),
                  'wall_s': group['wall_s'].sum() if 'wall_s' in group else np.nan}
@@ -315,10 +486,11 @@ def _summary_rows(trials, best, root):
 
 def _summary_columns(report_dir):
     return [('model', 'model', None, True), ('trials', 'trials', None, False),
-            ('pruned', 'pruned', None, False), ('diverged', 'diverged', None, False),
+            ('pruned', 'pruned', None, False), ('skipped', 'skipped', None, False),
+            ('diverged', 'diverged', None, False),
             ('failed', 'failed', None, False), ('best lr', 'lr', None, False),
             ('xx-yy', 'result', None, False), ('score %', 'score', _percent, False),
-            ('ONNX KB', 'onnx_kb', _num(1), False), ('latency ms', 'latency_ms', _num(3), False),
+            ('ONNX KB', 'onnx_kb', _num(2), False), ('latency ms', 'latency_ms', _num(3), False),
             ('params', 'params', _int, False), ('time s', 'wall_s', _num(1), False),
             ('best folder', 'folder', _link(report_dir), True)]
 
@@ -351,7 +523,7 @@ def _history_of(row, info=None):
     return row.get('history') if 'history' in row.index else None
 
 
-def _stage_one_overview(figures, trials, settings):
+def _stage_one_overview(figures, trials, settings, skipped):
     label = metric_label(settings)
     parts = ['<h2 id="overview">Accuracy, size and speed</h2>']
     parts.append(_figure_or_note(
@@ -366,9 +538,12 @@ def _stage_one_overview(figures, trials, settings):
         'runs, one thread).', 'score vs latency'))
     parts.append(_figure_or_note(
         figures.draw('stage1-lr', plots.lr_score_plot, trials, metric_label=label,
-                     avoid_param=settings.AVOID_PARAM),
-        'Score per learning rate for every trial of each model: triangles were pruned (below '
-        'AVOID_PARAM, dotted), crosses diverged or failed (no score), the ring is the best.',
+                     avoid_param=settings.AVOID_PARAM, skipped=skipped),
+        'Score per learning rate for every trial of each model: red triangles were pruned '
+        '(score below AVOID_PARAM, dotted; hollow at the bottom edge when below the axis), '
+        'crosses diverged, diamonds failed (no score), grey crosses at the bottom the grid '
+        'rates skipped (avoid.txt: never trained), the ring is the best. The score axis holds '
+        'the finished trials that were not pruned.',
         'score per learning rate'))
     return parts
 
@@ -428,16 +603,19 @@ def _model_section(figures, model, group, row, folder, info, settings, report_di
     return ''.join(parts)
 
 
-def _stage_one_lead(trials):
+def _stage_one_lead(trials, skipped=None):
     if trials.empty:
         return _note('No trial of the current search is recorded yet.')
     counts = trials['status'].value_counts()
     pruned = int(trials['pruned'].sum()) if 'pruned' in trials else 0
+    skips = sum(len(v) for v in (skipped or {}).values())
     latest = trials['finished_at'].dropna().astype(str).max() if 'finished_at' in trials else ''
     text = (f"{len(trials)} trial(s) of {trials['model'].nunique()} model(s): "
-            f"{int(counts.get(TrialStatus.OK, 0))} finished ({pruned} pruned), "
+            f"{int(counts.get(TrialStatus.OK, 0))} finished "
+            f"({pruned} pruned: score below AVOID_PARAM), "
             f"{int(counts.get(TrialStatus.DIVERGED, 0))} diverged, "
             f"{int(counts.get(TrialStatus.FAILED, 0))} failed"
+            + (f"; {skips} rate(s) skipped (avoid.txt), never trained" if skips else '')
             + (f"; latest finished at {latest}" if latest else '') + '.')
     return f'<p class="lead">{_esc(text)}</p>'
 
@@ -454,26 +632,34 @@ def stage_one_html(settings, figures, data_summary=''):
     root = settings.MODEL_SAVE_PATH
     trials, others = load_stage_one(settings)
     best = plots.best_rows(trials)
-    body = [f'<h1>ATML stage one: {_esc(root)}</h1>', _stage_one_lead(trials),
+    skipped = skipped_rates(settings, trials)
+    body = [f'<h1>ATML stage one: {_esc(root)}</h1>', _stage_one_lead(trials, skipped),
             _others_note(others, 'row(s) of results.csv'),
-            '<nav><a href="#summary">summary</a><a href="#overview">figures</a>'
+            '<nav><a href="#next">next step</a><a href="#summary">summary</a>'
+            '<a href="#subjects">subjects</a><a href="#overview">figures</a>'
             '<a href="#loss">loss curves</a><a href="#models">per model</a>'
             '<a href="#data">data</a><a href="#settings">settings</a></nav>',
+            _stage_one_next(settings, best),
             '<h2 id="summary">Best trial per model</h2>']
     if trials.empty:
         body.append(_note('Nothing to summarise yet.'))
     else:
-        summary = _summary_rows(trials, best, root)
+        summary = _summary_rows(trials, best, root, skipped)
         body.append(_table(_summary_columns(root), summary))
+        body.append(_note("pruned: trained, scored below AVOID_PARAM; skipped: a grid rate "
+                          "avoid.txt ruled out, never trained."))
         body.append(_note(f"Scores: {metric_label(settings)}; the best trial of a model has the "
                           f"highest score, then yy, then xx, then the smaller learning rate. All trials: "
                           f"{os.path.join(root, 'results.csv')}."))
         body.append('<h3>Metrics of the best trials</h3>')
         body.append(_table(_metric_columns(trials), [r for r in summary if 'result' in r]))
-    body += _stage_one_overview(figures, trials, settings)
+        body.append('<h2 id="subjects">Per subject: the best folders, worst first</h2>')
+        body += _per_subject_html([(f"{r['model']} {plots.xx_yy(r)}", _best_folder(root, r)[0])
+                                   for _, r in best.iterrows()])
+    body += _stage_one_overview(figures, trials, settings, skipped)
     body += _stage_one_models(figures, trials, best, settings, root)
     body += ['<h2 id="data">Data</h2>', _data_html(data_summary),
-             '<h2 id="settings">Settings</h2>', _settings_html(settings)]
+             '<h2 id="settings">Settings</h2>', _settings_html(settings, stage_two=False)]
     return _page(f"ATML stage one: {root}", '\n'.join(b for b in body if b))
 
 
@@ -493,10 +679,27 @@ def write_stage_one_report(settings, data_summary=None):
 
 # ----------------------------------------------------------------------------- stage two
 
+def planned_cells(rows, settings, met=False):
+    """rows plus one row (status 'not needed' when a smaller candidate met the targets, else
+    '' = untrained) for every CHANNEL_SCALES x FC_SCALES pair that has no row: the grid and
+    the counts show every candidate."""
+    have = set(zip(plots.numeric_column(rows, 'channel_scale'),
+                   plots.numeric_column(rows, 'fc_scale')))
+    extra = [{'candidate': f"c{c:g}-f{f:g}", 'channel_scale': c, 'fc_scale': f,
+              'status': plots.NOT_NEEDED if met else ''}
+             for c in settings.CHANNEL_SCALES for f in settings.FC_SCALES
+             if (float(c), float(f)) not in have]
+    if not extra:
+        return rows
+    return pd.concat([rows, pd.DataFrame(extra)], ignore_index=True)
+
+
 def grid_cells(rows, settings):
     """The stage-two table with the columns the grid draws: score (%) and kb of the float
     model, and int8_score / int8_kb when quantization was on."""
     cells = rows.copy()
+    if 'status' not in cells.columns:
+        cells['status'] = ''
     predicted_kb = plots.numeric_column(cells, 'predicted_bytes') / 1024
     float_kb = plots.numeric_column(cells, 'onnx_bytes') / 1024
     int8 = 'int8_bytes' in cells.columns and cells['int8_bytes'].notna().any()
@@ -523,19 +726,18 @@ def _float_score(row, settings):
         return np.nan
 
 
-def _stage_two_columns(report_dir, rows):
+def _stage_two_columns(rows):
     int8 = 'int8_bytes' in rows.columns and rows['int8_bytes'].notna().any()
     columns = [('candidate', 'candidate', None, True), ('channel', 'channel_scale', _int, False),
                ('FC', 'fc_scale', _int, False), ('planned KB', 'predicted_bytes', _kb, False),
                ('status', 'status', None, True), ('xx-yy', 'result', None, False),
                ('INT8 score %' if int8 else 'score %', 'score', _percent, False),
                ('meets metric target', 'meets_metric', None, False),
-               ('ONNX KB', 'onnx_kb', _num(1), False)]
+               ('ONNX KB', 'onnx_kb', _num(2), False)]
     if int8:
         columns.append(('INT8 KB', 'int8_bytes', _kb, False))
     columns += [('latency ms', 'latency_ms', _num(3), False),
-                ('params', 'params', _int, False), ('time s', 'wall_s', _num(1), False),
-                ('folder', 'folder', _link(report_dir), True)]
+                ('params', 'params', _int, False), ('time s', 'wall_s', _num(1), False)]
     return columns
 
 
@@ -545,9 +747,7 @@ def _stage_two_rows(rows, settings):
         entry = row.to_dict()
         if pd.notna(entry.get('xx')) and pd.notna(entry.get('yy')):
             entry['result'] = f"{int(entry['xx'])}-{int(entry['yy'])}"
-        folder = os.path.join(settings.TEMP_DIR, str(entry.get('candidate', '')))
         ok = entry.get('status') == TrialStatus.OK
-        entry['folder'] = folder if ok and os.path.isdir(folder) else ''
         score = pd.to_numeric(entry.get('score'), errors='coerce')
         meets = pd.notna(score) and 100 * score >= settings.METRIC_TARGET - 1e-9
         entry['meets_metric'] = ('yes' if meets else 'no') if ok else ''
@@ -571,9 +771,53 @@ def _verdict(result_folder, info, settings, rows):
     if pd.notna(score):
         metric = f"{metric_name(settings)} {100 * score:.1f} % ({metric})"
     if pd.notna(kb):
-        size = f"{kb:.1f} KB ({size})"
+        size = f"{kb:.2f} KB ({size})"
     facts = f"{metric}, {size}"
     return ('ok' if met else 'bad', f"{_display(result_folder)}: {name} {words}: {facts}.")
+
+
+def deliverable_file(result_folder, settings):
+    """The file stage two delivers: saved.int8.onnx with QUANTIZE_INT8 (when written),
+    else saved.onnx."""
+    int8 = os.path.join(result_folder, 'saved.int8.onnx')
+    if settings.QUANTIZE_INT8 and os.path.isfile(int8):
+        return int8
+    return os.path.join(result_folder, 'saved.onnx')
+
+
+def _stage_two_next(settings, result_folder, info, rows):
+    """What to do with the result: the deliverable and its predict.py command, or for a
+    miss what missed and what to change."""
+    if not result_folder:
+        return _next_box('Next step: nothing to deliver', [_esc(
+            'No candidate under SIZE_TARGET_KB trained successfully. Raise SIZE_TARGET_KB or '
+            'lower CHANNEL_SCALES / FC_SCALES; for failed or diverged candidates, read the error '
+            'in stage2_results.csv (a lower LEARNING_RATE helps against divergence).')], bad=True)
+    path = deliverable_file(result_folder, settings)
+    test = settings.TEST_DIR or '<test folder>'
+    command = f"python predict.py {shlex.quote(os.path.normpath(path))} {shlex.quote(test)}"
+    if _met(info, result_folder):
+        kb = os.path.getsize(path) / 1024 if os.path.isfile(path) else np.nan
+        size = f" ({kb:.2f} KB)" if pd.notna(kb) else ''
+        return _next_box('Next step: the deliverable', [
+            f"Deliverable: {_code(os.path.normpath(path))}{_esc(size)}, meeting both targets.",
+            f"Predict with it: {_code(command)} (writes predictions.csv: the probabilities and "
+            f"the predicted label; with labelled data it prints the metrics)."])
+    name = f"c{info.get('channel_scale', '?')}-f{info.get('fc_scale', '?')}"
+    row = rows[rows['candidate'] == name].tail(1) if 'candidate' in rows else rows.iloc[0:0]
+    row = row.iloc[0] if len(row) else pd.Series(dtype=object)
+    score, kb = pd.to_numeric(row.get('score'), errors='coerce'), _deliverable_kb(row)
+    short = (f"{100 * score:.1f} % against METRIC_TARGET {settings.METRIC_TARGET:g} "
+             f"({settings.METRIC_TARGET - 100 * score:.1f} points short)" if pd.notna(score) else
+             f"no score against METRIC_TARGET {settings.METRIC_TARGET:g}")
+    size = f" at {kb:.2f} KB (SIZE_TARGET_KB {settings.SIZE_TARGET_KB:g})" if pd.notna(kb) else ''
+    return _next_box('Next step: the targets are missed', [
+        _esc(f"This result misses: its best candidate under the size cap, {name}, scores "
+             f"{short}{size}. It is not a deliverable that meets the targets."),
+        _esc("To change: train longer (NUM_EPOCHS) or at another LEARNING_RATE (stage one's "
+             "pick), allow larger candidates (higher CHANNEL_SCALES / FC_SCALES with a higher "
+             "SIZE_TARGET_KB), or lower METRIC_TARGET."),
+        f"To try it anyway: {_code(command)}"], bad=True)
 
 
 def _deliverable_kb(row):
@@ -594,17 +838,27 @@ def _winner(info):
         return None
 
 
-def _stage_two_figures(figures, rows, settings, info):
+def _met(info, result_folder):
+    """Whether the result folder's model meets both targets (its verdict says so)."""
+    if not result_folder:
+        return False
+    text = info.get('verdict') or read_text(os.path.join(result_folder, 'evaluation_metrics.txt'))
+    return 'does NOT meet' not in str(text)
+
+
+def _stage_two_figures(figures, rows, settings, info, result_folder):
     parts = ['<h2 id="grid">Channel x FC grid</h2>']
     winner = _winner(info)
-    cells, views = grid_cells(rows, settings)
+    cells, views = grid_cells(planned_cells(rows, settings, _met(info, result_folder)), settings)
     parts.append(_figure_or_note(
         figures.draw('stage2-grid', plots.stage_two_grid_plot, cells,
                      metric_target=settings.METRIC_TARGET, size_target_kb=settings.SIZE_TARGET_KB,
                      winner=winner, metric_label=metric_label(settings), views=views),
-        'Every channel x FC scaling pair: colour = score (green at or above METRIC_TARGET, red '
-        'below), the text its ONNX size; hatched cells are over SIZE_TARGET_KB (never trained), '
-        'grey ones untrained, the outlined cell the result.'
+        'Every channel x FC scaling pair of CHANNEL_SCALES x FC_SCALES: colour = score (green at '
+        'or above METRIC_TARGET, red below), the text its ONNX size (planned size where it was '
+        'never trained); grey with diagonal lines: over SIZE_TARGET_KB (never trained); pink '
+        'cross-hatched: diverged or failed; white: not needed (a smaller candidate met both '
+        'targets first); light grey: untrained; the outlined cell is the result.'
         + (' Float beside INT8: with QUANTIZE_INT8 the INT8 file decides.'
            if len(views) > 1 else ''),
         'stage two grid'))
@@ -654,15 +908,21 @@ def stage_two_html(settings, result_folder, figures, data_summary=''):
     body = [f'<h1>ATML stage two: {_esc(_display(report_dir))}</h1>',
             f'<p class="verdict {css}">{_esc(verdict)}</p>',
             _others_note(others, 'row(s) of stage2_results.csv'),
-            '<nav><a href="#grid">grid</a><a href="#table">candidates</a>'
+            '<nav><a href="#next">next step</a><a href="#grid">grid</a>'
+            '<a href="#table">candidates</a><a href="#subjects">subjects</a>'
             '<a href="#training">training</a><a href="#data">data</a>'
-            '<a href="#settings">settings</a></nav>']
+            '<a href="#settings">settings</a></nav>',
+            _stage_two_next(settings, result_folder, info, rows)]
     if rows.empty:
         body.append(_note('No stage-two candidate of the current settings is recorded.'))
     else:
-        body.append(f'<p class="lead">{_esc(_stage_two_lead(rows))}</p>')
-        body += _stage_two_figures(figures, rows, settings, info)
+        lead = _stage_two_lead(rows, settings, _met(info, result_folder))
+        body.append(f'<p class="lead">{_esc(lead)}</p>')
+        body += _stage_two_figures(figures, rows, settings, info, result_folder)
         body += _stage_two_tables(rows, settings, info, report_dir)
+        if result_folder:
+            body.append('<h2 id="subjects">Per subject: the result, worst first</h2>')
+            body += _per_subject_html([(_display(result_folder), result_folder)])
         body += _stage_two_training(figures, rows, settings, info)
     body += ['<h2 id="data">Data</h2>', _data_html(data_summary),
              '<h2 id="settings">Settings</h2>', _settings_html(settings)]
@@ -672,7 +932,7 @@ def stage_two_html(settings, result_folder, figures, data_summary=''):
 def _stage_two_tables(rows, settings, info, report_dir):
     """Trained (and failed) candidates in a table; the over-size ones folded away."""
     over = rows['status'] == TrialStatus.OVER_SIZE
-    columns = _stage_two_columns(report_dir, rows)
+    columns = _stage_two_columns(rows)
     parts = ['<h2 id="table">Candidates, smallest first</h2>']
     tried = rows[~over].reset_index(drop=True)
     if len(tried):
@@ -689,11 +949,17 @@ def _stage_two_tables(rows, settings, info, report_dir):
     return parts
 
 
-def _stage_two_lead(rows):
-    status = rows['status']
-    text = (f"{len(rows)} candidate(s): {int((status == TrialStatus.OK).sum())} trained, "
+def _stage_two_lead(rows, settings, met=False):
+    status = planned_cells(rows, settings, met)['status'].fillna('').astype(str)
+    needless = int((status.str.replace('-', ' ') == plots.NOT_NEEDED).sum())
+    untrained = int((status == '').sum())
+    over = int(status.isin([TrialStatus.OVER_LATENCY, TrialStatus.OVER_RAM]).sum())
+    text = (f"{len(status)} candidate(s): {int((status == TrialStatus.OK).sum())} trained, "
             f"{int(status.isin([TrialStatus.DIVERGED, TrialStatus.FAILED]).sum())} diverged or "
-            f"failed, {int((status == TrialStatus.OVER_SIZE).sum())} over the size target")
+            f"failed, {int((status == TrialStatus.OVER_SIZE).sum())} over the size target"
+            + (f", {over} over the latency or memory target" if over else '')
+            + (f", {needless} not needed (a smaller one met)" if needless else '')
+            + (f", {untrained} not trained yet" if untrained else ''))
     stamps = rows.get('finished_at', pd.Series([], dtype=str)).dropna().astype(str)
     stamps = stamps[stamps != '']
     return text + (f"; latest recorded at {stamps.max()}" if len(stamps) else '') + '.'

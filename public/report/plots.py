@@ -37,6 +37,8 @@ from public.train.outcome import TrialStatus  # noqa: E402
 DPI = 100
 PRUNED_COLOR = '#d62728'
 NO_SCORE_COLOR = '#555555'
+SKIPPED_COLOR = '#9e9e9e'
+BROKEN_EDGE = '#b22222'
 _PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 plt.rcParams.update({'font.size': 9, 'axes.titlesize': 10, 'axes.labelsize': 9,
@@ -86,6 +88,19 @@ def best_rows(trials):
                                    kind='stable')
         picks.append(ranked.index[0])
     return trials.loc[picks]
+
+
+def score_band(score, finished, pruned):
+    """(low, high) y limits (percent) holding the finished trials that were not pruned (all
+    finished ones when every one was pruned); None when nothing has a score. A pruned trial
+    scoring far below would squash the band: it is drawn clipped to the bottom edge."""
+    kept = score[finished & ~pruned].dropna()
+    kept = kept if len(kept) else score[finished].dropna()
+    if not len(kept):
+        return None
+    low, high = float(kept.min()), float(kept.max())
+    pad = max(2.0, 0.1 * (high - low))
+    return low - pad, min(100 + pad, high + pad)
 
 
 def pareto_front(x, y):
@@ -180,14 +195,24 @@ def _tradeoff_plot(trials, path, x_col, x_label, metric_label, title, log):
     shown = trials[ok]
     colours = model_colors(trials['model'] if 'model' in trials.columns else [])
     pruned = _flags(shown, 'pruned')
+    band = score_band(y[ok], pd.Series(True, index=shown.index), pruned)
+    below = (y < band[0]) & ok & _flags(trials, 'pruned')
     for model, group in shown.groupby(shown.get('model', pd.Series('', index=shown.index)),
                                       sort=False):
         colour = colours.get(model, 'C0')
         keep, cut = group[~pruned[group.index]], group[pruned[group.index]]
         ax.scatter(x[keep.index], y[keep.index], color=colour, s=36, alpha=0.85,
                    label=str(model), zorder=3)
-        ax.scatter(x[cut.index], y[cut.index], facecolors='none', edgecolors=colour, s=36,
-                   linewidths=1.2, zorder=3, label=f"{model} (pruned)" if len(cut) else None)
+        inside = cut[~below[cut.index]]
+        ax.scatter(x[inside.index], y[inside.index], facecolors='none', edgecolors=colour,
+                   s=36, linewidths=1.2, zorder=3,
+                   label=f"{model} (pruned)" if len(inside) else None)
+        clipped = cut[below[cut.index]]
+        ax.scatter(x[clipped.index], [band[0]] * len(clipped), marker='v', facecolors='none',
+                   edgecolors=colour, s=44, linewidths=1.2, zorder=3, clip_on=False)
+    if below.any():
+        ax.scatter([], [], marker='v', facecolors='none', edgecolors='grey', s=44,
+                   label=f"pruned, below {band[0]:.0f} % (at the bottom edge)")
     front = pareto_front(x[ok].to_numpy(), y[ok].to_numpy())
     fx, fy = x[ok].to_numpy()[front], y[ok].to_numpy()[front]
     ax.plot(fx, fy, color='black', linestyle='--', linewidth=1, drawstyle='steps-post',
@@ -196,6 +221,7 @@ def _tradeoff_plot(trials, path, x_col, x_label, metric_label, title, log):
         ax.set_xscale('log')
         _plain_log_ticks(ax.xaxis)
     ax.margins(x=0.06, y=0.08)
+    ax.set_ylim(*band)
     _label_best(ax, best_rows(shown), x, y, colours)
     ax.set_xlabel(x_label)
     ax.set_ylabel(metric_label)
@@ -243,8 +269,9 @@ def xx_yy(row):
     return f"{int(xx)}-{int(yy)}" if pd.notna(xx) and pd.notna(yy) else ''
 
 
-def lr_score_plot(trials, path, metric_label='score (%)', avoid_param=None):
-    """One panel per model: score vs learning rate; pruned, diverged, failed marked."""
+def lr_score_plot(trials, path, metric_label='score (%)', avoid_param=None, skipped=None):
+    """One panel per model: score vs learning rate; pruned, diverged, failed marked, and
+    the rates avoid.txt skipped (skipped: {model: [lr, ...]}) as grey crosses at the bottom."""
     models = list(dict.fromkeys(trials['model'])) if 'model' in trials.columns else []
     ncols = min(3, max(1, len(models)))
     nrows = max(1, math.ceil(len(models) / ncols))
@@ -259,60 +286,72 @@ def lr_score_plot(trials, path, metric_label='score (%)', avoid_param=None):
     colours = model_colors(models)
     best = set(best_rows(trials).index)
     for ax, model in zip(axes.flat, models):
-        _lr_panel(ax, trials[trials['model'] == model], model, colours[model], best, avoid_param)
+        _lr_panel(ax, trials[trials['model'] == model], model, colours[model], best, avoid_param,
+                  sorted((skipped or {}).get(model, ())))
         ax.set_ylabel(metric_label if ax in axes[:, 0] else '')
     fig.suptitle('Score per learning rate (each marker is one trial)')
-    fig.legend(handles=_lr_legend(avoid_param is not None), loc='outside lower center',
-               ncols=6, frameon=False)
+    fig.legend(handles=_lr_legend(avoid_param is not None, any((skipped or {}).values())),
+               loc='outside lower center', ncols=4, frameon=False)
     return _save(fig, path)
 
 
-def _lr_panel(ax, group, model, colour, best, avoid_param):
+def _lr_panel(ax, group, model, colour, best, avoid_param, skipped=()):
     lr, score = numeric_column(group, 'lr'), 100 * numeric_column(group, 'score')
     status = _status(group)
     pruned = _flags(group, 'pruned')
     scored = (status == TrialStatus.OK) & score.notna() & lr.notna()
-    plain, cut = scored & ~pruned, scored & pruned
+    band = score_band(score, scored, pruned)
+    below = scored & (score < band[0]) if band else scored & False
+    plain, cut = scored & ~pruned & ~below, scored & pruned & ~below
     ax.scatter(lr[plain], score[plain], color=colour, s=40, zorder=3)
     ax.scatter(lr[cut], score[cut], marker='v', color=PRUNED_COLOR, s=44, zorder=3)
-    for i in group.index.intersection(list(best)):
-        ax.scatter([lr[i]], [score[i]], s=150, facecolors='none', edgecolors='black',
-                   linewidths=1.5, zorder=4)
     bottom = ax.get_xaxis_transform()           # x in data, y in axes fraction
-    for state, marker, y in ((TrialStatus.DIVERGED, 'X', 0.04), (TrialStatus.FAILED, 'x', 0.04)):
+    ax.scatter(lr[below], [0.0] * int(below.sum()), transform=bottom, marker='v',
+               facecolors='none', edgecolors=PRUNED_COLOR, s=50, linewidths=1.3, zorder=4,
+               clip_on=False)
+    for i in group.index.intersection(list(best)):
+        y, transform = (score[i], ax.transData) if not below[i] else (0.0, bottom)
+        ax.scatter([lr[i]], [y], s=150, facecolors='none', edgecolors='black',
+                   linewidths=1.5, zorder=4, transform=transform, clip_on=False)
+    for state, marker, y in ((TrialStatus.DIVERGED, 'X', 0.06), (TrialStatus.FAILED, 'd', 0.06)):
         mask = (status == state) & lr.notna()
         ax.scatter(lr[mask], [y] * int(mask.sum()), transform=bottom, marker=marker,
                    color=NO_SCORE_COLOR if state == TrialStatus.FAILED else PRUNED_COLOR, s=50, zorder=3,
                    clip_on=False)
+    ax.scatter(list(skipped), [0.06] * len(skipped), transform=bottom, marker='x',
+               color=SKIPPED_COLOR, s=46, linewidths=1.6, zorder=3, clip_on=False)
     if avoid_param is not None:
         ax.axhline(100 * avoid_param, color=PRUNED_COLOR, linestyle=':', linewidth=1)
-    if scored.any():
-        low, high = float(score[scored].min()), float(score[scored].max())
-        if avoid_param is not None:
-            low = min(low, 100 * avoid_param)
-        pad = max(2.0, 0.1 * (high - low))
-        ax.set_ylim(low - 2 * pad, min(100 + pad, high + pad))
+    if band:
+        ax.set_ylim(*band)
     else:
         ax.set_yticks([])
-    values = sorted(lr.dropna().unique())
+    values = sorted(set(lr.dropna().unique()) | set(skipped))
     ax.set_xticks(values)
     ax.set_xticklabels([f"{v:g}" for v in values], rotation=45, ha='right', fontsize=7)
     if len(values) == 1:
         ax.set_xlim(values[0] * 0.8, values[0] * 1.2)
     ax.set_xlabel('learning rate')
     ax.grid(True, alpha=0.25)
-    ax.set_title(f"{model}: {len(group)} trial(s)")
+    title = f"{model}: {len(group)} trial(s)"
+    ax.set_title(title + (f", {len(skipped)} skipped" if len(skipped) else ''))
 
 
-def _lr_legend(with_avoid):
+def _lr_legend(with_avoid, with_skipped=False):
     handles = [Line2D([], [], marker='o', linestyle='', color='grey', label='finished'),
-               Line2D([], [], marker='v', linestyle='', color=PRUNED_COLOR, label='pruned'),
+               Line2D([], [], marker='v', linestyle='', color=PRUNED_COLOR,
+                      label='pruned (score below AVOID_PARAM)'),
+               Line2D([], [], marker='v', linestyle='', markerfacecolor='none',
+                      markeredgecolor=PRUNED_COLOR, label='pruned, below the axis (at its edge)'),
                Line2D([], [], marker='X', linestyle='', color=PRUNED_COLOR,
                       label='diverged (no score)'),
-               Line2D([], [], marker='x', linestyle='', color=NO_SCORE_COLOR,
+               Line2D([], [], marker='d', linestyle='', color=NO_SCORE_COLOR,
                       label='failed (no score)'),
                Line2D([], [], marker='o', linestyle='', markerfacecolor='none',
                       markeredgecolor='black', markersize=10, label="model's best")]
+    if with_skipped:
+        handles.append(Line2D([], [], marker='x', linestyle='', color=SKIPPED_COLOR,
+                              markeredgewidth=1.6, label='skipped (avoid.txt)'))
     if with_avoid:
         handles.append(Line2D([], [], color=PRUNED_COLOR, linestyle=':', label='AVOID_PARAM'))
     return handles
@@ -447,7 +486,7 @@ def stage_two_grid_plot(cells, path, *, metric_target, size_target_kb, winner=No
     KB column), its score (%) and size (KB). winner: (channel_scale, fc_scale) or None."""
     channels = sorted(numeric_column(cells, 'channel_scale').dropna().astype(int).unique())
     fcs = sorted(numeric_column(cells, 'fc_scale').dropna().astype(int).unique())
-    width = max(3.6, 1.15 * max(1, len(fcs)) + 1.6)
+    width = max(5.0, 1.15 * max(1, len(fcs)) + 1.6)
     fig, axes = plt.subplots(1, len(views), figsize=(width * len(views) + 1.0,
                                                      1.0 * max(1, len(channels)) + 2.2),
                              layout='constrained', squeeze=False)
@@ -463,9 +502,9 @@ def stage_two_grid_plot(cells, path, *, metric_target, size_target_kb, winner=No
         bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap='RdYlGn'), ax=list(axes.flat),
                            shrink=0.85, label=metric_label)
         bar.ax.axhline(metric_target, color='black', linewidth=1.5)
-    fig.suptitle(f"Stage-two candidates: targets {metric_label} >= {metric_target:g}, "
-                 f"ONNX <= {size_target_kb:g} KB")
-    fig.legend(handles=_grid_legend(winner), loc='outside lower center', ncols=4, frameon=False)
+    fig.suptitle(f"Stage-two candidates; targets:\n{metric_label} >= {metric_target:g}, "
+                 f"ONNX <= {size_target_kb:.2f} KB")
+    fig.legend(handles=_grid_legend(winner), loc='outside lower center', ncols=2, frameon=False)
     return _save(fig, path)
 
 
@@ -486,8 +525,9 @@ def _grid_panel(ax, cells, channels, fcs, score_col, kb_col, norm, winner):
             match = latest[(latest['_c'] == c) & (latest['_f'] == f)]
             row = match.iloc[0] if len(match) else None
             colour, hatch, text = _cell_look(row, score_col, kb_col, norm, cmap)
+            edge = {OVER_SIZE_LOOK[1]: '#888888', BROKEN_LOOK[1]: BROKEN_EDGE}.get(hatch, 'white')
             ax.add_patch(Rectangle((col_j - 0.5, row_i - 0.5), 1, 1, facecolor=colour,
-                                   hatch=hatch, edgecolor='white', linewidth=1.5))
+                                   hatch=hatch, edgecolor=edge, linewidth=0.8))
             ax.text(col_j, row_i, text, ha='center', va='center', fontsize=8.5,
                     bbox=dict(boxstyle='round,pad=0.2', fc='white', ec='none', alpha=0.75))
             if winner is not None and (c, f) == tuple(int(v) for v in winner):
@@ -502,28 +542,38 @@ def _grid_panel(ax, cells, channels, fcs, score_col, kb_col, norm, winner):
     ax.set_aspect('equal')
 
 
+NOT_NEEDED = 'not needed'       # a cell's status: never trained, a smaller candidate met
+OVER_SIZE_LOOK = ('#d9d9d9', '///')
+BROKEN_LOOK = ('#f4c7c3', 'xx')   # diverged / failed: reddish, cross-hatched
+
+
 def _cell_look(row, score_col, kb_col, norm, cmap):
     """(face colour, hatch, text) of one grid cell."""
     if row is None:
         return '#f4f4f4', None, 'not trained'
     status = str(row.get('status', '') or '')
     kb = pd.to_numeric(row.get(kb_col), errors='coerce')
-    size = f"{kb:.1f} KB" if pd.notna(kb) else ''
-    if status == TrialStatus.OVER_SIZE:
-        return '#bdbdbd', '///', f"{size}\nover-size".strip()
+    size = f"{kb:.2f} KB" if pd.notna(kb) else ''
+    if status in (TrialStatus.OVER_SIZE, TrialStatus.OVER_LATENCY, TrialStatus.OVER_RAM):
+        return (*OVER_SIZE_LOOK, f"{size}\n{status}".strip())
     score = pd.to_numeric(row.get(score_col), errors='coerce')
     if status == TrialStatus.OK and pd.notna(score):
         return cmap(norm(score)), None, f"{size}\n{score:.1f}%"
     if status in (TrialStatus.DIVERGED, TrialStatus.FAILED):
-        return '#9e9e9e', 'xx', f"{size}\n{status}".strip()
+        return (*BROKEN_LOOK, f"{size}\n{status}".strip())
+    if status.replace('-', ' ') == NOT_NEEDED:
+        return '#ffffff', None, f"{size}\nnot needed".strip()
     return '#e8e8e8', None, f"{size}\nuntrained".strip()
 
 
 def _grid_legend(winner):
-    handles = [Patch(facecolor='#bdbdbd', hatch='///', edgecolor='white',
+    handles = [Patch(facecolor=OVER_SIZE_LOOK[0], hatch=OVER_SIZE_LOOK[1], edgecolor='#888888',
                      label='over the size target (never trained)'),
-               Patch(facecolor='#e8e8e8', label='untrained'),
-               Patch(facecolor='#9e9e9e', hatch='xx', edgecolor='white', label='diverged / failed')]
+               Patch(facecolor=BROKEN_LOOK[0], hatch=BROKEN_LOOK[1], edgecolor=BROKEN_EDGE,
+                     label='diverged / failed'),
+               Patch(facecolor='#ffffff', edgecolor='#888888',
+                     label='not needed (a smaller one met)'),
+               Patch(facecolor='#e8e8e8', label='untrained')]
     if winner is not None:
         handles.append(Patch(facecolor='none', edgecolor='black', linewidth=3,
                              label=f"result c{winner[0]}-f{winner[1]}"))

@@ -22,7 +22,7 @@ from public.train.metrics import selection_score
 from public.train.outcome import TrialStatus
 
 METRICS = ('f1', 'accuracy', 'precision', 'recall', 'auc', 'abs_sum')
-_RESULT_FOLDER = re.compile(r'^\d{1,3}-\d{1,3}$')
+_RESULT_FOLDER = re.compile(r'^\d{1,3}-\d{1,3}(-MISS)?$')   # a miss: <xx>-<yy>-MISS
 _NUMERIC = (['lr', 'epochs', 'best_epoch', 'score', 'xx', 'yy', 'onnx_kb', 'onnx_bytes',
              'latency_ms', 'params', 'wall_s', 'channel_scale', 'fc_scale', 'predicted_bytes',
              'int8_bytes']
@@ -139,8 +139,9 @@ def load_stage_two(settings, result_folder):
 
 
 def find_result_folder(settings):
-    """The stage-two result folder in FINAL_RESULT_DIR: the <xx>-<yy>/ whose result.json has
-    scaling factors (the most recently written if several); None when there is none."""
+    """The stage-two result folder in FINAL_RESULT_DIR: the <xx>-<yy>/ (<xx>-<yy>-MISS/ for a
+    miss) whose result.json has scaling factors (the most recently written if several);
+    None when there is none."""
     root = settings.FINAL_RESULT_DIR
     found = []
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:

@@ -18,6 +18,7 @@ import torch
 
 from public.core.errors import DiskFullError, disk_full_cause, disk_full_reason
 from public.core.settings import write_settings
+from public.compress.graph_stats import format_stats
 from public.train.metrics import PER_SUBJECT_COLUMNS, worst_subjects
 
 # The model files of a result folder (saved.val.* only with REFIT: the validation-chosen
@@ -40,6 +41,31 @@ def format_metrics(metrics):
             f"{label} {metrics[f'{name}_{m}']:.4f}" for label, m in labels[:5]
             if f"{name}_{m}" in metrics))
     return '\n'.join(lines)
+
+
+def contest_lines(metrics, scoring, latency_ms=None):
+    """The contest figures' lines of evaluation_metrics.txt (binary tasks; none otherwise):
+    'F-beta (beta=2): 0.9321', 'Subject-averaged F-beta: ...', 'Subjects with F-beta > 0.9:
+    7 of 9 (0.78)', 'Contest score (iesd2024, normalised): ...'."""
+    if 'fbeta' not in metrics or not scoring:
+        return []
+    def num(v):
+        return 'n/a' if v is None or v != v else f"{v:.4f}"
+    beta = f"{scoring['beta']:g}"
+    lines = [f"F-beta (beta={beta}): {num(metrics['fbeta'])}",
+             f"Subject-averaged F-beta: {num(metrics.get('subj_fbeta'))} (subjects without AF: "
+             f"NO_AF_SUBJECT={scoring['no_af']!r})",
+             f"Subject-averaged F1: {num(metrics.get('subj_f1'))}"]
+    n, gen = metrics.get('gen_subjects'), metrics.get('gen')
+    if n and gen == gen:
+        lines.append(f"Subjects with F-beta > {scoring['threshold']:g}: {round(gen * n)} of "
+                     f"{int(n)} ({gen:.2f})")
+    if metrics.get('contest') is not None:
+        measured = f" (latency {latency_ms:.3f} ms x LATENCY_SCALE={scoring['latency_scale']:g})" \
+            if latency_ms is not None and latency_ms == latency_ms else ''
+        lines.append(f"Contest score ({scoring['contest']}, normalised): "
+                     f"{num(metrics['contest'])}{measured}")
+    return lines
 
 
 def kb2(size_bytes):
@@ -68,6 +94,10 @@ def evaluation_text(info):
     if int8:
         lines.append(f"INT8 ONNX file size: {kb2(int8['bytes'])} KB "
                      f"(saved.int8.onnx, the deliverable: QUANTIZE_INT8=True)")
+    lines += contest_lines(info.get(f"{select_on}_metrics") or {}, info.get('scoring'),
+                           info.get('latency_ms'))
+    if info.get('graph'):
+        lines.append("Deployment (exported graph, batch 1): " + format_stats(info['graph']))
     lines += [f"Metrics above are on the {select_on} split (SELECT_ON={select_on!r}).", '']
     if info.get(f"{other}_metrics"):
         lines += [f"{other} split:", format_metrics(info[f"{other}_metrics"]), '']
@@ -76,6 +106,8 @@ def evaluation_text(info):
                   f"ONNX file size: {kb2(int8['bytes'])} KB"]
         lines += [f"{split} split: " + ', '.join(f"{m} {v:.4f}" for m, v in int8[split].items())
                   for split in ('val', 'test') if int8.get(split)]
+        if int8.get('graph'):
+            lines.append("INT8 deployment (exported graph, batch 1): " + format_stats(int8['graph']))
         if int8.get('method') == 'qat':
             ptq = int8.get('ptq') or {}
             lines.append(f"Quantization-aware training: {int8['epochs']} epoch(s) of fine-tuning "
@@ -160,7 +192,11 @@ def _write_result_files(folder, *, result, name, model_name, lr, settings, onnx_
               'latency_ms': result.latency_ms, 'params': result.params, 'epochs': result.epochs,
               'best_epoch': result.best_epoch, 'stop_reason': result.stop_reason,
               'history': [list(h) for h in (result.history or [])],
-              'confusion': result.confusion or {}, **(info or {})}
+              'confusion': result.confusion or {},
+              'scoring': {'beta': settings.FBETA_BETA, 'no_af': settings.NO_AF_SUBJECT,
+                          'threshold': settings.GEN_THRESHOLD, 'contest': settings.CONTEST,
+                          'latency_scale': settings.LATENCY_SCALE},
+              'graph': getattr(result, 'graph', None), **(info or {})}
     if refit:
         record['refit'] = {k: v for k, v in refit.items()
                            if k not in ('state_dict', 'onnx', 'int8_onnx', 'per_subject', 'model')}
@@ -196,8 +232,15 @@ def _json_default(value):
     return str(value)
 
 
-def worst_subjects_note(folders):
-    """Lines naming each result folder's worst subjects (lowest accuracy; per_subject.csv)."""
+WORST_BELOW = 0.9     # a subject is named where its accuracy is below this
+WORST_COUNT = 5       # at most this many subjects per folder
+
+
+def worst_subjects_note(folders, below=WORST_BELOW, count=WORST_COUNT, width=100):
+    """One short line per result folder naming its subjects with accuracy below `below`
+    (test split, else val; worst first, at most `count`), e.g.
+    `  AFNet/98-70 (test): S204 0.50, S201 0.60 (of 40 segments each)`; no line for a folder
+    whose subjects all reach it (per_subject.csv holds every subject)."""
     lines = []
     for folder in folders:
         path = os.path.join(str(folder), 'per_subject.csv')
@@ -205,8 +248,25 @@ def worst_subjects_note(folders):
             continue
         rows = pd.read_csv(path, dtype={'subject': str}).to_dict('records')
         for split in ('test', 'val'):
-            worst = worst_subjects(rows, split)
-            if worst:
-                lines.append(f"  {folder}: worst {split} subjects: {'; '.join(worst)}")
-                break
+            mine = [r for r in rows if r['split'] == split]
+            if not mine:
+                continue
+            weak = sorted((r for r in mine if float(r['accuracy']) < below),
+                          key=lambda r: float(r['accuracy']))[:count]
+            if weak:
+                name = os.path.join(*os.path.normpath(str(folder)).split(os.sep)[-2:])
+                sizes = {int(r['segments']) for r in weak}
+                tail = ('' if len(sizes) > 1 else f" ({sizes.pop()} segments)" if len(weak) == 1
+                        else f" (of {sizes.pop()} segments each)")
+                line = ''
+                for shown in range(len(weak), 0, -1):     # as many as fit in `width`
+                    subjects = ', '.join(
+                        f"{r['subject']} {float(r['accuracy']):.2f}"
+                        + ('' if tail else f" ({int(r['segments'])})") for r in weak[:shown])
+                    more = f" +{len(weak) - shown}" if shown < len(weak) else ''
+                    line = f"  {name} ({split}): {subjects}{more}{tail}"
+                    if len(line) <= width:
+                        break
+                lines.append(line)
+            break
     return lines

@@ -15,7 +15,7 @@ import time
 from public.compress.export import size_kb
 from public.core.settings import INTRODUCED_AT, ONLY_WITH, settings_dict, trial_settings
 from public.results.table import TIMING_COLUMNS
-from public.train.metrics import METRIC_NAMES, score_digits, selection_score
+from public.train.metrics import CONTEST_METRICS, METRIC_NAMES, score_digits, selection_score
 
 def settings_key(settings, stage=1, extra=None):
     """The key of the settings that make two trials the same trial (config's KEY marks);
@@ -58,10 +58,19 @@ def trial_row(result, settings, key, **fields):
                history=[[round(float(v), 6) for v in h] for h in (result.history or [])],
                refit=_refit_summary(getattr(result, 'refit', None)))
     for split, metrics in (('val', result.val_metrics), ('test', result.test_metrics)):
-        for m in METRIC_NAMES + ('auc', 'abs_sum'):
+        for m in METRIC_NAMES + ('auc', 'abs_sum') + CONTEST_METRICS:
             row[f"{split}_{m}"] = metrics.get(m, '') if metrics else ''
+    row.update(graph_columns(getattr(result, 'graph', None)))
     row.update(fields)
     return row
+
+
+def graph_columns(stats):
+    """The deployment columns of graph_stats' figures ('' where there are none)."""
+    stats = stats or {}
+    return {'macs': stats.get('macs', ''), 'param_bytes': stats.get('param_bytes', ''),
+            'peak_act_bytes': stats.get('peak_activation_bytes', ''),
+            'peak_act_int8_bytes': stats.get('peak_activation_bytes_int8', '')}
 
 
 def _refit_summary(refit):

@@ -16,7 +16,7 @@ import time
 import pandas as pd
 
 from public.core.atomic import durable, replacing
-from public.train.metrics import METRIC_NAMES
+from public.train.metrics import CONTEST_METRICS, METRIC_NAMES
 
 _METRIC_COLUMNS = [f"{split}_{m}" for split in ('val', 'test')
                    for m in METRIC_NAMES + ('auc', 'abs_sum')]
@@ -31,6 +31,13 @@ STAGE2_COLUMNS = (['candidate', 'channel_scale', 'fc_scale', 'prune_fraction', '
                   + ['select_on', 'select_metric', 'score', 'xx', 'yy', 'meets_metric', 'onnx_kb',
                      'onnx_bytes', 'int8_bytes', 'int8_metrics', 'lr'] + _TAIL)
 TIMING_COLUMNS = ('latency_ms', 'wall_s', 'finished_at', 'node', 'attempts')
+# Added after tables existed, so at the end (an older table is rewritten under the new header,
+# its rows blank there): the contest figures of both splits (binary tasks; else blank) and
+# the deployment figures of the exported graph (stage two with INT8: the INT8 file's).
+CONTEST_COLUMNS = [f"{split}_{m}" for split in ('val', 'test') for m in CONTEST_METRICS]
+GRAPH_COLUMNS = ['macs', 'param_bytes', 'peak_act_bytes', 'peak_act_int8_bytes']
+STAGE1_COLUMNS += CONTEST_COLUMNS + GRAPH_COLUMNS
+STAGE2_COLUMNS += CONTEST_COLUMNS + GRAPH_COLUMNS + ['probe_latency_ms', 'probe_peak_act_bytes']
 
 
 class ResultsTable:

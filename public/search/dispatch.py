@@ -15,6 +15,11 @@ The executor (public.search.executor: SerialExecutor in-process, RayExecutor on 
 or a cluster) knows nothing of stages: it runs jobs and hands back outcomes. With WORKERS=1
 the serial executor runs one job at a time, so each result is recorded before the next job
 is chosen: exactly the original's sequential search.
+
+Live progress (public/search/progress.py): `make_watch(executor)` gives the stage a Watch
+(None when stdout is not a terminal and nobody else listens); its `report_to` goes into each
+trial's TrialSpec (the view itself in serial mode, a ray.util.queue.Queue in Ray mode, which
+the loop drains every POLL_S seconds while it waits).
 """
 import os
 import time
@@ -23,6 +28,7 @@ from typing import Optional, Protocol
 import torch
 
 from public.search.executor import Job, Outcome, RayExecutor, SerialExecutor
+from public.search.progress import Progress, ProgressView, TrialEnded, drain
 from public.train.outcome import TrialStatus
 
 
@@ -39,10 +45,11 @@ class Stage(Protocol):
         """Whether a submitted, unfinished job is no longer wanted (it is cancelled)."""
 
 
-def run_dispatch(stage: Stage, executor, interrupts, on_record=None):
+def run_dispatch(stage: Stage, executor, interrupts, on_record=None, watch=None):
     """Keep the executor full with the stage's next jobs; record outcomes as they arrive.
     `on_record()` runs after each recorded outcome, outside the critical section (the
-    report of a running search)."""
+    report of a running search). With a `watch` (a Watch), the executor is polled every
+    POLL_S seconds and the workers' progress events drained and drawn in between."""
     while True:
         while len(executor.pending()) < executor.capacity:
             job = stage.next_job()
@@ -51,26 +58,103 @@ def run_dispatch(stage: Stage, executor, interrupts, on_record=None):
             executor.submit(job)
         if not executor.pending():
             return                   # nothing running and nothing left to start
-        for outcome in executor.wait():
+        outcomes = executor.wait() if watch is None else executor.wait(timeout=POLL_S)
+        if watch is not None:
+            watch.poll()
+        for outcome in outcomes:
             with interrupts.critical():
                 stage.record(outcome)
+            if watch is not None:
+                watch.ended(outcome)
             if on_record:
                 on_record()
             for job in list(executor.pending()):
                 if stage.obsolete(job):
                     executor.cancel(job)
+                    if watch is not None:
+                        watch.event(TrialEnded(job.key, 'cancelled'))
 
 
-def dispatch(stage: Stage, data, interrupts, executor=None, on_record=None):
+def dispatch(stage: Stage, data, interrupts, executor=None, on_record=None, watch=None):
     """run_dispatch on `executor`, or, when it is None, on a SerialExecutor made for this
     call and shut down after it (a given executor is its owner's to shut down)."""
     own = executor is None
     executor = executor or SerialExecutor(data)
     try:
-        run_dispatch(stage, executor, interrupts, on_record)
+        run_dispatch(stage, executor, interrupts, on_record, watch)
     finally:
         if own:
             executor.shutdown()
+
+
+POLL_S = 1.0                 # seconds between two looks at the workers' progress
+
+
+class Watch:
+    """The live progress of one stage (public/search/progress.py), as the dispatch loop and
+    the stage see it. `send(event)` takes every event on the driver (the view's handle, a
+    test's recorder, or both); `report_to` is what a trial's job reports to (TrialSpec
+    .report_to): `send` itself in serial mode, a ray.util.queue.Queue that `poll()` drains
+    in Ray mode. `view`: the ProgressView drawn on a terminal (None or disabled: quiet)."""
+
+    def __init__(self, send, view=None, source=None):
+        self.send, self.view, self.source = send, view, source
+        self.report_to = source if source is not None else send
+
+    @property
+    def drawing(self):
+        """Whether bars are drawn: log lines must then go through `write`."""
+        return self.view is not None and self.view.enabled and not self.view.closed
+
+    def event(self, event):
+        self.send(event)
+
+    def poll(self):
+        """Hand the workers' waiting events to `send` and redraw (ETAs count down)."""
+        if self.source is not None:
+            try:
+                drain(self.source, self.send)
+            except Exception:            # progress is a nicety: a broken queue stops it only
+                self.source = None
+        if self.view is not None:
+            self.view.refresh(force=False)
+
+    def ended(self, outcome):
+        """A trial's outcome reached the driver: its end (a worker that died sent none)."""
+        result = outcome.result
+        status = getattr(result, 'status', None) if outcome.ok else TrialStatus.FAILED
+        self.send(TrialEnded(outcome.job.key, str(status or TrialStatus.FAILED)))
+
+    def write(self, line):
+        self.view.write(line)
+
+    def close(self):
+        if self.view is not None:
+            self.view.close()
+
+
+def make_watch(executor, send=None, label='', stream=None, enabled=None):
+    """The Watch of a stage run on `executor`: a ProgressView (drawn only on a terminal,
+    unless `enabled` says otherwise) fed with every event, plus `send` (a recorder) when
+    given. None when nothing would look at the events (no terminal, no `send`): the trials
+    then report nothing and the log lines stay as they are."""
+    serial = isinstance(executor, SerialExecutor) or executor is None
+    capacity = getattr(executor, 'capacity', 1) or 1
+    view = ProgressView(Progress(workers=capacity, label=label), stream=stream,
+                        enabled=enabled, tick=1.0 if serial else None)
+    if not view.enabled:
+        view.close()
+        if send is None:
+            return None
+        view = None
+    sinks = [s for s in (view.handle if view is not None else None, send) if s is not None]
+
+    def fan_out(event):
+        for sink in sinks:
+            sink(event)
+
+    source = None if serial else executor.progress_queue()
+    return Watch(fan_out if len(sinks) > 1 else sinks[0], view, source)
 
 
 class SpeculativeWork:

@@ -402,6 +402,7 @@ class RayExecutor(_Executor):
         self._refs = {}                       # key -> ObjectRef of a running job
         self._owned_temp = None
         self._driver_mark = None
+        self._progress_queue = None
         self.ray_temp_dir = ''
         address = address or ''
         source = 'RAY_ADDRESS'
@@ -433,6 +434,16 @@ class RayExecutor(_Executor):
     @property
     def data_ref(self):
         return self._data_ref
+
+    def progress_queue(self):
+        """A ray.util.queue.Queue the workers put their progress events in (its handle
+        travels in the job payload) and the driver drains while it waits; one per executor,
+        made on first use, on no CPU of its own."""
+        if self._progress_queue is None:
+            from ray.util.queue import Queue   # optional: only a parallel search needs Ray
+            with _named_interrupts():
+                self._progress_queue = Queue(actor_options={'num_cpus': 0})
+        return self._progress_queue
 
     # ---- start / attach
     def _ray_temp_dir(self, temp_dir):
@@ -586,6 +597,7 @@ class RayExecutor(_Executor):
         self._refs.clear()
         self._queue.clear()
         self._pending.clear()
+        self._progress_queue = None           # its actor goes with the instance
         if ray.is_initialized():
             with _named_interrupts():
                 ray.shutdown()

@@ -19,14 +19,16 @@ import time
 import pandas as pd
 
 from public.core.atomic import atml_made, durable, replace_folder, write_atomic
-from public.results.files import MODEL_FILES, read_info, write_info, write_result_files
+from public.results.files import MODEL_FILES, kb2, read_info, write_info, write_result_files
 from public.results.keys import best_rank, lr_key, settings_key, trial_row
 from public.results.store import recover_folders
 from public.results.table import STAGE1_COLUMNS, ResultsTable
 from public.search.avoid import AvoidList, learning_rate_candidates
-from public.search.dispatch import SpeculativeWork, dispatch
+from public.search.dispatch import SpeculativeWork, dispatch, make_watch
 from public.search.executor import Job
+from public.search.progress import PlanChanged
 from public.search.trial import TrialSpec, drop_unneeded_refit, outcome_result, run_trial_job
+from public.search.trial import checkpoint_path, clean_checkpoints, remove_checkpoint
 from public.train.metrics import METRIC_NAMES, percent, selection_score
 from public.train.outcome import TrialStatus
 
@@ -64,6 +66,7 @@ def archive_results(settings, log):
             shutil.move(os.path.join(root, entry), os.path.join(archive, entry))
         log(f"RESUME=False: earlier results moved to {archive}")
     AvoidList(settings.AVOID_FILE_PATH, settings.STEP).remove_search_lines()
+    clean_checkpoints(settings.TEMP_DIR, 's1-', None, [], log)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -83,6 +86,7 @@ class StageOne:
         self.table = ResultsTable(os.path.join(self.root, RESULTS_CSV), STAGE1_COLUMNS)
         self.avoid = AvoidList(settings.AVOID_FILE_PATH, settings.STEP)
         self.key = settings_key(settings)
+        self.checkpoints = f"s1-{self.key}"    # this key's folder of trial checkpoints
         self.candidates = learning_rate_candidates(settings.LR_MIN, settings.LR_MAX,
                                                    settings.STEP)
         # The serial order: model by model, learning rates in grid order. The serial search
@@ -96,6 +100,16 @@ class StageOne:
         self.done = set()              # models whose search ended (target, or cannot build)
         self.announced = set()
         self.rows = []                 # this key's rows, in table order
+        self.notify = lambda event: None   # progress events of the plan (watch())
+        self.report_to = None              # where a trial reports its epochs (TrialSpec)
+        self.skipped = 0               # candidates decided without training (progress)
+        self.on_cluster = False        # name a trial's node only when attached to a cluster
+
+    def watch(self, watch):
+        """Report progress to a dispatch.Watch (None: report nothing)."""
+        if watch is not None:
+            self.notify, self.report_to = watch.event, watch.report_to
+            self.notify(PlanChanged(planned=len(self.order), skipped=0))
 
     # -- start: repair everything derived from the table
     def start(self):
@@ -129,8 +143,20 @@ class StageOne:
                 self.log(f"{name}: STAGE1_TARGET={self.settings.STAGE1_TARGET} already reached; skipped")
                 self.done.add(name)
         self._remove_orphan_stores()
+        clean_checkpoints(self.settings.TEMP_DIR, 's1-', self.checkpoints,
+                          [f"{m}@{lr}" for m, lr in self.finished_before], self.log)
         self.write_summary()
         self.log(f"Learning rates: {', '.join(lr_key(c) for c in self.candidates)}")
+        self.log(scores_note(self.settings))
+
+    def avoid_skipped(self):
+        """{model: how many of its grid rates avoid.txt keeps from training} (not trained
+        under this key; the summary's `skipped`, apart from `pruned`)."""
+        trained = {(r['model'], r['lr']) for r in self.rows        # as the serial search
+                   if r['status'] != TrialStatus.SPECULATIVE}
+        return {name: sum(1 for lr in self.candidates if (name, lr_key(lr)) not in trained
+                          and self.avoid.pruned_by(lr, name, self.key))
+                for name in self.models}
 
     def finished_trials(self):
         """(model, lr) -> row of the trials of this key that finished (ok or diverged)."""
@@ -172,6 +198,9 @@ class StageOne:
             if why is None:
                 self._commit(self.waiting.pop(key))
                 continue
+            if key not in self.dispatched:   # a dispatched one ends as cancelled or speculative
+                self.skipped += 1
+                self.notify(PlanChanged(skipped=self.skipped))
             if why != 'its model is done':
                 self.log(f"  {name} lr={lr_key(lr)}: {why}")
             self._discard(key, why)
@@ -192,6 +221,7 @@ class StageOne:
         row.update(status=TrialStatus.SPECULATIVE,
                    error=f"ran ahead of the serial order; not used: {why}")
         self.table.append(row)
+        remove_checkpoint(spec.checkpoint)
         self.speculative.discarded(result)
 
     def speculative_note(self):
@@ -233,7 +263,8 @@ class StageOne:
                          build=functools.partial(_build, self.models[name], data.input_size,
                                                  data.in_channels, data.num_classes),
                          trainer=self.trainer, progress=self.progress,
-                         refit_above=self.best_score(name))
+                         refit_above=self.best_score(name), report_to=self.report_to,
+                         checkpoint=checkpoint_path(self.settings.TEMP_DIR, self.checkpoints, key))
         return Job(key=spec.key, fn=run_trial_job, payload=spec)
 
     def obsolete(self, job):
@@ -241,6 +272,7 @@ class StageOne:
         if job.key in self.discarded or self._skip_reason(name, lr) is not None:
             self.discarded.add(job.key)
             self.speculative.cancel(self.dispatched.get(job.key, time.time()))
+            remove_checkpoint(job.payload.checkpoint)      # never trained on: never resumed
             return True
         return False
 
@@ -273,6 +305,7 @@ class StageOne:
         if result.status == TrialStatus.OK:
             self._store(name, lr, result)          # artifacts first: the row may rebuild from them
         self.table.append(row)                     # the commit point
+        remove_checkpoint(spec.checkpoint)
         self.rows = [r for r in self.table.rows() if r['settings_key'] == self.key]
         if pruned:
             why = ('diverged' if result.status == TrialStatus.DIVERGED else
@@ -288,8 +321,10 @@ class StageOne:
         else:
             self.log(f"  {name} lr={lr_key(lr)}: {result.status}, {result.stop_reason} after "
                      f"{result.epochs} epoch(s), {settings.SELECT_ON} {row['xx']}-{row['yy']}"
-                     f"{' (pruned)' if pruned else ''}, {row['onnx_kb'] or '-'} KB, "
-                     f"{result.wall_s:.1f} s" + (f" on node {result.node}" if result.node not in ('', 'local') else ''))
+                     f"{' (pruned)' if pruned else ''}, "
+                     f"{kb2(result.onnx_bytes) if result.onnx_bytes else '-'} KB, "
+                     f"{result.wall_s:.1f} s" + (f" on node {result.node}" if self.on_cluster else '')
+                     + (f" (resumed at epoch {result.resumed_at})" if result.resumed_at else ''))
             self.reconcile(name)
         if result.status == TrialStatus.OK and percent(score) >= settings.STAGE1_TARGET \
                 and name not in self.done:
@@ -377,7 +412,7 @@ class StageOne:
                     durable('removed orphan store entry')
 
     def write_summary(self):
-        summary = summarize(self.settings, self.rows, list(self.models))
+        summary = summarize(self.settings, self.rows, list(self.models), self.avoid_skipped())
         write_atomic(os.path.join(self.root, SUMMARY_CSV), summary.to_csv(index=False))
         return summary
 
@@ -389,30 +424,122 @@ def _write_error(model_dir, name, lr, result):
 
 
 def run_stage_one(settings, data, models, interrupts, log=print, progress=True, executor=None,
-                  trainer=None, on_record=None):
+                  trainer=None, on_record=None, on_event=None):
     """The stage-one search over `models` (classes); returns the summary DataFrame.
-    `executor` defaults to the in-process serial one; `on_record()` runs after each trial."""
+    `executor` defaults to the in-process serial one; `on_record()` runs after each trial.
+    Live progress (public/search/progress.py) is drawn when stdout is a terminal; every
+    progress event also goes to `on_event(event)` when given (tests)."""
     if not settings.RESUME:
         archive_results(settings, log)
     os.makedirs(settings.MODEL_SAVE_PATH, exist_ok=True)
     os.makedirs(settings.TEMP_DIR, exist_ok=True)
-    stage = StageOne(settings, data, models, log, progress, trainer)
-    stage.start()
-    dispatch(stage, data, interrupts, executor, on_record)
+    watch = make_watch(executor, on_event, label='stage 1')
+    if watch is not None and watch.drawing:
+        log, progress = watch.write, False   # tqdm bars of training would collide with the view
+    try:
+        stage = StageOne(settings, data, models, log, progress, trainer)
+        stage.on_cluster = bool(getattr(executor, 'address', ''))
+        stage.watch(watch)
+        stage.start()
+        dispatch(stage, data, interrupts, executor, on_record, watch)
+    finally:
+        if watch is not None:
+            watch.close()
     note = stage.speculative_note()
     if note:
         log(note)
     return stage.write_summary()
 
 
-def summarize(settings, rows, model_names):
+def _kb(row):
+    # KB with two decimals, as evaluation_metrics.txt (the row's onnx_kb is rounded up)
+    return round(int(row['onnx_bytes']) / 1024, 2) if row.get('onnx_bytes') not in (None, '') \
+        else float(row['onnx_kb'])
+
+
+def scores_note(settings):
+    """The one line that explains the scores' words, said at the start of each stage."""
+    return (f"Scores: xx-yy = 100 \u00d7 (best, worst) of F1/accuracy/precision/recall on "
+            f"{settings.SELECT_ON}; min4 = the worst (SELECT_METRIC={settings.SELECT_METRIC} "
+            f"decides)")
+
+
+def read_summary(path):
+    """The rows of a stage-one summary.csv as dicts ([] when there is none or it is empty)."""
+    try:
+        return pd.read_csv(path, dtype={'best_lr': str}).to_dict('records')
+    except (OSError, pd.errors.EmptyDataError):
+        return []
+
+
+def recommended_pick(rows):
+    """Stage one's pick from summary rows: the best score over models, ties to the smaller
+    ONNX file; {'model', 'lr', 'score', 'onnx_kb', 'result'} or None (no trained model)."""
+    def number(value):
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            return None
+        return None if value != value else value
+    ranked = [r for r in rows if number(r.get('score')) is not None and r.get('best_lr') not in (None, '')
+              and str(r.get('best_lr')) != 'nan']
+    if not ranked:
+        return None
+    best = min(ranked, key=lambda r: (-number(r['score']), number(r.get('onnx_kb')) or 0.0))
+    return {'model': best['model'], 'lr': str(best['best_lr']), 'score': number(best['score']),
+            'onnx_kb': number(best.get('onnx_kb')), 'result': str(best.get('result', ''))}
+
+
+def next_step_lines(pick, settings):
+    """How stage one leads into stage two: the pick, what to put in public/ss_model.py and
+    the command to run."""
+    if pick is None:
+        return ["No model trained successfully: nothing to recommend for stage two."]
+    lr = pick['lr']
+    command = 'python train_final.py' + (
+        '' if abs(float(lr) - float(settings.LEARNING_RATE)) <= 1e-12 else f" LEARNING_RATE={lr}")
+    kb = f", {pick['onnx_kb']:.2f} KB" if pick['onnx_kb'] is not None else ''
+    if pick['model'] == 'AFNet':
+        where = "public/ss_model.py already scales AFNet (class AFNet): keep it"
+    elif 'AFNet' in pick['model']:
+        where = (f"make public/ss_model.py's AFNet class build {pick['model']} (its AFNet "
+                 f"scaling fits AFNet-like models; docs/stage-two.md for the details)")
+    else:
+        where = (f"put {pick['model']} in public/ss_model.py (its AFNet scaling fits AFNet-like "
+                 f"models; docs/stage-two.md shows how to scale another class)")
+    return [f"Recommended: {pick['model']} at learning rate {lr} ({settings.SELECT_ON} {pick['result']}{kb}; "
+            f"the best score over models, ties to the smaller ONNX).",
+            f"Next step: {where}; then run:  {command}"]
+
+
+def contest_summary(row):
+    """The summary's contest figures of a results row: val_/test_ fbeta, subj_fbeta and gen,
+    4 decimals ('' for a multi-class task, or a row of an ATML without them)."""
+    out = {}
+    for split in ('val', 'test'):
+        for m in ('fbeta', 'subj_fbeta', 'gen'):
+            value = row.get(f"{split}_{m}", '')
+            out[f"{split}_{m}"] = '' if value in ('', None) else round(float(value), 4)
+    return out
+
+
+def graph_summary(row):
+    """The summary's deployment figures: MACs and the peak activation bytes (float, INT8)."""
+    return {k: row.get(k, '') for k in ('macs', 'peak_act_bytes', 'peak_act_int8_bytes')}
+
+
+def summarize(settings, rows, model_names, skipped=None):
     """One row per model: its best trial (best_rank: score, then yy, then xx) with metrics,
-    size and speed; `rows` are the current settings' rows of results.csv."""
+    size and speed; `rows` are the current settings' rows of results.csv. `skipped`: {model:
+    rates avoid.txt kept from training} ('pruned' counts trained trials scoring below
+    AVOID_PARAM, or diverged)."""
+    skipped = skipped or {}
     out = []
     for name in model_names:
         mine = [r for r in rows if r['model'] == name and r['status'] != TrialStatus.SPECULATIVE]
         ok = [r for r in mine if r['status'] == TrialStatus.OK]
-        entry = {'model': name, 'trials': len(mine), 'pruned': sum(r['pruned'] == 'True' for r in mine),
+        entry = {'model': name, 'trials': len(mine), 'skipped': skipped.get(name, 0),
+                 'pruned': sum(r['pruned'] == 'True' for r in mine),
                  'failed': sum(r['status'] == TrialStatus.FAILED for r in mine)}
         if ok:
             best = max(ok, key=best_rank)     # max keeps the first of equals
@@ -421,8 +548,9 @@ def summarize(settings, rows, model_names):
                          **{f"val_{m}": round(float(best[f'val_{m}']), 4) for m in METRIC_NAMES},
                          **({f"test_{m}": round(float(best[f'test_{m}']), 4) for m in METRIC_NAMES}
                             if best['test_f1'] != '' else {}),
-                         onnx_kb=int(best['onnx_kb']), latency_ms=round(float(best['latency_ms']), 3),
-                         params=int(best['params']),
+                         **contest_summary(best),
+                         onnx_kb=_kb(best), latency_ms=round(float(best['latency_ms']), 3),
+                         params=int(best['params']), **graph_summary(best),
                          folder=os.path.join(settings.MODEL_SAVE_PATH, name, f"{best['xx']}-{best['yy']}"))
         entry['wall_s'] = round(sum(float(r['wall_s']) for r in mine), 1)
         out.append(entry)

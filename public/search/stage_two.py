@@ -21,19 +21,24 @@ from dataclasses import dataclass
 import torch
 
 from public.compress.channel_prune import prune_model
+from public.compress import export
 from public.compress.export import export_onnx, like_trained, size_kb
+from public.compress.graph_stats import graph_stats
 from public.compress.qat import check_quantizable
 from public.compress.quantize import quantize_int8
 from public.core.atomic import atml_made, replace_folder
 from public.core.errors import SettingsError, disk_full_cause
 from public.data.prepare import calibration_sample
-from public.results.files import read_info, write_info, write_result_files
-from public.results.keys import best_rank, settings_key, trial_row
+from public.results.files import kb2, read_info, write_info, write_result_files
+from public.results.keys import best_rank, graph_columns, settings_key, trial_row
 from public.results.store import clean_scratch, recover_folders
 from public.results.table import STAGE2_COLUMNS, ResultsTable
-from public.search.dispatch import SpeculativeWork, dispatch
+from public.search.dispatch import SpeculativeWork, dispatch, make_watch
+from public.search.progress import PlanChanged
+from public.search.stage_one import SUMMARY_CSV, read_summary, recommended_pick, scores_note
 from public.search.executor import Job
 from public.search.trial import TrialSpec, drop_unneeded_refit, outcome_result, run_trial_job
+from public.search.trial import checkpoint_path, clean_checkpoints, remove_checkpoint
 from public.train.metrics import score_digits, selection_score
 from public.train.outcome import TrialStatus
 from public.train.recipe import add_normalization
@@ -48,6 +53,10 @@ class Candidate:
     config: dict
     predicted_bytes: int
     prune: float = 0.0        # PRUNE_FRACTIONS: this fraction of channels removed after training
+    latency_ms: float = None  # the probe's onnxruntime latency (measured when a target or
+                              # CANDIDATE_ORDER='fastest' needs it; weights do not change it)
+    peak_act_bytes: int = None    # the probe graph's peak activation memory (INT8 figure
+                                  # with QUANTIZE_INT8): what RAM_TARGET_KB is checked on
 
     @property
     def name(self):
@@ -63,6 +72,49 @@ class SizeBudget:
 
     def fits(self, size_bytes):
         return size_bytes <= self.limit_bytes
+
+
+# Borderline latencies are measured again: a probe within this fraction of LATENCY_TARGET_MS
+# is re-measured LATENCY_REPEATS - 1 more times and decided on the median of the medians
+# (on this 2-core machine one median of 200 runs varies by up to ~±10 % between repeats;
+# docs/contest-scoring.md).
+LATENCY_BORDER = 0.15
+LATENCY_REPEATS = 5
+
+
+class DeployBudget:
+    """The feasibility question of a candidate before training: which target (size, latency,
+    peak activation memory) does it miss? verdict() answers None (feasible) or the status
+    it is recorded with (over-size, over-latency, over-ram)."""
+
+    def __init__(self, settings):
+        self.size = SizeBudget(settings.SIZE_TARGET_KB)
+        self.latency_ms = settings.LATENCY_TARGET_MS
+        self.ram_bytes = int(settings.RAM_TARGET_KB * 1024)
+
+    def verdict(self, candidate):
+        if not self.size.fits(candidate.predicted_bytes):
+            return TrialStatus.OVER_SIZE
+        if self.latency_ms and candidate.latency_ms is not None \
+                and candidate.latency_ms > self.latency_ms:
+            return TrialStatus.OVER_LATENCY
+        if self.ram_bytes and candidate.peak_act_bytes is not None \
+                and candidate.peak_act_bytes > self.ram_bytes:
+            return TrialStatus.OVER_RAM
+        return None
+
+
+def probe_latency_ms(path, settings):
+    """The latency that LATENCY_TARGET_MS is checked on: the median of LATENCY_RUNS runs,
+    and for a borderline figure (within LATENCY_BORDER of the target) the median of
+    LATENCY_REPEATS such medians, so timer noise cannot flip the verdict."""
+    first = export.onnx_latency_ms(path, settings.LATENCY_RUNS)
+    target = settings.LATENCY_TARGET_MS
+    if not target or abs(first - target) > LATENCY_BORDER * target:
+        return first
+    more = [export.onnx_latency_ms(path, settings.LATENCY_RUNS)
+            for _ in range(LATENCY_REPEATS - 1)]
+    return float(sorted([first] + more)[LATENCY_REPEATS // 2])
 
 
 def _ss_model():
@@ -106,7 +158,8 @@ def plan_candidates(settings, input_size, in_channels, num_classes=2, probe_dir=
                     out = model(torch.zeros(2, in_channels, input_size, 1))
                 if tuple(out.shape) != (2, num_classes):
                     raise ValueError(f"output shape {tuple(out.shape)}, expected (2, {num_classes})")
-                size = _probe_size(model, probe, settings, in_channels, input_size, calibration_x)
+                size, latency, peak = _probe_size(model, probe, settings, in_channels,
+                                                  input_size, calibration_x)
             except SettingsError:
                 raise
             except Exception as exc:
@@ -116,31 +169,47 @@ def plan_candidates(settings, input_size, in_channels, num_classes=2, probe_dir=
                     f"public/ss_model.py: generate_config({c}, {f}, input_size={input_size}) "
                     f"does not give a model that builds and runs on input "
                     f"(N, {in_channels}, {input_size}, 1): {type(exc).__name__}: {exc}") from exc
-            candidates.append(Candidate(c, f, config, size))
+            candidates.append(Candidate(c, f, config, size, latency_ms=latency,
+                                        peak_act_bytes=peak))
             for fraction in settings.PRUNE_FRACTIONS:
                 # Which channels go depends on the trained weights; how many does not, so
                 # the pruned probe's file has the pruned model's exact size.
                 pruned = prune_model(like_trained(model), fraction,
                                      torch.zeros(2, in_channels, input_size, 1)).eval()
-                size = _probe_size(pruned, probe, settings, in_channels, input_size,
-                                   calibration_x)
-                candidates.append(Candidate(c, f, config, size, prune=fraction))
+                size, latency, peak = _probe_size(pruned, probe, settings, in_channels,
+                                                  input_size, calibration_x)
+                candidates.append(Candidate(c, f, config, size, prune=fraction,
+                                            latency_ms=latency, peak_act_bytes=peak))
     if os.path.exists(probe):
         os.remove(probe)
+    if settings.CANDIDATE_ORDER == 'fastest':
+        return sorted(candidates, key=lambda k: (k.latency_ms, k.predicted_bytes,
+                                                 k.channel_scale, k.fc_scale, k.prune))
     return sorted(candidates, key=lambda k: (k.predicted_bytes, k.channel_scale, k.fc_scale,
                                              k.prune))
 
 
 def _probe_size(model, probe, settings, in_channels, input_size, calibration_x):
-    """The exact ONNX size of `model` once trained (the INT8 size when QUANTIZE_INT8)."""
+    """(size, latency, peak activation bytes) of `model` once trained, known before training:
+    the exact ONNX size (the INT8 size when QUANTIZE_INT8), the probe file's latency (the INT8
+    file's when quantizing; None unless LATENCY_TARGET_MS or CANDIDATE_ORDER='fastest' asks)
+    and graph_stats' peak activation memory (its INT8 figure when quantizing)."""
     size = export_onnx(like_trained(model), probe, in_channels, input_size, settings.ONNX_OPSET)
+    stats = graph_stats(probe)
+    peak = stats['peak_activation_bytes']
+    timed = probe
     if settings.QUANTIZE_INT8:
         # INT8 files vary by a few bytes with the weights: a prediction, re-checked on the
         # trained model.
         size = quantize_int8(probe, probe + '.int8', calibration_x,
                              reduce_range=settings.INT8_REDUCE_RANGE)
+        peak, timed = stats['peak_activation_bytes_int8'], probe + '.int8'
+    latency = None
+    if settings.LATENCY_TARGET_MS or settings.CANDIDATE_ORDER == 'fastest':
+        latency = probe_latency_ms(timed, settings)
+    if settings.QUANTIZE_INT8:
         os.remove(probe + '.int8')
-    return size
+    return size, latency, peak
 
 
 def stage_two_key(settings):
@@ -166,6 +235,9 @@ def _row(candidate, settings, key, result=None, status=None):
                   fc_scale=candidate.fc_scale, prune_fraction=candidate.prune or '',
                   predicted_bytes=candidate.predicted_bytes,
                   lr=repr(settings.LEARNING_RATE), meets_metric=False)
+    fields.update(probe_latency_ms='' if candidate.latency_ms is None else candidate.latency_ms,
+                  probe_peak_act_bytes='' if candidate.peak_act_bytes is None
+                  else candidate.peak_act_bytes)
     if result is None:
         return dict(fields, status=status, seed=settings.SEED, settings_key=key,
                     select_on=settings.SELECT_ON, select_metric=settings.SELECT_METRIC)
@@ -180,6 +252,8 @@ def _row(candidate, settings, key, result=None, status=None):
                                  'method': result.int8.get('method', 'ptq'),
                                  **({'ptq': {s: result.int8['ptq'][s] for s in ('val', 'test')}}
                                     if result.int8.get('ptq') else {})})
+        if result.int8.get('graph'):
+            row.update(graph_columns(result.int8['graph']))
     return row
 
 
@@ -195,8 +269,14 @@ class StageTwo:
         self.settings, self.data, self.log = settings, data, log
         self.progress, self.trainer = progress, trainer
         self.budget = SizeBudget(settings.SIZE_TARGET_KB)
+        self.deploy = DeployBudget(settings)
         self.table = ResultsTable(os.path.join(settings.TEMP_DIR, STAGE2_CSV), STAGE2_COLUMNS)
         self.key = stage_two_key(settings)
+        self.notify = lambda event: None   # progress events of the plan (watch())
+        self.report_to = None              # where a trial reports its epochs (TrialSpec)
+        self.skipped = 0
+        self.on_cluster = False            # name a trial's node only when attached to a cluster
+        self.checkpoints = f"s2-{self.key}"    # this key's folder of trial checkpoints
 
     def start(self):
         settings, log = self.settings, self.log
@@ -214,32 +294,51 @@ class StageTwo:
         if settings.QAT_EPOCHS and self.plan:     # a model QAT cannot take stops the run now
             check_quantizable(build_from_config(self.plan[0].config), data.in_channels,
                               data.input_size, settings.ONNX_OPSET)
-        self.feasible = [k for k in self.plan if self.budget.fits(k.predicted_bytes)]
+        self.feasible = [k for k in self.plan if self.deploy.verdict(k) is None]
         self.outcomes = {}          # candidate name -> its row, once recorded (this key)
         for r in self.table.rows():
-            if r['settings_key'] != self.key or r['status'] in (TrialStatus.FAILED, TrialStatus.OVER_SIZE,
-                                                                 TrialStatus.SPECULATIVE):
+            if r['settings_key'] != self.key or r['status'] in (
+                    TrialStatus.FAILED, TrialStatus.OVER_SIZE, TrialStatus.OVER_LATENCY,
+                    TrialStatus.OVER_RAM, TrialStatus.SPECULATIVE):
                 continue
             if r['status'] == TrialStatus.OK and not os.path.isdir(self._dir(r['candidate'])):
                 continue            # its files are gone: train it again
             self.outcomes[r['candidate']] = r
-        log(f"Stage two plan: {len(self.plan)} candidate(s) at LEARNING_RATE={settings.LEARNING_RATE}; "
-            f"targets: min metric >= {settings.METRIC_TARGET} %, ONNX <= {settings.SIZE_TARGET_KB} KB "
-            f"({self.budget.limit_bytes} bytes)")
+        for line in stage_two_intro(settings):
+            log(line)
+        over = len(self.plan) - len(self.feasible)
+        limits = 'a target' if settings.LATENCY_TARGET_MS or settings.RAM_TARGET_KB else 'size'
+        log(f"Stage two plan: {len(self.plan)} candidate(s) at LEARNING_RATE={settings.LEARNING_RATE}"
+            f" ({len(self.feasible)} to train (in order), {settings.CANDIDATE_ORDER} first; "
+            f"{over} over {limits}); "
+            f"targets: {settings.SELECT_METRIC} >= {settings.METRIC_TARGET} %, ONNX <= "
+            f"{settings.SIZE_TARGET_KB} KB ({self.budget.limit_bytes} bytes)"
+            + (f", latency <= {settings.LATENCY_TARGET_MS} ms" if settings.LATENCY_TARGET_MS else '')
+            + (f", peak activations <= {settings.RAM_TARGET_KB} KB" if settings.RAM_TARGET_KB
+               else ''))
         for k in self.plan:
-            fate = 'train' if self.budget.fits(k.predicted_bytes) else 'over size budget: never trained'
-            done = ' (finished earlier: not retrained)' if k.name in self.outcomes and fate == 'train' else ''
+            verdict = self.deploy.verdict(k)
+            fits = verdict is None
+            fate = 'to train (in order)' if fits else {
+                TrialStatus.OVER_SIZE: 'over size budget: never trained',
+                TrialStatus.OVER_LATENCY: 'over latency target: never trained',
+                TrialStatus.OVER_RAM: 'over memory target: never trained'}[verdict]
+            measured = ('' if k.latency_ms is None else f", {k.latency_ms:.3f} ms") + (
+                '' if k.peak_act_bytes is None else f", peak act {k.peak_act_bytes / 1024:.1f} KB")
+            done = ' (finished earlier: not retrained)' if k.name in self.outcomes and fits else ''
             pruned = f" pruned {100 * k.prune:.0f} %" if k.prune else ''
             log(f"  {k.name:>8}  channels {k.config.get('channels', '?')}, fc {k.config.get('fc_hidden', '?')}"
-                f"{pruned}: {k.predicted_bytes} bytes ({size_kb(k.predicted_bytes)} KB)  {fate}{done}")
+                f"{pruned}: {k.predicted_bytes} bytes ({kb2(k.predicted_bytes)} KB){measured}  {fate}{done}")
         if self.outcomes:
             log(f"Resuming from {self.table.path}: {len(self.outcomes)} candidate(s) already recorded")
-        recorded = {r['candidate'] for r in self.table.rows()
-                    if r['settings_key'] == self.key and r['status'] == TrialStatus.OVER_SIZE}
+        recorded = {(r['candidate'], r['status']) for r in self.table.rows()
+                    if r['settings_key'] == self.key}
         for k in self.plan:                       # the plan's verdicts, recorded up front
-            if not self.budget.fits(k.predicted_bytes) and k.name not in recorded:
-                self.table.append(_row(k, settings, self.key, status=TrialStatus.OVER_SIZE))
+            verdict = self.deploy.verdict(k)
+            if verdict is not None and (k.name, verdict) not in recorded:
+                self.table.append(_row(k, settings, self.key, status=verdict))
         self.queue = [k for k in self.feasible if k.name not in self.outcomes]
+        clean_checkpoints(settings.TEMP_DIR, 's2-', self.checkpoints, list(self.outcomes), log)
         self.pos = 0                  # how far the walk of the serial order has committed
         self.waiting = {}             # name -> Outcome: finished, a smaller one still open
         self.dispatched = {}          # name -> time.time() when it was handed out
@@ -247,6 +346,13 @@ class StageTwo:
         for k in self.feasible:
             if self.outcomes.get(k.name, {}).get('status') == TrialStatus.DIVERGED:
                 log(f"  {k.name}: diverged in an earlier run; not retrained")
+        self.skipped = len(self.plan) - len(self.queue)   # over size, or recorded earlier
+        self.notify(PlanChanged(planned=len(self.plan), skipped=self.skipped))
+
+    def watch(self, watch):
+        """Report progress to a dispatch.Watch (None: report nothing); before start()."""
+        if watch is not None:
+            self.notify, self.report_to = watch.event, watch.report_to
 
     def _dir(self, name):
         return os.path.join(self.settings.TEMP_DIR, name)
@@ -311,6 +417,8 @@ class StageTwo:
         while self.queue:
             k = self.queue.pop(0)
             if self._beyond(k.name):
+                self.skipped += 1 + len(self.queue)
+                self.notify(PlanChanged(skipped=self.skipped))
                 self.queue = []             # a smaller candidate already meets both targets
                 return None
             self.dispatched[k.name] = time.time()
@@ -318,7 +426,9 @@ class StageTwo:
                              build=functools.partial(build_from_config, k.config),
                              quantize=self.settings.QUANTIZE_INT8, trainer=self.trainer,
                              progress=self.progress, prune=k.prune,
-                             refit_above=self._refit_above())
+                             refit_above=self._refit_above(), report_to=self.report_to,
+                             checkpoint=checkpoint_path(self.settings.TEMP_DIR, self.checkpoints,
+                                                        k.name))
             return Job(key=k.name, fn=run_trial_job, payload=spec)
         return None
 
@@ -332,6 +442,7 @@ class StageTwo:
     def obsolete(self, job):
         if self._beyond(job.key):
             self.speculative.cancel(self.dispatched.get(job.key, time.time()))
+            remove_checkpoint(job.payload.checkpoint)      # never trained on: never resumed
             return True
         return False
 
@@ -351,6 +462,7 @@ class StageTwo:
                    error="ran ahead of the serial order; not used: a smaller candidate meets "
                          "both targets")
         self.table.append(row)
+        remove_checkpoint(outcome.job.payload.checkpoint)
         self.speculative.discarded(result)
 
     def speculative_note(self):
@@ -370,13 +482,16 @@ class StageTwo:
         if result.status == TrialStatus.OK:
             _save_candidate(settings, k, result, self._dir(k.name), self.key)   # artifacts first
         self.table.append(row)                                                # the commit point
+        remove_checkpoint(outcome.job.payload.checkpoint)
         recorded = [r for r in self.table.rows()
                     if r['settings_key'] == self.key and r['candidate'] == k.name]
         self.outcomes[k.name] = recorded[-1]
+        size = row.get('int8_bytes') or row.get('onnx_bytes')
         self.log(f"  {k.name}: {result.status}, {settings.SELECT_ON} {row.get('xx', '')}-{row.get('yy', '')}, "
-                 f"{row.get('onnx_kb', '')} KB, {result.wall_s:.1f} s"
+                 f"{kb2(size) if size else '-'} KB, {result.wall_s:.1f} s"
                  + (f" ({row['error']})" if result.error else '')
-                 + (f" on node {result.node}" if result.node not in ('', 'local') else ''))
+                 + (f" on node {result.node}" if self.on_cluster else '')
+                 + (f" (resumed at epoch {result.resumed_at})" if result.resumed_at else ''))
 
     def finish(self):
         """Publish the answer (or the best under the size cap); (folder or None, met, rows)."""
@@ -393,21 +508,23 @@ class StageTwo:
                 f"(SIZE_TARGET_KB={settings.SIZE_TARGET_KB}: raise it or lower CHANNEL_SCALES / FC_SCALES).")
             return None, False, rows
         best = max(sorted(trained, key=lambda r: self._index(r['candidate'])), key=best_rank)
-        log(f"No candidate meets both targets. Best under the size cap: {best['candidate']} with "
-            f"{settings.SELECT_METRIC}={100 * float(best['score']):.1f} "
-            f"({100 * float(best['score']) - settings.METRIC_TARGET:+.1f} points from METRIC_TARGET="
-            f"{settings.METRIC_TARGET}), {best['onnx_kb']} KB ({float(best['onnx_kb']) - settings.SIZE_TARGET_KB:+.0f} KB "
-            f"from SIZE_TARGET_KB={settings.SIZE_TARGET_KB}).")
+        log(miss_sentence(best, settings))
         return self._publish(best, False), False, rows
+
+    def accounting(self):
+        """{fate: count} of every planned candidate (the final table's and the plan's words)."""
+        return candidate_fates(self.plan, self.table.rows(), self.key, self.budget,
+                               self.settings)
 
     def _publish(self, row, met):
         """Derive <FINAL_RESULT_DIR>/<xx>-<yy>/ from the candidate's folder (atomically); an
         earlier result folder of this same search under another name is stale: removed."""
         settings = self.settings
-        name = f"{row['xx']}-{row['yy']}"
+        name = result_folder_name(row, met)
         source = self._dir(row['candidate'])
-        verdict = (f"Stage two: {'meets' if met else 'does NOT meet'} both targets "
-                   f"(METRIC_TARGET={settings.METRIC_TARGET}, SIZE_TARGET_KB={settings.SIZE_TARGET_KB})")
+        verdict = (f"Verdict: {'meets' if met else 'does NOT meet'} both targets "
+                   f"(METRIC_TARGET={settings.METRIC_TARGET}, SIZE_TARGET_KB={settings.SIZE_TARGET_KB})"
+                   + ('' if met else f". {miss_sentence(row, settings)}"))
 
         def build(folder):
             for f in os.listdir(source):
@@ -427,18 +544,123 @@ class StageTwo:
 
 
 def run_stage_two(settings, data, interrupts, log=print, progress=True, trainer=None,
-                  executor=None):
-    """The stage-two search; returns (result folder or None, met: bool, rows)."""
+                  executor=None, on_event=None):
+    """The stage-two search; returns (result folder or None, met: bool, rows). Live
+    progress is drawn when stdout is a terminal; `on_event(event)` gets every progress
+    event when given (tests)."""
     os.makedirs(settings.TEMP_DIR, exist_ok=True)
-    stage = StageTwo(settings, data, log, progress, trainer)
-    with interrupts.critical():
-        stage.start()
-    dispatch(stage, data, interrupts, executor)
+    watch = make_watch(executor, on_event, label='stage 2')
+    if watch is not None and watch.drawing:
+        log, progress = watch.write, False   # tqdm bars of training would collide with the view
+    try:
+        stage = StageTwo(settings, data, log, progress, trainer)
+        stage.on_cluster = bool(getattr(executor, 'address', ''))
+        stage.watch(watch)
+        with interrupts.critical():
+            stage.start()
+        dispatch(stage, data, interrupts, executor, watch=watch)
+    finally:
+        if watch is not None:
+            watch.close()
     note = stage.speculative_note()
     if note:
         log(note)
     with interrupts.critical():
-        return stage.finish()
+        folder, met, rows = stage.finish()
+    log(fates_line(stage.accounting()))
+    return folder, met, rows
+
+
+MISS = '-MISS'    # a result folder's suffix when its model does not meet both targets
+
+# The fates of stage two's candidates, in the order the final table and the plan count them.
+FATES = ('met', 'trained and missed', 'not needed', 'over size', 'over latency or memory',
+         'failed', 'speculative')
+_FATE_NOTES = {'not needed': 'a smaller one met first'}
+
+
+def result_folder_name(row, met):
+    """'<xx>-<yy>' (the original's) for a model meeting both targets, else '<xx>-<yy>-MISS'."""
+    return f"{row['xx']}-{row['yy']}" + ('' if met else MISS)
+
+
+def miss_sentence(row, settings):
+    """What was closest and by how much, in one sentence."""
+    score = 100 * float(row['score'])
+    size = row.get('int8_bytes') if settings.QUANTIZE_INT8 else row.get('onnx_bytes')
+    kb = f" ({kb2(int(size))} KB)" if size not in (None, '') else ''
+    return (f"No candidate met METRIC_TARGET={settings.METRIC_TARGET}: the closest, "
+            f"{row['candidate']}{kb}, reached {score:.1f} "
+            f"({settings.METRIC_TARGET - score:.1f} points short).")
+
+
+def candidate_fates(plan, rows, key, budget, settings):
+    """{fate: count} over every candidate of the plan (each counted once, by its latest
+    row of this key): met, trained and missed, not needed (never trained: a smaller one met
+    first), over size, failed (or diverged), speculative (trained ahead, not used)."""
+    latest = {r['candidate']: r for r in rows if r.get('settings_key') == key}
+    counts = dict.fromkeys(FATES, 0)
+    for k in plan:
+        row = latest.get(k.name)
+        status = row['status'] if row else None
+        if not budget.fits(k.predicted_bytes) or status == TrialStatus.OVER_SIZE:
+            fate = 'over size'
+        elif status in (TrialStatus.OVER_LATENCY, TrialStatus.OVER_RAM):
+            fate = 'over latency or memory'
+        elif status is None:
+            fate = 'not needed'
+        elif status == TrialStatus.SPECULATIVE:
+            fate = 'speculative'
+        elif status == TrialStatus.OK:
+            met = _meets_metric(row, settings) and _deliverable_fits(row, budget, settings)
+            fate = 'met' if met else 'trained and missed'
+        else:
+            fate = 'failed'
+        counts[fate] += 1
+    return counts
+
+
+def fates_line(counts):
+    """'Candidates (16): 1 met, 2 trained and missed, 3 not needed (a smaller one met first), ...'."""
+    parts = [f"{counts[f]} {f}" + (f" ({_FATE_NOTES[f]})" if f in _FATE_NOTES else '')
+             for f in FATES]
+    return f"Candidates ({sum(counts.values())}): {', '.join(parts)}"
+
+
+def scaled_architecture():
+    """(file, class name, first docstring line or '') of what stage two scales."""
+    ss_model = _ss_model()
+    doc = (inspect.getdoc(ss_model) or inspect.getdoc(ss_model.AFNet) or '').strip()
+    return (os.path.relpath(inspect.getsourcefile(ss_model)), ss_model.AFNet.__name__,
+            doc.splitlines()[0] if doc else '')
+
+
+def stage_two_intro(settings):
+    """The lines that open stage two: what it scales, at which rate, to which targets, the
+    scores' words, and warnings when it does not follow stage one's pick."""
+    path, name, doc = scaled_architecture()
+    lines = [f"Stage two scales {name} of {path}" + (f": {doc}" if doc else ''),
+             f"  at LEARNING_RATE={settings.LEARNING_RATE}; targets: METRIC_TARGET="
+             f"{settings.METRIC_TARGET} ({settings.SELECT_METRIC} on {settings.SELECT_ON}), "
+             f"SIZE_TARGET_KB={settings.SIZE_TARGET_KB}", scores_note(settings)]
+    summary = os.path.join(settings.MODEL_SAVE_PATH, SUMMARY_CSV)
+    pick = recommended_pick(read_summary(summary))
+    if pick is None:
+        return lines + [f"warning: no stage-one results in {summary}: LEARNING_RATE and "
+                        f"{path} are not checked against a stage-one pick (run train_multi.py "
+                        f"first, or go on if you chose them yourself)"]
+    source = inspect.getsource(_ss_model())
+    lines.append(f"Stage one's pick ({summary}): {pick['model']} at learning rate {pick['lr']} "
+                 f"({settings.SELECT_ON} {pick['result']})")
+    if pick['model'] != name and pick['model'] not in source:
+        lines.append(f"warning: stage one's best model is {pick['model']} (lr {pick['lr']}, "
+                     f"{pick['result']}), but {path} scales {name}, which does not mention it; "
+                     f"see docs/stage-two.md to scale {pick['model']}")
+    if abs(float(pick['lr']) - float(settings.LEARNING_RATE)) > 1e-12:
+        lines.append(f"warning: LEARNING_RATE={settings.LEARNING_RATE}, but stage one's best "
+                     f"model {pick['model']} did best at {pick['lr']} "
+                     f"(python train_final.py LEARNING_RATE={pick['lr']})")
+    return lines
 
 
 def _save_candidate(settings, candidate, result, candidate_dir, key):

@@ -12,6 +12,7 @@ interruption (KeyboardInterrupt) propagates.
 """
 import copy
 import dataclasses
+import inspect
 import os
 import shutil
 import tempfile
@@ -24,12 +25,15 @@ import torch
 
 from public.compress.channel_prune import prune_model
 from public.compress.export import check_onnx, export_onnx, onnx_latency_ms, onnx_predict
+from public.compress.graph_stats import graph_stats
 from public.compress.qat import qat_int8
 from public.compress.quantize import quantize_int8
 from public.data.prepare import calibration_sample, on_device
+from public.search.progress import EpochReporter
 from public.train.loop import (STOP_DIVERGED, refit_schedule, seed_everything, train_fixed,
                                train_model)
-from public.train.metrics import classification_metrics, evaluate, probabilities, selection_score
+from public.train.metrics import (Scoring, add_contest_score, classification_metrics, evaluate,
+                                  probabilities, selection_score)
 from public.train.outcome import TrialResult, TrialStatus
 from public.train.recipe import add_normalization
 
@@ -44,10 +48,12 @@ def check_model_runs(model, data):
 
 
 def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='train',
-              latency=True, prune_fraction=0.0):
+              latency=True, prune_fraction=0.0, on_epoch=None, checkpoint=None):
     """Build a fresh seeded model, train, evaluate on val and test, export and check ONNX.
     With prune_fraction, the trained model then loses that fraction of its channels and
-    hidden units (smallest L1 norm first, public/compress/channel_prune.py) and is fine-tuned PRUNE_EPOCHS."""
+    hidden units (smallest L1 norm first, public/compress/channel_prune.py) and is fine-tuned PRUNE_EPOCHS.
+    With checkpoint (a file path), the training saves its state there after every epoch and
+    resumes from it (train_model); the pruned fine-tuning is short and starts over."""
     start = time.perf_counter()
     result = TrialResult(status=TrialStatus.FAILED)
     try:
@@ -58,7 +64,9 @@ def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='t
         model = model.to(data.device)
         result.params = sum(p.numel() for p in model.parameters())
         check_model_runs(model, data)
-        outcome = train_model(model, data.trial, lr, settings, data.device, progress, desc)
+        outcome = train_model(model, data.trial, lr, settings, data.device, progress, desc,
+                              on_epoch=on_epoch, checkpoint=checkpoint)
+        result.resumed_at = outcome.resumed_at
         if prune_fraction and outcome.stop_reason != STOP_DIVERGED:
             model, outcome = _prune_and_tune(model, outcome, prune_fraction, data, settings,
                                              progress, desc)
@@ -67,12 +75,14 @@ def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='t
         result.stop_reason, result.history = outcome.stop_reason, outcome.history
         result.state_dict = {k: v.detach().cpu() for k, v in outcome.state_dict.items()}
         y_val = data.trial.y_val.cpu().numpy()
+        scoring = Scoring.of(settings)
         result.val_metrics, result.confusion['val'], rows = evaluate(
-            model, data.trial.x_val, y_val, data.val_subjects, 'val', data)
+            model, data.trial.x_val, y_val, data.val_subjects, 'val', data, scoring=scoring)
         result.per_subject = rows
         if len(data.x_test):
             result.test_metrics, result.confusion['test'], rows = evaluate(
-                model, data.x_test, data.y_test, data.test_subjects, 'test', data, progress)
+                model, data.x_test, data.y_test, data.test_subjects, 'test', data, progress,
+                scoring=scoring)
             result.per_subject += rows
         if outcome.stop_reason == STOP_DIVERGED:
             result.status = TrialStatus.DIVERGED
@@ -84,8 +94,11 @@ def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='t
             check_onnx(onnx_path, model, data.onnx_sample)
             with open(onnx_path, 'rb') as f:
                 result.onnx = f.read()
+            result.graph = graph_stats(onnx_path)
             if latency:
                 result.latency_ms = onnx_latency_ms(onnx_path, settings.LATENCY_RUNS)
+                for metrics in (result.val_metrics, result.test_metrics):
+                    add_contest_score(metrics, scoring, result.latency_ms, result.onnx_bytes)
             result.status = TrialStatus.OK
             result.model = model
     except KeyboardInterrupt:
@@ -139,9 +152,13 @@ def refit(build_model, lr, outcome, data, settings, onnx_path, progress=False, d
                          f"(epoch {len(losses)} of {epochs})")
     if len(data.x_test):
         info['test_metrics'], info['confusion']['test'], info['per_subject'] = evaluate(
-            model, data.x_test, data.y_test, data.test_subjects, 'test-refit', data, progress)
+            model, data.x_test, data.y_test, data.test_subjects, 'test-refit', data, progress,
+            scoring=Scoring.of(settings))
     info['onnx_bytes'] = export_onnx(model, onnx_path, data.in_channels, data.input_size,
                                      settings.ONNX_OPSET)
+    # latency does not depend on the weights: the validated model's measured figure serves
+    add_contest_score(info['test_metrics'], Scoring.of(settings), outcome.latency_ms,
+                      info['onnx_bytes'])
     check_onnx(onnx_path, model, data.onnx_sample)
     with open(onnx_path, 'rb') as f:
         info['onnx'] = f.read()
@@ -163,6 +180,8 @@ class TrialSpec:
     progress: bool = False
     prune: float = 0.0        # stage two's pruned candidates: the fraction of channels removed
     refit_above: float = 0.0  # REFIT only a trial whose deciding score reaches this (the best
+    report_to: object = None  # live progress: a callable taking events, or a queue (put_nowait)
+    checkpoint: str = ''      # the trial's checkpoint file (checkpoint_path); '' for none
 
 
 def run_trial_job(spec, data):
@@ -175,9 +194,15 @@ def run_trial_job(spec, data):
     try:
         onnx_path = os.path.join(scratch, 'trial.onnx')
         trainer = spec.trainer or run_trial
+        reporter = _reporter(spec, trainer)
+        extra = ({'on_epoch': reporter.epoch} if reporter is not None
+                 and 'on_epoch' in inspect.signature(trainer).parameters else {})
+        if (_checkpoint_here(spec.checkpoint)
+                and 'checkpoint' in inspect.signature(trainer).parameters):
+            extra['checkpoint'] = spec.checkpoint
         result = trainer(spec.build, spec.lr, data, settings, onnx_path,
                          progress=spec.progress, desc=spec.key,
-                         **({'prune_fraction': spec.prune} if spec.prune else {}))
+                         **({'prune_fraction': spec.prune} if spec.prune else {}), **extra)
         if result.status == TrialStatus.OK and result.onnx is None and os.path.exists(onnx_path):
             with open(onnx_path, 'rb') as f:
                 result.onnx = f.read()
@@ -191,12 +216,73 @@ def run_trial_job(spec, data):
         if (settings.REFIT and not spec.prune and result.status == TrialStatus.OK
                 and deciding_score(result, settings) >= spec.refit_above - 1e-5):   # rows hold 6 digits
             _after_training(result, 'REFIT', _add_refit, spec, onnx_path, data)
+        if reporter is not None:                  # after INT8, QAT and REFIT: the whole job
+            reporter.ended(result.status)
         result.model = None
         if result.refit:
             result.refit.pop('model', None)
         return result
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+CHECKPOINTS = 'checkpoints'
+
+
+def checkpoint_path(temp_dir, stage_key, trial_key):
+    """<TEMP_DIR>/checkpoints/<stage key>/<trial key, made a safe name>/state.pt, absolute (a
+    Ray worker of a private instance runs on this machine, in another working directory).
+    The stage key holds the settings key: a checkpoint of other settings is never found."""
+    safe = ''.join(c if c.isalnum() or c in '.-_' else '_' for c in trial_key)
+    return os.path.join(os.path.abspath(temp_dir), CHECKPOINTS, stage_key, safe, 'state.pt')
+
+
+def _checkpoint_here(path):
+    # A worker checkpoints only where the driver's TEMP_DIR exists: this machine (a private
+    # instance), or a folder the cluster's nodes share. Elsewhere a retry starts over.
+    return bool(path) and os.path.isdir(path.rsplit(os.sep + CHECKPOINTS + os.sep, 1)[0])
+
+
+def remove_checkpoint(path):
+    """Remove a trial's checkpoint folder (its row is committed: it will not run again)."""
+    if path:
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+
+
+def clean_checkpoints(temp_dir, stage_prefix, stage_key, finished, log):
+    """At a stage's start: remove the checkpoints of this stage's other settings keys
+    (folders `<stage_prefix>*` but `stage_key`; all of them with stage_key None: never
+    resumed) and of trials that already have a row (`finished`: trial keys); say what is
+    left to resume."""
+    root = os.path.join(os.path.abspath(temp_dir), CHECKPOINTS)
+    if not os.path.isdir(root):
+        return
+    for name in os.listdir(root):
+        if name.startswith(stage_prefix) and name != stage_key:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            log(f"  removed the trial checkpoints of other settings ({name})")
+    if stage_key is None:                  # RESUME=False: every trial starts over
+        return
+    for key in finished:
+        remove_checkpoint(checkpoint_path(temp_dir, stage_key, key))
+    mine = os.path.join(root, stage_key)
+    left = sorted(os.listdir(mine)) if os.path.isdir(mine) else []
+    if left:
+        log(f"  {len(left)} trial checkpoint(s) in {mine}: those trials resume mid-training")
+
+
+def _reporter(spec, trainer):
+    """The trial's EpochReporter when the driver watches progress (spec.report_to: the
+    driver's view in serial mode, a ray.util.queue.Queue in a Ray worker), already told the
+    trial started; None when nobody watches. A stand-in trainer that takes no `on_epoch`
+    still gets its start and end reported."""
+    target = spec.report_to
+    if target is None:
+        return None
+    send = target if callable(target) else target.put_nowait
+    reporter = EpochReporter(spec.key, send, min_interval=0.5)
+    reporter.started(spec.settings.NUM_EPOCHS)
+    return reporter
 
 
 def _after_training(result, what, step, spec, float_path, data):
@@ -247,7 +333,7 @@ def _add_qat(result, spec, float_path, data):
     ptq = {k: v for k, v in result.int8.items()}
     qat_int8(model, data.trial, qat_learning_rate(spec.lr), settings, settings.QAT_EPOCHS, calibration_sample(data),
              qat_path, data.in_channels, data.input_size, settings.ONNX_OPSET, data.device)
-    measured, result.int8_onnx = _measure_int8(qat_path, data, ('val', 'test'))
+    measured, result.int8_onnx = _measure_int8(qat_path, data, ('val', 'test'), settings)
     result.int8 = dict(measured, method='qat', epochs=settings.QAT_EPOCHS, ptq=ptq)
 
 
@@ -272,18 +358,27 @@ def _add_refit(result, spec, float_path, data):
         qat_int8(result.refit['model'], data.trial, qat_learning_rate(spec.lr), settings,
                  settings.QAT_EPOCHS, calibration_sample(data), path + '.qat', data.in_channels,
                  data.input_size, settings.ONNX_OPSET, data.device)
-        measured, result.refit['int8_onnx'] = _measure_int8(path + '.qat', data, ('test',))
+        measured, result.refit['int8_onnx'] = _measure_int8(path + '.qat', data, ('test',),
+                                                            settings)
         result.refit['int8'] = dict(measured, method='qat', ptq=result.refit['int8'])
 
 
-def _measure_int8(int8_path, data, splits):
-    measured = {'bytes': os.path.getsize(int8_path)}
-    for split, x, y in (('val', data.trial.x_val, data.trial.y_val.cpu().numpy()),
-                        ('test', data.x_test, data.y_test)):
+def _measure_int8(int8_path, data, splits, settings):
+    # The INT8 file's own latency and graph figures: the contest score and the deployment
+    # columns of an INT8 stage two are the deliverable's.
+    scoring = Scoring.of(settings)
+    measured = {'bytes': os.path.getsize(int8_path),
+                'latency_ms': onnx_latency_ms(int8_path, settings.LATENCY_RUNS),
+                'graph': graph_stats(int8_path)}
+    for split, x, y, subjects in (
+            ('val', data.trial.x_val, data.trial.y_val.cpu().numpy(), data.val_subjects),
+            ('test', data.x_test, data.y_test, data.test_subjects)):
         if split in splits and len(x):
             probs = probabilities(onnx_predict(int8_path, x.cpu().numpy()), data.multilabel)
-            measured[split] = classification_metrics(y, probs, data.num_classes,
-                                                     data.class_names or None)
+            measured[split] = add_contest_score(
+                classification_metrics(y, probs, data.num_classes, data.class_names or None,
+                                       subjects, scoring),
+                scoring, measured['latency_ms'], measured['bytes'])
         else:
             measured[split] = {}
     with open(int8_path, 'rb') as f:
@@ -294,7 +389,7 @@ def _int8_of(float_path, data, splits, settings):
     int8_path = float_path + '.int8.onnx'
     quantize_int8(float_path, int8_path, calibration_sample(data),
                   reduce_range=settings.INT8_REDUCE_RANGE)
-    return _measure_int8(int8_path, data, splits)
+    return _measure_int8(int8_path, data, splits, settings)
 
 
 def outcome_result(outcome):

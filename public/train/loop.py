@@ -11,7 +11,10 @@ Data is served from memory: the training tensors live on the device and each epo
 seeded permutation, so there is no DataLoader, no worker processes and no re-parsing.
 """
 import copy
+import io
 import math
+import os
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -21,6 +24,7 @@ from torch import nn
 
 from tqdm import tqdm
 
+from public.core.atomic import write_atomic
 from public.data.prepare import TrialData
 from public.train.recipe import Augmenter, class_weights
 
@@ -65,6 +69,7 @@ class TrainOutcome:
     stop_reason: str
     history: list = field(default_factory=list)   # (epoch, train_loss, val_loss, lr)
     seconds: float = 0.0
+    resumed_at: int = 0        # the last finished epoch a checkpoint resumed from (0: fresh)
 
 
 def num_classes_of(model, data):
@@ -137,13 +142,22 @@ def _train_epoch(model, x_train, y_train, optimizer, criterion, augment, generat
     return running.item() / max(1, seen)
 
 
-def train_model(model, data, lr, settings, device, progress=True, desc='train'):
+def train_model(model, data, lr, settings, device, progress=True, desc='train', on_epoch=None,
+                checkpoint=None):
     """Train `model` (freshly initialised) on data; return the best-validation weights.
+    `on_epoch(epoch, max_epochs, train_loss, val_loss)`, when given, is called after each
+    epoch (the live progress of a search: public/search/progress.py).
 
     AdamW (weight decay WEIGHT_DECAY), ReduceLROnPlateau on val loss (patience 3, factor
     0.5), cross-entropy (BCE for multi-label), up to NUM_EPOCHS epochs of BATCH_SIZE,
     EarlyStopping. Ctrl+C arrives as KeyboardInterrupt (public/core/interrupts.py) and abandons
-    the trial."""
+    the trial.
+
+    `checkpoint`, a file path: after every epoch the whole state (model, optimizer, scheduler,
+    early stopping, best weights, history, every RNG) is written there atomically, and a call
+    that finds a checkpoint of the same trial (same learning rate, recipe settings, model
+    shapes and data sizes) resumes after its last finished epoch, ending exactly as an
+    uninterrupted run would on the CPU (outcome.resumed_at says where it resumed)."""
     start = time.perf_counter()
     model.to(device)
     optimizer = _optimizer(model, lr, settings, device)
@@ -155,10 +169,18 @@ def train_model(model, data, lr, settings, device, progress=True, desc='train'):
     stopper = EarlyStopping(settings.PATIENCE, settings.OVERFIT_GAP)
     generator = torch.Generator().manual_seed(settings.SEED)
     best_state, history, reason = None, [], STOP_MAX_EPOCHS
+    fingerprint = _fingerprint(model, data, lr, settings)
+    saved = _load_checkpoint(checkpoint, fingerprint)
+    resumed_at, stopped, spent = 0, False, 0.0
+    if saved is not None:
+        resumed_at, stopped, reason, spent = (saved['epoch'], saved['stopped'], saved['reason'],
+                                              saved['seconds'])
+        best_state, history = _restore(saved, model, optimizer, scheduler, stopper, generator,
+                                       augment, device)
     x_train = data.x_train.unsqueeze(-1)
-    epochs = tqdm(range(1, settings.NUM_EPOCHS + 1), desc=desc, unit='epoch',
-                  disable=None if progress else True, leave=False)
-    epoch = 0
+    epochs = tqdm(range(resumed_at + 1, 0 if stopped else settings.NUM_EPOCHS + 1), desc=desc,
+                  unit='epoch', disable=None if progress else True, leave=False)
+    epoch = resumed_at
     for epoch in epochs:
         train_loss = _train_epoch(model, x_train, data.y_train, optimizer, criterion, augment,
                                   generator, settings, device, progress, f"epoch {epoch}")
@@ -167,11 +189,21 @@ def train_model(model, data, lr, settings, device, progress=True, desc='train'):
             scheduler.step(val_loss)
         history.append((epoch, train_loss, val_loss, optimizer.param_groups[0]['lr']))
         epochs.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
+        if on_epoch is not None:
+            on_epoch(epoch, settings.NUM_EPOCHS, train_loss, val_loss)
         improved, stop, why = stopper.step(epoch, train_loss, val_loss)
         if improved:
             best_state = copy.deepcopy(model.state_dict())
         if stop:
             reason = why
+        if checkpoint:
+            _save_checkpoint(checkpoint, dict(
+                fingerprint=fingerprint, epoch=epoch, stopped=stop, reason=reason,
+                seconds=spent + time.perf_counter() - start, model=model.state_dict(),
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                stopper=vars(stopper), best_state=best_state, history=history,
+                rng=_rng_states(generator, augment)))
+        if stop:
             break
     epochs.close()
     if best_state is None:                       # diverged before any finite validation loss
@@ -180,7 +212,68 @@ def train_model(model, data, lr, settings, device, progress=True, desc='train'):
     model.load_state_dict(best_state)
     return TrainOutcome(state_dict=best_state, epochs=epoch, best_epoch=stopper.best_epoch,
                         stop_reason=reason, history=history,
-                        seconds=time.perf_counter() - start)
+                        seconds=spent + time.perf_counter() - start, resumed_at=resumed_at)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _fingerprint(model, data, lr, settings):
+    # What makes a checkpoint this trial's: the folder it lies in is keyed by the settings
+    # key already; this guards against a file of another trial or model put in its place.
+    return dict(lr=float(lr), seed=settings.SEED, batch=settings.BATCH_SIZE,
+                epochs=settings.NUM_EPOCHS, patience=settings.PATIENCE,
+                gap=settings.OVERFIT_GAP, decay=settings.WEIGHT_DECAY,
+                augment=settings.AUGMENT, weights=settings.CLASS_WEIGHTS,
+                sizes=(len(data.x_train), len(data.x_val)),
+                shapes=[(k, tuple(v.shape)) for k, v in model.state_dict().items()])
+
+
+def _rng_states(generator, augment):
+    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(),
+                python=random.getstate(), batches=generator.get_state(),
+                augment=augment.generator.get_state() if augment is not None else None,
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+
+
+def _save_checkpoint(path, state):
+    """torch.save to bytes, then one atomic write (a kill leaves the previous epoch's file)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomic(path, buffer.getvalue(), step=False)
+
+
+def _load_checkpoint(path, fingerprint):
+    """The saved state at path when it is this trial's; None when there is none, it cannot be
+    read (another torch version, a damaged disk) or it is another trial's: start fresh."""
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        # Our own file in our own TEMP_DIR; it holds numpy and Python RNG states.
+        saved = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception:
+        return None
+    return saved if isinstance(saved, dict) and saved.get('fingerprint') == fingerprint else None
+
+
+def _restore(saved, model, optimizer, scheduler, stopper, generator, augment, device):
+    """Put a checkpoint's state back; returns (best_state on the device, history)."""
+    model.load_state_dict(saved['model'])
+    optimizer.load_state_dict(saved['optimizer'])
+    scheduler.load_state_dict(saved['scheduler'])
+    vars(stopper).update(saved['stopper'])
+    rng = saved['rng']
+    torch.set_rng_state(rng['torch'])
+    np.random.set_state(rng['numpy'])
+    random.setstate(rng['python'])
+    generator.set_state(rng['batches'])
+    if augment is not None and rng['augment'] is not None:
+        augment.generator.set_state(rng['augment'])
+    if rng['cuda'] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng['cuda'])
+    best = saved['best_state']
+    best_state = {k: v.to(device) for k, v in best.items()} if best is not None else None
+    return best_state, [tuple(h) for h in saved['history']]
 
 
 def refit_schedule(history, lr, epochs):

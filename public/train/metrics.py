@@ -25,7 +25,65 @@ from sklearn.metrics import (accuracy_score, f1_score, precision_score, recall_s
                              roc_auc_score)
 from tqdm import tqdm
 
+from public.train import contest as _contest
+
 METRIC_NAMES = ('f1', 'accuracy', 'precision', 'recall')
+# The contests' figures (binary tasks only, else absent): pooled F-beta, the means over
+# subjects of their F-beta and F1, the share of subjects with F-beta > a threshold (G),
+# and the normalised contest score (needs the latency and size, added after export).
+CONTEST_METRICS = ('fbeta', 'subj_fbeta', 'subj_f1', 'gen', 'contest')
+
+
+class Scoring:
+    """How the contest figures are computed: FBETA_BETA, NO_AF_SUBJECT, GEN_THRESHOLD,
+    CONTEST and LATENCY_SCALE of a settings object (the defaults are the settings')."""
+
+    def __init__(self, beta=2.0, no_af='contest', threshold=0.9, contest='iesd2024',
+                 latency_scale=1.0):
+        self.beta, self.no_af, self.threshold = beta, no_af, threshold
+        self.contest, self.latency_scale = contest, latency_scale
+
+    @classmethod
+    def of(cls, settings):
+        return cls(settings.FBETA_BETA, settings.NO_AF_SUBJECT, settings.GEN_THRESHOLD,
+                   settings.CONTEST, settings.LATENCY_SCALE)
+
+
+def contest_metrics(y_true, y_pred, subjects, scoring):
+    """fbeta (pooled), subj_fbeta, subj_f1 and gen of binary predictions (public/train/
+    contest.py); the subject figures are NaN without subjects (or when every subject is
+    skipped), all NaN for an empty split."""
+    nan = float('nan')
+    out = dict.fromkeys(CONTEST_METRICS[:4], nan)
+    if len(y_true) == 0:
+        return out
+    out['fbeta'] = _contest.fbeta(y_true, y_pred, scoring.beta)
+    if subjects is not None and len(subjects) == len(y_true):
+        rows = _contest.per_subject(y_true, y_pred, subjects, scoring.beta, scoring.no_af)
+        for key, value in (('subj_fbeta', _contest.subject_average(rows, 'fbeta')),
+                           ('subj_f1', _contest.subject_average(rows, 'f1')),
+                           ('gen', _contest.generalisation(rows, 'fbeta', scoring.threshold))):
+            out[key] = nan if value is None else value
+        out['gen_subjects'] = sum(1 for r in rows if r['fbeta'] is not None)   # G's total
+    return out
+
+
+def add_contest_score(metrics, scoring, latency_ms, size_bytes):
+    """Set metrics['contest'], the normalised score of scoring.contest from the metrics'
+    F-beta (subject-averaged or pooled, as the contest scores it) and gen, the latency (ms,
+    times scale) and the file size; left out when the metrics have no F-beta (not binary)
+    or the latency was not measured."""
+    if not metrics or 'fbeta' not in metrics or latency_ms is None or not size_bytes:
+        return metrics
+    spec = _contest.CONTESTS[scoring.contest]
+    fb = metrics['subj_fbeta'] if spec['fbeta_average'] == 'subject' else metrics['fbeta']
+    g = metrics.get('gen')
+    if fb != fb or ('g' in spec['terms'] and (g is None or g != g)):
+        metrics['contest'] = float('nan')
+        return metrics
+    metrics['contest'] = _contest.normalised_contest_score(
+        scoring.contest, fb, g, latency_ms, size_bytes / 1024, scoring.latency_scale)
+    return metrics
 
 
 @torch.inference_mode()
@@ -91,9 +149,11 @@ def multilabel_metrics(y_true, probs, names=None):
     return metrics
 
 
-def classification_metrics(y_true, probs, num_classes=None, names=None):
+def classification_metrics(y_true, probs, num_classes=None, names=None, subjects=None,
+                           scoring=None):
     """All metrics of class probabilities probs (N, K) against integer labels y_true, or
-    of per-label probabilities against a multi-hot y_true (N, K) (multilabel_metrics)."""
+    of per-label probabilities against a multi-hot y_true (N, K) (multilabel_metrics).
+    With a Scoring, binary tasks add the contest figures (contest_metrics) over subjects."""
     if np.ndim(y_true) == 2:
         return multilabel_metrics(y_true, probs, names)
     probs = np.asarray(probs)
@@ -101,6 +161,8 @@ def classification_metrics(y_true, probs, num_classes=None, names=None):
     y_pred = probs.argmax(1)
     if num_classes == 2:
         metrics = binary_metrics(y_true, y_pred)
+        if scoring is not None:
+            metrics.update(contest_metrics(y_true, y_pred, subjects, scoring))
         defined = len(np.unique(y_true)) == 2 and np.isfinite(probs).all()
         metrics['auc'] = float(roc_auc_score(y_true, probs[:, 1])) if defined else float('nan')
     else:
@@ -124,8 +186,8 @@ def selection_score(metrics, select_metric):
         return worst_metric(metrics)
     if select_metric == 'abs_sum':
         return 1.0 - metrics['abs_sum'] / 2.0
-    value = metrics[select_metric]
-    return 0.0 if value != value else value      # an undefined AUC never wins
+    value = metrics.get(select_metric, float('nan'))    # a row of an older ATML lacks fbeta...
+    return 0.0 if value != value or value == '' else float(value)   # an undefined AUC never wins
 
 
 def percent(value):
@@ -149,21 +211,24 @@ def worst_metric(metrics):
     return min(metrics[name] for name in METRIC_NAMES)
 
 
-def evaluate(model, x, y, subjects, split, data, progress=False):
-    """(metrics, confusion matrix, per-subject rows) of model on one labelled split."""
+def evaluate(model, x, y, subjects, split, data, progress=False, scoring=None):
+    """(metrics, confusion matrix, per-subject rows) of model on one labelled split; with a
+    Scoring, binary tasks add the contest figures."""
     probs = predict_proba(model, x, data.device, progress=progress, desc=split,
                           multilabel=data.multilabel)
-    metrics = classification_metrics(y, probs, data.num_classes, data.class_names or None)
+    metrics = classification_metrics(y, probs, data.num_classes, data.class_names or None,
+                                     subjects, scoring)
     return (metrics, _confusion(y, probs, data.num_classes),
-            per_subject(split, subjects, y, probs, data.num_classes))
+            per_subject(split, subjects, y, probs, data.num_classes, scoring))
 
 
 PER_SUBJECT_COLUMNS = ('split', 'subject', 'segments', 'class_mix', 'f1', 'accuracy',
-                       'recall', 'precision')
+                       'recall', 'precision', 'fbeta')
 
 
-def per_subject(split, subjects, y_true, probs, num_classes):
-    """Where the model fails: the metrics of each subject's segments (rows of per_subject.csv)."""
+def per_subject(split, subjects, y_true, probs, num_classes, scoring=None):
+    """Where the model fails: the metrics of each subject's segments (rows of per_subject.csv);
+    binary tasks with a Scoring add the subject's F-beta (NO_AF_SUBJECT's rule; '' if skipped)."""
     if subjects is None or len(subjects) != len(y_true):
         return []
     y_true, pred = np.asarray(y_true), np.asarray(probs).argmax(1)
@@ -183,6 +248,10 @@ def per_subject(split, subjects, y_true, probs, num_classes):
                          class_mix=' '.join(f"{c}:{n}" for c, n in enumerate(counts.tolist())),
                          **{k: round(float(m[k]), 4) for k in ('f1', 'accuracy', 'recall',
                                                                'precision')}))
+        if num_classes == 2 and y_true.ndim == 1 and scoring is not None:
+            fb = _contest.per_subject(y_true[mask], pred[mask], np.asarray(subjects)[mask],
+                                      scoring.beta, scoring.no_af)[0]['fbeta']
+            rows[-1]['fbeta'] = '' if fb is None else round(float(fb), 4)
     return rows
 
 

@@ -20,6 +20,8 @@ class TrialStatus(str, enum.Enum):
     # reaches (pruned by an earlier result, its model done): its row is kept, it decides nothing.
     SPECULATIVE = 'speculative'
     OVER_SIZE = 'over-size'        # stage two: over SIZE_TARGET_KB before training, never trained
+    OVER_LATENCY = 'over-latency'  # stage two: over LATENCY_TARGET_MS before training, never trained
+    OVER_RAM = 'over-ram'          # stage two: over RAM_TARGET_KB before training, never trained
 
     # The value everywhere: in f-strings and str() (Enum's would be 'TrialStatus.OK'), and in
     # hashing (Enum's hashes the name), so 'ok' and TrialStatus.OK are one dict/set key.
@@ -53,6 +55,8 @@ class TrialResult:
     model: object = None      # the trained model (CPU), for run_trial_job's QAT; never sent back
     node: str = ''            # where it ran ('local', or the Ray node id)
     attempts: int = 1
+    resumed_at: int = 0       # the epoch its training resumed after, from a checkpoint (0: fresh)
+    graph: dict = None        # deployment figures of the exported file (compress.graph_stats)
 
     def selected(self, select_on):
         return self.val_metrics if select_on == 'val' else self.test_metrics
