@@ -152,9 +152,10 @@ def test_stage_two_once_the_answer_is_certain_larger_running_candidates_are_canc
     trainer = ScriptedTrainer(tmp_path / 'calls', scores={small: 0.95}, delays={larger: 30.0})
     folder, met, rows, log = _stage_two(settings, prepared, trainer, executor)
     assert met and os.path.basename(folder) == '95-95'
-    assert [r['candidate'] for r in rows if r['status'] != 'over-size'] == [small]
+    assert [r['candidate'] for r in rows if r['status'] == 'ok'] == [small]
     table = _rows(os.path.join(settings.TEMP_DIR, 'stage2_results.csv'), STAGE2_COLUMNS)
-    assert larger not in [r['candidate'] for r in table]
+    # the cancelled larger candidate left no trained row: only its 'not-needed' account
+    assert [r['status'] for r in table if r['candidate'] == larger] == ['not-needed']
 
 
 def test_parallel_workers_report_their_epochs_to_the_driver(prepared, make_settings, tmp_path,

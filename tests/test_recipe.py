@@ -113,7 +113,7 @@ def test_best_folders_say_where_the_model_fails_per_subject(prepared, make_setti
     table = pd.read_csv(os.path.join(settings.MODEL_SAVE_PATH, 'TinyNet', folder, 'per_subject.csv'),
                         dtype={'subject': str})
     assert list(table.columns) == ['split', 'subject', 'segments', 'class_mix', 'f1', 'accuracy',
-                                   'recall', 'precision']
+                                   'recall', 'precision', 'fbeta']
     val = table[table['split'] == 'val']
     assert sorted(val['subject']) == sorted(set(prepared.val_subjects.tolist()))
     assert val['segments'].sum() == len(prepared.trial.y_val)

@@ -299,7 +299,7 @@ class StageTwo:
         for r in self.table.rows():
             if r['settings_key'] != self.key or r['status'] in (
                     TrialStatus.FAILED, TrialStatus.OVER_SIZE, TrialStatus.OVER_LATENCY,
-                    TrialStatus.OVER_RAM, TrialStatus.SPECULATIVE):
+                    TrialStatus.OVER_RAM, TrialStatus.SPECULATIVE, TrialStatus.NOT_NEEDED):
                 continue
             if r['status'] == TrialStatus.OK and not os.path.isdir(self._dir(r['candidate'])):
                 continue            # its files are gone: train it again
@@ -493,6 +493,18 @@ class StageTwo:
                  + (f" on node {result.node}" if self.on_cluster else '')
                  + (f" (resumed at epoch {result.resumed_at})" if result.resumed_at else ''))
 
+    def _record_not_needed(self, winner):
+        """A row (status not-needed, with its known size) for every feasible candidate larger
+        than the answer that was never trained, so the tables and the report's grid account
+        for it; such rows are never outcomes (a rerun with another target trains them)."""
+        have = {r['candidate'] for r in self.table.rows()     # speculative rows aside: the
+                if r['settings_key'] == self.key                  # serial search has none
+                and r['status'] != TrialStatus.SPECULATIVE}
+        after = self.feasible[self._index(winner['candidate']) + 1:]
+        for k in after:
+            if k.name not in have:
+                self.table.append(_row(k, self.settings, self.key, status=TrialStatus.NOT_NEEDED))
+
     def finish(self):
         """Publish the answer (or the best under the size cap); (folder or None, met, rows)."""
         settings, log = self.settings, self.log
@@ -500,6 +512,8 @@ class StageTwo:
         decided, winner = self.winner()
         if winner:
             log(f"{winner['candidate']} meets both targets: the smallest such model.")
+            self._record_not_needed(winner)
+            rows = [r for r in self.table.rows() if r['settings_key'] == self.key]
             return self._publish(winner, True), True, rows
         trained = [r for r in self.outcomes.values() if r['status'] == TrialStatus.OK
                    and _deliverable_fits(r, self.budget, settings)]
@@ -607,7 +621,7 @@ def candidate_fates(plan, rows, key, budget, settings):
             fate = 'over size'
         elif status in (TrialStatus.OVER_LATENCY, TrialStatus.OVER_RAM):
             fate = 'over latency or memory'
-        elif status is None:
+        elif status in (None, TrialStatus.NOT_NEEDED):
             fate = 'not needed'
         elif status == TrialStatus.SPECULATIVE:
             fate = 'speculative'

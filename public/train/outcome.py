@@ -22,6 +22,7 @@ class TrialStatus(str, enum.Enum):
     OVER_SIZE = 'over-size'        # stage two: over SIZE_TARGET_KB before training, never trained
     OVER_LATENCY = 'over-latency'  # stage two: over LATENCY_TARGET_MS before training, never trained
     OVER_RAM = 'over-ram'          # stage two: over RAM_TARGET_KB before training, never trained
+    NOT_NEEDED = 'not-needed'      # stage two: never trained, a smaller candidate met the targets
 
     # The value everywhere: in f-strings and str() (Enum's would be 'TrialStatus.OK'), and in
     # hashing (Enum's hashes the name), so 'ok' and TrialStatus.OK are one dict/set key.
