@@ -92,7 +92,8 @@ def candidates_table(rows, settings, width=100):
     table = pd.DataFrame([{
         'candidate': r['candidate'], 'predicted_KB': kb2(int(r['predicted_bytes'])),
         'status': r['status'], 'xx-yy': f"{r['xx']}-{r['yy']}" if r.get('xx') not in (None, '') else '',
-        'meets': {'True': 'yes', 'False': 'no'}.get(str(r.get('meets_metric')), ''),
+        'meets': ({'True': 'yes', 'False': 'no'}.get(str(r.get('meets_metric')), '')
+                  if r['status'] in ('ok', 'diverged', 'failed') else ''),
         'KB': kb2(int(r[size])) if r.get(size) not in (None, '') else '',
         'latency_ms': _sig3(r.get('latency_ms')), 'wall_s': _tenth(r.get('wall_s'))}
         for r in shown])

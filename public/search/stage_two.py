@@ -324,7 +324,7 @@ class StageTwo:
                 TrialStatus.OVER_LATENCY: 'over latency target: never trained',
                 TrialStatus.OVER_RAM: 'over memory target: never trained'}[verdict]
             measured = ('' if k.latency_ms is None else f", {k.latency_ms:.3f} ms") + (
-                '' if k.peak_act_bytes is None else f", peak act {k.peak_act_bytes / 1024:.1f} KB")
+                '' if k.peak_act_bytes is None else f", peak act {k.peak_act_bytes / 1024:.2f} KB")
             done = ' (finished earlier: not retrained)' if k.name in self.outcomes and fits else ''
             pruned = f" pruned {100 * k.prune:.0f} %" if k.prune else ''
             log(f"  {k.name:>8}  channels {k.config.get('channels', '?')}, fc {k.config.get('fc_hidden', '?')}"
