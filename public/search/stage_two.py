@@ -324,11 +324,13 @@ class StageTwo:
                 TrialStatus.OVER_LATENCY: 'over latency target: never trained',
                 TrialStatus.OVER_RAM: 'over memory target: never trained'}[verdict]
             measured = ('' if k.latency_ms is None else f", {k.latency_ms:.3f} ms") + (
-                '' if k.peak_act_bytes is None else f", peak act {k.peak_act_bytes / 1024:.2f} KB")
+                '' if k.peak_act_bytes is None else f", act {k.peak_act_bytes / 1024:.2f} KB")
             done = ' (finished earlier: not retrained)' if k.name in self.outcomes and fits else ''
-            pruned = f" pruned {100 * k.prune:.0f} %" if k.prune else ''
-            log(f"  {k.name:>8}  channels {k.config.get('channels', '?')}, fc {k.config.get('fc_hidden', '?')}"
-                f"{pruned}: {k.predicted_bytes} bytes ({kb2(k.predicted_bytes)} KB){measured}  {fate}{done}")
+            pruned = f" -{100 * k.prune:.0f} %" if k.prune else ''
+            channels = k.config.get('channels', '?')
+            channels = ','.join(map(str, channels)) if isinstance(channels, (list, tuple)) else channels
+            log(f"  {k.name:>8}  ch {channels} fc {k.config.get('fc_hidden', '?')}{pruned}: "
+                f"{k.predicted_bytes} B ({kb2(k.predicted_bytes)} KB){measured}  {fate}{done}")
         if self.outcomes:
             log(f"Resuming from {self.table.path}: {len(self.outcomes)} candidate(s) already recorded")
         recorded = {(r['candidate'], r['status']) for r in self.table.rows()
