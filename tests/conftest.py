@@ -212,3 +212,28 @@ def two_node_cluster(monkeypatch):
         if cluster is not None:
             cluster.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- /proc helpers
+
+def proc_stat(pid):
+    """(state, ppid, start time) of a process from /proc, or None if it is gone."""
+    try:
+        text = Path(f'/proc/{pid}/stat').read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(')') + 2:].split()
+    return fields[0], int(fields[1]), fields[19]
+
+
+def descendants(root):
+    """{pid: start time} of every process below root."""
+    stats = {int(p): s for p in os.listdir('/proc') if p.isdigit() and (s := proc_stat(p))}
+    found, frontier = {}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (_, ppid, start) in stats.items():
+            if ppid == parent and pid not in found:
+                found[pid] = start
+                frontier.append(pid)
+    return found

@@ -17,6 +17,8 @@ from unittest import mock
 
 import numpy as np
 import pytest
+
+from conftest import descendants, proc_stat
 import torch
 
 from public.search.executor import (Job, Outcome, RayExecutor, SerialExecutor, SharedTensor,
@@ -141,34 +143,11 @@ def test_invalid_workers_value_is_refused_before_anything_starts():
 
 # ----------------------------------------------------------------------------- /proc helpers
 
-def _stat(pid):
-    """(state, ppid, start time) of a process from /proc, or None if it is gone."""
-    try:
-        text = Path(f'/proc/{pid}/stat').read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(')') + 2:].split()
-    return fields[0], int(fields[1]), fields[19]
-
-
-def descendants(root):
-    """{pid: start time} of every process below root."""
-    stats = {int(p): s for p in os.listdir('/proc') if p.isdigit() and (s := _stat(p))}
-    found, frontier = {}, [root]
-    while frontier:
-        parent = frontier.pop()
-        for pid, (_, ppid, start) in stats.items():
-            if ppid == parent and pid not in found:
-                found[pid] = start
-                frontier.append(pid)
-    return found
-
-
 def still_running(procs):
     """The processes of {pid: start time} that still run (not the same pid reused)."""
     alive = []
     for pid, start in procs.items():
-        stat = _stat(pid)
+        stat = proc_stat(pid)
         if stat and stat[2] == start and stat[0] != 'Z':
             alive.append(pid)
     return alive
@@ -182,7 +161,7 @@ def wait_gone(procs, seconds=5):
 
 
 def start_time(pid):
-    stat = _stat(pid)
+    stat = proc_stat(pid)
     return {pid: stat[2]} if stat else {}
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import descendants, proc_stat
+
 ray = pytest.importorskip('ray')
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,16 +32,6 @@ HELPER = ROOT / 'tests' / 'ray_private_driver.py'
 
 
 # ----------------------------------------------------------------------------- /proc helpers
-
-def _stat(pid):
-    """(state, ppid, start time) of a process, or None if it is gone."""
-    try:
-        text = Path(f'/proc/{pid}/stat').read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(')') + 2:].split()
-    return fields[0], int(fields[1]), fields[19]
-
 
 def _cmdline(pid):
     try:
@@ -49,25 +41,12 @@ def _cmdline(pid):
         return ''
 
 
-def descendants(root):
-    """{pid: start time} of every process below root."""
-    stats = {int(p): s for p in os.listdir('/proc') if p.isdigit() and (s := _stat(p))}
-    found, frontier = {}, [root]
-    while frontier:
-        parent = frontier.pop()
-        for pid, (_, ppid, start) in stats.items():
-            if ppid == parent and pid not in found:
-                found[pid] = start
-                frontier.append(pid)
-    return found
-
-
 def mentioning(text):
     """{pid: start time} of the processes whose command line contains text."""
     found = {}
     for p in os.listdir('/proc'):
         if p.isdigit() and int(p) != os.getpid() and text in _cmdline(p):
-            stat = _stat(p)
+            stat = proc_stat(p)
             if stat:
                 found[int(p)] = stat[2]
     return found
@@ -77,7 +56,7 @@ def still_running(procs):
     """The processes of {pid: start time} that still run (zombies and reused pids aside)."""
     alive = []
     for pid, start in procs.items():
-        stat = _stat(pid)
+        stat = proc_stat(pid)
         if stat and stat[2] == start and stat[0] not in ('Z', 'X'):
             alive.append(pid)
     return alive
@@ -191,7 +170,7 @@ class Driver:
         """{pid: start} of the driver, everything below it, and whatever names its session."""
         procs = descendants(self.proc.pid)
         procs.update(mentioning(self.session))
-        stat = _stat(self.proc.pid)
+        stat = proc_stat(self.proc.pid)
         if stat:
             procs[self.proc.pid] = stat[2]
         return procs
@@ -271,14 +250,14 @@ def _dead_mark():
     """A driver mark naming a process that ran and is gone."""
     proc = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'],
                             stdin=subprocess.PIPE)
-    start = _stat(proc.pid)[2]
+    start = proc_stat(proc.pid)[2]
     proc.stdin.close()
     proc.wait()
     return json.dumps({'pid': proc.pid, 'start': start})
 
 
 def _live_mark():
-    return json.dumps({'pid': os.getpid(), 'start': _stat(os.getpid())[2]})
+    return json.dumps({'pid': os.getpid(), 'start': proc_stat(os.getpid())[2]})
 
 
 def _stand_in(session):

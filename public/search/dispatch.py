@@ -90,6 +90,34 @@ def dispatch(stage: Stage, data, interrupts, executor=None, on_record=None, watc
 POLL_S = 1.0                 # seconds between two looks at the workers' progress
 
 
+def run_stage(make_stage, data, interrupts, executor=None, on_record=None, on_event=None,
+              label='', log=print, progress=True, critical_start=False):
+    """What both stages' run functions share: the live view, the stage built by
+    make_stage(log, progress), its start (inside a critical section when critical_start),
+    the dispatch loop, and the speculative-work line. Returns the stage, whose `log` is
+    where the rest of the run's lines go (the view's, while it draws)."""
+    watch = make_watch(executor, on_event, label=label)
+    if watch is not None and watch.drawing:
+        log, progress = watch.write, False   # tqdm bars of training would collide with the view
+    try:
+        stage = make_stage(log, progress)
+        stage.on_cluster = bool(getattr(executor, 'address', ''))
+        stage.watch(watch)
+        if critical_start:
+            with interrupts.critical():
+                stage.start()
+        else:
+            stage.start()
+        dispatch(stage, data, interrupts, executor, on_record, watch)
+    finally:
+        if watch is not None:
+            watch.close()
+    note = stage.speculative_note()
+    if note:
+        log(note)
+    return stage
+
+
 class Watch:
     """The live progress of one stage (public/search/progress.py), as the dispatch loop and
     the stage see it. `send(event)` takes every event on the driver (the view's handle, a

@@ -24,7 +24,7 @@ from public.results.keys import best_rank, lr_key, settings_key, trial_row
 from public.results.store import recover_folders
 from public.results.table import STAGE1_COLUMNS, ResultsTable
 from public.search.avoid import AvoidList, learning_rate_candidates
-from public.search.dispatch import SpeculativeWork, dispatch, make_watch
+from public.search.dispatch import SpeculativeWork, run_stage
 from public.search.executor import Job
 from public.search.progress import PlanChanged
 from public.search.trial import TrialSpec, drop_unneeded_refit, outcome_result, run_trial_job
@@ -433,21 +433,8 @@ def run_stage_one(settings, data, models, interrupts, log=print, progress=True, 
         archive_results(settings, log)
     os.makedirs(settings.MODEL_SAVE_PATH, exist_ok=True)
     os.makedirs(settings.TEMP_DIR, exist_ok=True)
-    watch = make_watch(executor, on_event, label='stage 1')
-    if watch is not None and watch.drawing:
-        log, progress = watch.write, False   # tqdm bars of training would collide with the view
-    try:
-        stage = StageOne(settings, data, models, log, progress, trainer)
-        stage.on_cluster = bool(getattr(executor, 'address', ''))
-        stage.watch(watch)
-        stage.start()
-        dispatch(stage, data, interrupts, executor, on_record, watch)
-    finally:
-        if watch is not None:
-            watch.close()
-    note = stage.speculative_note()
-    if note:
-        log(note)
+    stage = run_stage(lambda log, progress: StageOne(settings, data, models, log, progress, trainer),
+                      data, interrupts, executor, on_record, on_event, 'stage 1', log, progress)
     return stage.write_summary()
 
 

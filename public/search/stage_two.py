@@ -33,7 +33,7 @@ from public.results.files import kb2, read_info, write_info, write_result_files
 from public.results.keys import best_rank, graph_columns, settings_key, trial_row
 from public.results.store import clean_scratch, recover_folders
 from public.results.table import STAGE2_COLUMNS, ResultsTable
-from public.search.dispatch import SpeculativeWork, dispatch, make_watch
+from public.search.dispatch import SpeculativeWork, run_stage
 from public.search.progress import PlanChanged
 from public.search.stage_one import SUMMARY_CSV, read_summary, recommended_pick, scores_note
 from public.search.executor import Job
@@ -565,25 +565,12 @@ def run_stage_two(settings, data, interrupts, log=print, progress=True, trainer=
     progress is drawn when stdout is a terminal; `on_event(event)` gets every progress
     event when given (tests)."""
     os.makedirs(settings.TEMP_DIR, exist_ok=True)
-    watch = make_watch(executor, on_event, label='stage 2')
-    if watch is not None and watch.drawing:
-        log, progress = watch.write, False   # tqdm bars of training would collide with the view
-    try:
-        stage = StageTwo(settings, data, log, progress, trainer)
-        stage.on_cluster = bool(getattr(executor, 'address', ''))
-        stage.watch(watch)
-        with interrupts.critical():
-            stage.start()
-        dispatch(stage, data, interrupts, executor, watch=watch)
-    finally:
-        if watch is not None:
-            watch.close()
-    note = stage.speculative_note()
-    if note:
-        log(note)
+    stage = run_stage(lambda log, progress: StageTwo(settings, data, log, progress, trainer),
+                      data, interrupts, executor, on_event=on_event, label='stage 2', log=log,
+                      progress=progress, critical_start=True)
     with interrupts.critical():
         folder, met, rows = stage.finish()
-    log(fates_line(stage.accounting()))
+    stage.log(fates_line(stage.accounting()))
     return folder, met, rows
 
 
