@@ -39,6 +39,9 @@ NO_AF_SUBJECT = 'contest'        # F-beta of a subject without AF (0/0): 'contes
 GEN_THRESHOLD = 0.9              # gen = share of subjects whose F-beta is > this (IESD-2024's G: 0.9)
 CONTEST = 'iesd2024'             # contest whose score is the 'contest' metric: 'iesd2024' (25 Fb + 15 G + 35 L + 5 M) or 'tdc2022' (100 Fb + 20 L + 20 M)
 LATENCY_SCALE = 1.0              # the measured onnxruntime latency times this is the contest's latency (this machine -> the target board)
+SCHEDULER = 'grid'               # 'grid' (the original: every candidate to its early stop) or 'halving' (successive halving over each model's rates, docs/schedulers.md)
+HALVING_MIN_EPOCHS = 3           # SCHEDULER='halving': epochs of the first rung (r); rungs are r, r*eta, r*eta^2, ... up to NUM_EPOCHS
+HALVING_ETA = 3                  # SCHEDULER='halving': the reduction factor (eta): the best 1/eta of a rung go on, with eta times the epochs
 MODELS = ()                      # model names to search, in order; () = every model of public/model.py
 MODEL_SAVE_PATH = 'multi-result' # stage-one results: results.csv, summary.csv and one folder per model
 RESUME = True                    # True: a rerun continues the previous search; False: start fresh (old results archived)

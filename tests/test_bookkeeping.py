@@ -53,11 +53,14 @@ def test_every_keyed_setting_changes_the_key(make_settings):
                'QUANTIZE_INT8': True, 'TEST_DIR': '', 'DATA_DIR': '/elsewhere',
                'AUGMENT': False, 'NORMALIZE': 'segment', 'CLASS_WEIGHTS': 'balanced',
                'REFIT': True, 'LABEL_SEPARATOR': ';', 'NO_AF_SUBJECT': 'skip',
-               'CONTEST': 'tdc2022'}
+               'CONTEST': 'tdc2022', 'SCHEDULER': 'halving'}
     needs = {'LABEL_MODE': dict(LABEL_MODE='multilabel', CLASSES=('A', 'B')),
              'QAT_EPOCHS': dict(QAT_EPOCHS=2, QUANTIZE_INT8=True),
              # keyed only with INT8 on: test_int8_weight_range_keys_only_int8_runs
-             'INT8_REDUCE_RANGE': dict(INT8_REDUCE_RANGE=False, QUANTIZE_INT8=True)}
+             'INT8_REDUCE_RANGE': dict(INT8_REDUCE_RANGE=False, QUANTIZE_INT8=True),
+             # keyed only when halving: a grid search does not depend on them
+             'HALVING_MIN_EPOCHS': dict(HALVING_MIN_EPOCHS=2, SCHEDULER='halving'),
+             'HALVING_ETA': dict(HALVING_ETA=2, SCHEDULER='halving')}
     for name in trial_settings(2):
         value = changed.get(name)
         if value is None and name not in needs:
@@ -95,6 +98,19 @@ def test_int8_weight_range_keys_only_int8_runs(make_settings):
     assert int8[False] not in float_only and int8[True] not in float_only
     with pytest.raises(SettingsError, match=r"INT8_REDUCE_RANGE.*True or False"):
         make_settings(INT8_REDUCE_RANGE='yes')
+
+
+def test_halving_settings_key_only_halving_searches(make_settings):
+    """SCHEDULER='grid' keeps the key of the search before schedulers existed, whatever
+    HALVING_MIN_EPOCHS and HALVING_ETA say; under 'halving' each of them changes it."""
+    grid = {settings_key(make_settings(HALVING_MIN_EPOCHS=r, HALVING_ETA=e), 1)
+            for r in (1, 3) for e in (2, 3)}
+    assert grid == {settings_key(make_settings(), 1)}
+    halving = {settings_key(make_settings(SCHEDULER='halving', HALVING_MIN_EPOCHS=r,
+                                          HALVING_ETA=e), 1) for r in (1, 3) for e in (2, 3)}
+    assert len(halving) == 4 and not halving & grid
+    with pytest.raises(SettingsError, match=r"HALVING_ETA must be an int >= 2"):
+        make_settings(SCHEDULER='halving', HALVING_ETA=1)
 
 
 def test_a_grid_of_a_billion_rates_is_refused_up_front(make_settings):

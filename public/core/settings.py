@@ -178,6 +178,18 @@ SETTINGS = {s.name: s for s in (
             "the measured onnxruntime latency times this is the contest's latency (this machine -> the target board)",
             'a number > 0', lambda v: _is_number(v) and v > 0, KEY,
             detail="the contest score's latency term uses the measured onnxruntime latency (this machine, 1 thread) times this: the ratio of the target board's latency to this machine's"),
+    Setting('SCHEDULER', 'grid', 'stage one search',
+            "'grid' (the original: every candidate to its early stop) or 'halving' (successive halving over each model's rates, docs/schedulers.md)",
+            "one of 'grid', 'halving'", lambda v: v in ('grid', 'halving'), KEY,
+            detail="`'grid'` = the original search: every candidate trains to its early stop or `NUM_EPOCHS`. `'halving'` = successive halving over each model's learning rates (and stage two's feasible candidates): all train `HALVING_MIN_EPOCHS` epochs, the best 1/`HALVING_ETA` by the selection score continue from their checkpoints to ×`HALVING_ETA` the epochs, and so on up to `NUM_EPOCHS`; the others are recorded `stopped`. Promotion is decided on complete rungs, so the answer does not depend on timing. See [schedulers](schedulers.md)"),
+    Setting('HALVING_MIN_EPOCHS', 3, 'stage one search',
+            "SCHEDULER='halving': epochs of the first rung (r); rungs are r, r*eta, r*eta^2, ... up to NUM_EPOCHS",
+            'an int >= 1', lambda v: _is_int(v) and v >= 1, KEY,
+            detail="with `SCHEDULER='halving'`: the epochs every candidate trains in the first rung (r); rung k trains to r·η^k epochs in all, the last rung to `NUM_EPOCHS`"),
+    Setting('HALVING_ETA', 3, 'stage one search',
+            "SCHEDULER='halving': the reduction factor (eta): the best 1/eta of a rung go on, with eta times the epochs",
+            'an int >= 2', lambda v: _is_int(v) and v >= 2, KEY,
+            detail="with `SCHEDULER='halving'`: the reduction factor η: the best ⌈n/η⌉ of a rung's n candidates that can go on are promoted, with η times the epochs"),
     Setting('MODELS', (), 'stage one search',
             'model names to search, in order; () = every model of public/model.py',
             'a list/tuple of registered model names (() = all of public/model.py)', lambda v: _is_seq(v) and all(_is_str(m) for m in v),
@@ -329,11 +341,15 @@ SETTINGS = {s.name: s for s in (
 INTRODUCED_AT = {'LABEL_MODE': 'multiclass', 'LABEL_SEPARATOR': '|', 'REFIT': False,
                  'QAT_EPOCHS': 0, 'PRUNE_FRACTIONS': (), 'PRUNE_EPOCHS': 3,
                  'INT8_REDUCE_RANGE': False, 'FBETA_BETA': 2.0, 'NO_AF_SUBJECT': 'contest',
-                 'GEN_THRESHOLD': 0.9, 'CONTEST': 'iesd2024', 'LATENCY_SCALE': 1.0}
+                 'GEN_THRESHOLD': 0.9, 'CONTEST': 'iesd2024', 'LATENCY_SCALE': 1.0,
+                 'SCHEDULER': 'grid', 'HALVING_MIN_EPOCHS': 3, 'HALVING_ETA': 3}
 
 # Settings that change nothing unless another one is on: out of the settings key while that
 # one is off (a float-only stage two does not depend on how INT8 weights are quantized).
-ONLY_WITH = {'INT8_REDUCE_RANGE': 'QUANTIZE_INT8'}
+# {setting: (the setting it depends on, the value that makes it count)}
+ONLY_WITH = {'INT8_REDUCE_RANGE': ('QUANTIZE_INT8', True),
+             'HALVING_MIN_EPOCHS': ('SCHEDULER', 'halving'),
+             'HALVING_ETA': ('SCHEDULER', 'halving')}
 
 # The original ATML spelt LEARNING_RATE as LEARING_RATE; old params.py files keep working.
 _ALIASES = {'LEARING_RATE': 'LEARNING_RATE'}
@@ -469,7 +485,8 @@ def parse_overrides(args):
         key = key.lstrip('-')
         if not sep or not key:
             wanted = key.upper().replace('-', '_')
-            close = ([n for n in SETTINGS if n.endswith(wanted) or n.startswith(wanted)]
+            close = (sorted((n for n in SETTINGS if n.endswith(wanted) or n.startswith(wanted)),
+                            key=len)            # the plainest: EPOCHS -> NUM_EPOCHS
                      or difflib.get_close_matches(wanted, list(SETTINGS), n=1, cutoff=0.5))
             hint = (f", e.g. {close[0]}={SETTINGS[close[0]].default!r}" if close
                     else ", e.g. NUM_EPOCHS=3")

@@ -23,7 +23,7 @@ def settings_key(settings, stage=1, extra=None):
     values = settings_dict(settings)
     keyed = {k: values[k] for k in trial_settings(stage)
              if (k not in INTRODUCED_AT or values[k] != INTRODUCED_AT[k])
-             and (k not in ONLY_WITH or values[ONLY_WITH[k]])}
+             and (k not in ONLY_WITH or values[ONLY_WITH[k][0]] == ONLY_WITH[k][1])}
     keyed.update(extra or {})
     blob = json.dumps(keyed, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]

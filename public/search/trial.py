@@ -30,7 +30,7 @@ from public.compress.qat import qat_int8
 from public.compress.quantize import quantize_int8
 from public.data.prepare import calibration_sample, on_device
 from public.search.progress import EpochReporter
-from public.train.loop import (STOP_DIVERGED, refit_schedule, seed_everything, train_fixed,
+from public.train.loop import (STOP_BUDGET, STOP_DIVERGED, refit_schedule, seed_everything, train_fixed,
                                train_model)
 from public.train.metrics import (Scoring, add_contest_score, classification_metrics, evaluate,
                                   probabilities, selection_score)
@@ -48,12 +48,13 @@ def check_model_runs(model, data):
 
 
 def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='train',
-              latency=True, prune_fraction=0.0, on_epoch=None, checkpoint=None):
+              latency=True, prune_fraction=0.0, on_epoch=None, checkpoint=None, budget=0):
     """Build a fresh seeded model, train, evaluate on val and test, export and check ONNX.
     With prune_fraction, the trained model then loses that fraction of its channels and
     hidden units (smallest L1 norm first, public/compress/channel_prune.py) and is fine-tuned PRUNE_EPOCHS.
     With checkpoint (a file path), the training saves its state there after every epoch and
-    resumes from it (train_model); the pruned fine-tuning is short and starts over."""
+    resumes from it (train_model); the pruned fine-tuning is short and starts over. With
+    budget (SCHEDULER='halving'), training goes to at most that many epochs in all."""
     start = time.perf_counter()
     result = TrialResult(status=TrialStatus.FAILED)
     try:
@@ -65,9 +66,9 @@ def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='t
         result.params = sum(p.numel() for p in model.parameters())
         check_model_runs(model, data)
         outcome = train_model(model, data.trial, lr, settings, data.device, progress, desc,
-                              on_epoch=on_epoch, checkpoint=checkpoint)
+                              on_epoch=on_epoch, checkpoint=checkpoint, budget=budget)
         result.resumed_at = outcome.resumed_at
-        if prune_fraction and outcome.stop_reason != STOP_DIVERGED:
+        if prune_fraction and outcome.stop_reason not in (STOP_DIVERGED, STOP_BUDGET):
             model, outcome = _prune_and_tune(model, outcome, prune_fraction, data, settings,
                                              progress, desc)
             result.params = sum(p.numel() for p in model.parameters())
@@ -182,6 +183,7 @@ class TrialSpec:
     refit_above: float = 0.0  # REFIT only a trial whose deciding score reaches this (the best
     report_to: object = None  # live progress: a callable taking events, or a queue (put_nowait)
     checkpoint: str = ''      # the trial's checkpoint file (checkpoint_path); '' for none
+    budget: int = 0           # SCHEDULER='halving': the epochs of its rung in all (0: NUM_EPOCHS)
 
 
 def run_trial_job(spec, data):
@@ -200,6 +202,8 @@ def run_trial_job(spec, data):
         if (_checkpoint_here(spec.checkpoint)
                 and 'checkpoint' in inspect.signature(trainer).parameters):
             extra['checkpoint'] = spec.checkpoint
+        if spec.budget:
+            extra['budget'] = spec.budget       # a trainer without budgets can't be scheduled
         result = trainer(spec.build, spec.lr, data, settings, onnx_path,
                          progress=spec.progress, desc=spec.key,
                          **({'prune_fraction': spec.prune} if spec.prune else {}), **extra)
@@ -214,6 +218,7 @@ def run_trial_job(spec, data):
             _after_training(result, 'quantization-aware training', _add_qat, spec, onnx_path,
                             data)
         if (settings.REFIT and not spec.prune and result.status == TrialStatus.OK
+                and result.stop_reason != STOP_BUDGET        # a rung's result may go on
                 and deciding_score(result, settings) >= spec.refit_above - 1e-5):   # rows hold 6 digits
             _after_training(result, 'REFIT', _add_refit, spec, onnx_path, data)
         if reporter is not None:                  # after INT8, QAT and REFIT: the whole job
@@ -281,7 +286,7 @@ def _reporter(spec, trainer):
         return None
     send = target if callable(target) else target.put_nowait
     reporter = EpochReporter(spec.key, send, min_interval=0.5)
-    reporter.started(spec.settings.NUM_EPOCHS)
+    reporter.started(min(spec.budget or spec.settings.NUM_EPOCHS, spec.settings.NUM_EPOCHS))
     return reporter
 
 

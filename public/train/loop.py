@@ -33,6 +33,7 @@ from public.train.recipe import Augmenter, class_weights
 STOP_EARLY = 'early-stop'
 STOP_MAX_EPOCHS = 'max-epochs'
 STOP_DIVERGED = 'diverged'
+STOP_BUDGET = 'rung-budget'     # SCHEDULER='halving': trained the epochs of its rung, may go on
 
 
 class EarlyStopping:
@@ -143,7 +144,7 @@ def _train_epoch(model, x_train, y_train, optimizer, criterion, augment, generat
 
 
 def train_model(model, data, lr, settings, device, progress=True, desc='train', on_epoch=None,
-                checkpoint=None):
+                checkpoint=None, budget=0):
     """Train `model` (freshly initialised) on data; return the best-validation weights.
     `on_epoch(epoch, max_epochs, train_loss, val_loss)`, when given, is called after each
     epoch (the live progress of a search: public/search/progress.py).
@@ -157,7 +158,12 @@ def train_model(model, data, lr, settings, device, progress=True, desc='train', 
     early stopping, best weights, history, every RNG) is written there atomically, and a call
     that finds a checkpoint of the same trial (same learning rate, recipe settings, model
     shapes and data sizes) resumes after its last finished epoch, ending exactly as an
-    uninterrupted run would on the CPU (outcome.resumed_at says where it resumed)."""
+    uninterrupted run would on the CPU (outcome.resumed_at says where it resumed).
+
+    `budget` (SCHEDULER='halving', 0 = none): train at most this many epochs in all, counting
+    those of the checkpoint; a trial that reaches it without stopping ends with stop reason
+    'rung-budget', and its checkpoint lets a later call with a larger budget go on exactly
+    as one uninterrupted run of that budget (nothing in the recipe depends on the budget)."""
     start = time.perf_counter()
     model.to(device)
     optimizer = _optimizer(model, lr, settings, device)
@@ -178,7 +184,8 @@ def train_model(model, data, lr, settings, device, progress=True, desc='train', 
         best_state, history = _restore(saved, model, optimizer, scheduler, stopper, generator,
                                        augment, device)
     x_train = data.x_train.unsqueeze(-1)
-    epochs = tqdm(range(resumed_at + 1, 0 if stopped else settings.NUM_EPOCHS + 1), desc=desc,
+    last = min(budget, settings.NUM_EPOCHS) if budget else settings.NUM_EPOCHS
+    epochs = tqdm(range(resumed_at + 1, 0 if stopped else last + 1), desc=desc,
                   unit='epoch', disable=None if progress else True, leave=False)
     epoch = resumed_at
     for epoch in epochs:
@@ -190,12 +197,12 @@ def train_model(model, data, lr, settings, device, progress=True, desc='train', 
         history.append((epoch, train_loss, val_loss, optimizer.param_groups[0]['lr']))
         epochs.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
         if on_epoch is not None:
-            on_epoch(epoch, settings.NUM_EPOCHS, train_loss, val_loss)
+            on_epoch(epoch, last, train_loss, val_loss)
         improved, stop, why = stopper.step(epoch, train_loss, val_loss)
         if improved:
             best_state = copy.deepcopy(model.state_dict())
         if stop:
-            reason = why
+            reason, stopped = why, True
         if checkpoint:
             _save_checkpoint(checkpoint, dict(
                 fingerprint=fingerprint, epoch=epoch, stopped=stop, reason=reason,
@@ -206,6 +213,8 @@ def train_model(model, data, lr, settings, device, progress=True, desc='train', 
         if stop:
             break
     epochs.close()
+    if not stopped and epoch < settings.NUM_EPOCHS:
+        reason = STOP_BUDGET                     # went as far as its budget: it may go on
     if best_state is None:                       # diverged before any finite validation loss
         best_state = copy.deepcopy(model.state_dict())
         reason = STOP_DIVERGED
