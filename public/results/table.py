@@ -38,6 +38,11 @@ CONTEST_COLUMNS = [f"{split}_{m}" for split in ('val', 'test') for m in CONTEST_
 GRAPH_COLUMNS = ['macs', 'param_bytes', 'peak_act_bytes', 'peak_act_int8_bytes']
 STAGE1_COLUMNS += CONTEST_COLUMNS + GRAPH_COLUMNS
 STAGE2_COLUMNS += CONTEST_COLUMNS + GRAPH_COLUMNS + ['probe_latency_ms', 'probe_peak_act_bytes']
+# SCHEDULER='halving': the rung of the row (1, 2, ...) and the epochs that rung allowed in all
+# (blank in a grid search).
+RUNG_COLUMNS = ['rung', 'rung_epochs']
+STAGE1_COLUMNS += RUNG_COLUMNS
+STAGE2_COLUMNS += RUNG_COLUMNS
 
 
 class ResultsTable:

@@ -9,7 +9,20 @@ order (model by model, learning rates in grid order); a candidate is checked aga
 avoid.txt when it is about to start, so a rate pruned by a finished trial is skipped; a
 trial already running when its rate becomes prunable finishes and is recorded; once a
 model reaches STAGE1_TARGET its other trials are cancelled.
+
+SCHEDULER='halving' (successive halving): the serial order of a model is its rung 1 (every
+rate of the grid, HALVING_MIN_EPOCHS epochs), then rung 2 (the best ceil(n/HALVING_ETA) of
+the n trained in rung 1 that can go on, continuing from their checkpoints to eta times the
+epochs), and so on to NUM_EPOCHS (a rung of one goes straight there). A rung's promotions are
+decided when the walk reaches its end (every candidate of the rung committed), from the
+scores alone, ties to the smaller rate: the same answer with any number of workers and after
+any interruption. Inside a rung ATML's rules hold: early stopping (a trial that stops early is
+finished), avoid.txt (a diverged trial, or a finished one below AVOID_PARAM, prunes its rate
+and neighbours), STAGE1_TARGET (reached at any rung, the model's search ends). A trial not
+promoted is recorded 'stopped' (not pruned, not in avoid.txt); a promoted one 'promoted', its
+next rung's row holding what followed.
 """
+import math
 import functools
 import os
 import re
@@ -29,6 +42,7 @@ from public.search.executor import Job
 from public.search.progress import PlanChanged
 from public.search.trial import TrialSpec, drop_unneeded_refit, outcome_result, run_trial_job
 from public.search.trial import checkpoint_path, clean_checkpoints, remove_checkpoint
+from public.train.loop import STOP_BUDGET
 from public.train.metrics import METRIC_NAMES, percent, selection_score
 from public.train.outcome import TrialStatus
 
@@ -36,7 +50,35 @@ RESULTS_CSV = 'results.csv'
 SUMMARY_CSV = 'summary.csv'
 STORE = '.store'
 _RESULT_FOLDER = re.compile(r'^\d{1,3}-\d{1,3}$')
-__all__ = ['StageOne', 'run_stage_one', 'result_folders', 'summarize', 'archive_results']
+__all__ = ['StageOne', 'run_stage_one', 'result_folders', 'summarize', 'archive_results',
+           'rung_budgets']
+# The statuses of a row that ends its trial under this key (a rerun does not train it again).
+FINAL = (TrialStatus.OK, TrialStatus.DIVERGED, TrialStatus.STOPPED)
+
+
+def rung_budgets(settings):
+    """The epochs each rung trains to in all: [NUM_EPOCHS] for the grid; for halving r,
+    r*eta, r*eta^2, ... and NUM_EPOCHS last (3, 9, 27, 30 at r=3, eta=3, NUM_EPOCHS=30)."""
+    if settings.SCHEDULER != 'halving':
+        return [settings.NUM_EPOCHS]
+    budgets, b = [], settings.HALVING_MIN_EPOCHS
+    while b < settings.NUM_EPOCHS:
+        budgets.append(b)
+        b *= settings.HALVING_ETA
+    return budgets + [settings.NUM_EPOCHS]
+
+
+def row_rung(row):
+    """The 0-based rung of a results row (0 for a grid search's rows)."""
+    return int(row['rung']) - 1 if row.get('rung') not in (None, '') else 0
+
+
+class _RungEnd:
+    """An entry of the serial order after a halving rung's candidates: where its
+    promotions are decided."""
+
+    def __init__(self, name, rung):
+        self.name, self.rung = name, rung
 
 
 def result_folders(model_dir):
@@ -89,10 +131,19 @@ class StageOne:
         self.checkpoints = f"s1-{self.key}"    # this key's folder of trial checkpoints
         self.candidates = learning_rate_candidates(settings.LR_MIN, settings.LR_MAX,
                                                    settings.STEP)
-        # The serial order: model by model, learning rates in grid order. The serial search
-        # walks it one candidate at a time; `self.pos` is how far this search has walked.
-        self.order = [(name, lr) for name in self.models for lr in self.candidates]
+        self.halving = settings.SCHEDULER == 'halving'
+        self.budgets = rung_budgets(settings)
+        # The serial order: model by model, learning rates in grid order (halving: rung 1 of
+        # a model, its _RungEnd, the rungs it promotes to, then the next model). The serial
+        # search walks it one candidate at a time; `self.pos` is how far this search walked.
+        self.order = []
+        for name in self.models:
+            self.order += [(name, lr, 0) for lr in self.candidates]
+            if self.halving and len(self.budgets) > 1:
+                self.order.append(_RungEnd(name, 0))
         self.pos = 0
+        self.rung_wait = {}            # (model, rung) -> {lr key: (lr, TrialResult)} to promote or stop
+        self.rung_budget = {}          # (model, rung) -> the epochs that rung trains to
         self.waiting = {}              # key -> Outcome: finished, not yet reached by the walk
         self.dispatched = {}           # key -> time.time() when it was handed out (this run)
         self.discarded = set()         # keys the walk decided the serial search never runs
@@ -109,7 +160,11 @@ class StageOne:
         """Report progress to a dispatch.Watch (None: report nothing)."""
         if watch is not None:
             self.notify, self.report_to = watch.event, watch.report_to
-            self.notify(PlanChanged(planned=len(self.order), skipped=0))
+            self.notify(PlanChanged(planned=self.planned(), skipped=0))
+
+    def planned(self):
+        """Trials in the plan so far (halving: rungs are added as they are decided)."""
+        return sum(1 for entry in self.order if not isinstance(entry, _RungEnd))
 
     # -- start: repair everything derived from the table
     def start(self):
@@ -122,7 +177,8 @@ class StageOne:
         all_rows = self.table.rows()
         self.rows = [r for r in all_rows if r['settings_key'] == self.key]
         finished = self.finished_trials()
-        self.finished_before = set(finished)
+        self.finished_before = {(r['model'], r['lr'], row_rung(r)) for r in self.rows
+                                if r['status'] in FINAL + (TrialStatus.PROMOTED,)}
         if all_rows:
             other = len(all_rows) - len(self.rows)
             self.log(f"Resuming from {self.table.path}: {len(finished)} finished trial(s) will "
@@ -144,7 +200,7 @@ class StageOne:
                 self.done.add(name)
         self._remove_orphan_stores()
         clean_checkpoints(self.settings.TEMP_DIR, 's1-', self.checkpoints,
-                          [f"{m}@{lr}" for m, lr in self.finished_before], self.log)
+                          [f"{m}@{lr}" for m, lr in finished], self.log)
         self.write_summary()
         self.log(f"Learning rates: {', '.join(lr_key(c) for c in self.candidates)}")
         self.log(scores_note(self.settings))
@@ -159,21 +215,22 @@ class StageOne:
                 for name in self.models}
 
     def finished_trials(self):
-        """(model, lr) -> row of the trials of this key that finished (ok or diverged)."""
-        return {(r['model'], r['lr']): r for r in self.rows
-                if r['status'] in (TrialStatus.OK, TrialStatus.DIVERGED)}
+        """(model, lr) -> row of the trials of this key that finished (ok or diverged; halving:
+        or stopped at a rung)."""
+        return {(r['model'], r['lr']): r for r in self.rows if r['status'] in FINAL}
 
     # -- the serial order: decisions are applied only as the serial search would reach them
     @staticmethod
-    def _key(name, lr):
-        return f"{name}@{lr_key(lr)}"
+    def _key(name, lr, rung=0):
+        """A candidate's job key: 'AFNet@0.0025' (halving: 'AFNet@0.0025#r2' from rung 2 on)."""
+        return f"{name}@{lr_key(lr)}" + (f"#r{rung + 1}" if rung else '')
 
-    def _skip_reason(self, name, lr):
+    def _skip_reason(self, name, lr, rung=0):
         """Why the serial search, standing at this candidate now, would not train it (None:
         it would train it). Only committed outcomes count: they are the serial prefix."""
         if name in self.done:
             return 'its model is done'
-        if (name, lr_key(lr)) in self.finished_before:
+        if (name, lr_key(lr), rung) in self.finished_before:
             return 'finished in an earlier run; skipped'
         hit = self.avoid.pruned_by(lr, name, self.key)
         if hit:
@@ -186,12 +243,20 @@ class StageOne:
         search skips, commit a waiting outcome where the serial search would train; stop at
         the first candidate it would train whose outcome has not arrived."""
         while self.pos < len(self.order):
-            name, lr = self.order[self.pos]
-            key = self._key(name, lr)
+            if isinstance(self.order[self.pos], _RungEnd):
+                end = self.order[self.pos]
+                self.pos += 1
+                self._end_rung(end.name, end.rung)
+                continue
+            name, lr, rung = self.order[self.pos]
+            key = self._key(name, lr, rung)
             if name not in self.done and name not in self.announced:
                 self.announced.add(name)
-                self.log(f"{name}: searching {len(self.candidates)} learning rate(s)")
-            why = self._skip_reason(name, lr)
+                self.log(f"{name}: searching {len(self.candidates)} learning rate(s)" + (
+                    f"; successive halving, rungs of {', '.join(map(str, self.budgets))} "
+                    f"epochs, the best 1/{self.settings.HALVING_ETA} of each rung go on"
+                    if self.halving else ''))
+            why = self._skip_reason(name, lr, rung)
             if why is None and key not in self.waiting:
                 return                          # the serial search would train it: wait
             self.pos += 1
@@ -202,7 +267,11 @@ class StageOne:
                 self.skipped += 1
                 self.notify(PlanChanged(skipped=self.skipped))
             if why != 'its model is done':
-                self.log(f"  {name} lr={lr_key(lr)}: {why}")
+                self.log(f"  {name} lr={lr_key(lr)}" + (f" rung {rung + 1}" if rung else '')
+                         + f": {why}")
+            if rung and (name, lr_key(lr), rung) not in self.finished_before:
+                # promoted, then ruled out (its model done, a neighbour pruned the rate)
+                remove_checkpoint(self._checkpoint(name, lr))
             self._discard(key, why)
 
     def _discard(self, key, why):
@@ -217,7 +286,8 @@ class StageOne:
         spec = outcome.job.payload
         result = outcome_result(outcome)
         row = trial_row(result, self.settings, self.key, model=spec.key.split('@')[0],
-                        lr=lr_key(spec.lr), pruned=False)
+                        lr=lr_key(spec.lr), pruned=False,
+                        **self._rung_fields(spec.key.split('@')[0], self._rung_of(spec)))
         row.update(status=TrialStatus.SPECULATIVE,
                    error=f"ran ahead of the serial order; not used: {why}")
         self.table.append(row)
@@ -236,40 +306,52 @@ class StageOne:
         self._walk()
         open_ = []                             # undecided, not yet handed out, in serial order
         for i in range(self.pos, len(self.order)):
-            name, lr = self.order[i]
-            key = self._key(name, lr)
+            if isinstance(self.order[i], _RungEnd):
+                continue
+            name, lr, rung = self.order[i]
+            key = self._key(name, lr, rung)
             if key in self.dispatched or key in self.discarded:
                 continue
-            if self._skip_reason(name, lr) is not None:
+            if self._skip_reason(name, lr, rung) is not None:
                 continue                       # the walk will skip it when it gets there
-            open_.append((i, name, lr, key))
+            open_.append((i, name, lr, key, rung))
         if not open_:
             return None
         reach = 2 * self.settings.STEP * (1 + 1e-9)
         choice = open_[0] if open_[0][0] == self.pos else None
         if choice is None:
-            for i, name, lr, key in open_:
-                earlier = [e_lr for e_name, e_lr in self.order[self.pos:i] if e_name == name
-                           and self._key(e_name, e_lr) not in self.discarded
-                           and self._skip_reason(e_name, e_lr) is None]
+            for i, name, lr, key, rung in open_:
+                earlier = [e[1] for e in self.order[self.pos:i] if not isinstance(e, _RungEnd)
+                           and e[0] == name and self._key(*e) not in self.discarded
+                           and self._skip_reason(*e) is None]
                 if all(abs(lr - e) > reach for e in earlier):
-                    choice = (i, name, lr, key)
+                    choice = (i, name, lr, key, rung)
                     break
         choice = choice or open_[0]
-        _, name, lr, key = choice
+        _, name, lr, key, rung = choice
         self.dispatched[key] = time.time()
         data = self.data
+        budget = self.rung_budget.get((name, rung), self.budgets[0]) if self.halving else 0
         spec = TrialSpec(key=key, lr=lr, settings=self.settings,
                          build=functools.partial(_build, self.models[name], data.input_size,
                                                  data.in_channels, data.num_classes),
                          trainer=self.trainer, progress=self.progress,
                          refit_above=self.best_score(name), report_to=self.report_to,
-                         checkpoint=checkpoint_path(self.settings.TEMP_DIR, self.checkpoints, key))
+                         checkpoint=self._checkpoint(name, lr), budget=budget)
         return Job(key=spec.key, fn=run_trial_job, payload=spec)
+
+    def _checkpoint(self, name, lr):
+        # one file per trial through all its rungs: a promoted trial goes on from it
+        return checkpoint_path(self.settings.TEMP_DIR, self.checkpoints, self._key(name, lr))
+
+    @staticmethod
+    def _rung_of(spec):
+        return int(spec.key.rsplit('#r', 1)[1]) - 1 if '#r' in spec.key else 0
 
     def obsolete(self, job):
         name, lr = job.payload.key.split('@')[0], job.payload.lr
-        if job.key in self.discarded or self._skip_reason(name, lr) is not None:
+        rung = self._rung_of(job.payload)
+        if job.key in self.discarded or self._skip_reason(name, lr, rung) is not None:
             self.discarded.add(job.key)
             self.speculative.cancel(self.dispatched.get(job.key, time.time()))
             remove_checkpoint(job.payload.checkpoint)      # never trained on: never resumed
@@ -295,13 +377,19 @@ class StageOne:
         """Apply a finished trial as the serial search would at this point of its order."""
         spec = outcome.job.payload
         name, lr = spec.key.split('@')[0], spec.lr
+        rung = self._rung_of(spec)
         result = outcome_result(outcome)
         settings = self.settings
         score = self.score(result)
+        if (result.status == TrialStatus.OK and result.stop_reason == STOP_BUDGET
+                and percent(score) < settings.STAGE1_TARGET):
+            self._wait_for_rung(name, lr, rung, result)      # halving: it may go on
+            return
         drop_unneeded_refit(result, settings, self.best_score(name))
         pruned = result.status == TrialStatus.DIVERGED or (
             result.status == TrialStatus.OK and score < settings.AVOID_PARAM)
-        row = trial_row(result, settings, self.key, model=name, lr=lr_key(lr), pruned=pruned)
+        row = trial_row(result, settings, self.key, model=name, lr=lr_key(lr), pruned=pruned,
+                        **self._rung_fields(name, rung))
         if result.status == TrialStatus.OK:
             self._store(name, lr, result)          # artifacts first: the row may rebuild from them
         self.table.append(row)                     # the commit point
@@ -319,18 +407,90 @@ class StageOne:
             if result.epochs == 0 and outcome.ok:   # did not build or run: other rates won't either
                 self.done.add(name)
         else:
-            self.log(f"  {name} lr={lr_key(lr)}: {result.status}, {result.stop_reason} after "
+            self.log(f"  {self._trial_words(name, lr, rung)}: {result.status}, "
+                     f"{result.stop_reason} after "
                      f"{result.epochs} epoch(s), {settings.SELECT_ON} {row['xx']}-{row['yy']}"
                      f"{' (pruned)' if pruned else ''}, "
                      f"{kb2(result.onnx_bytes) if result.onnx_bytes else '-'} KB, "
-                     f"{result.wall_s:.1f} s" + (f" on node {result.node}" if self.on_cluster else '')
-                     + (f" (resumed at epoch {result.resumed_at})" if result.resumed_at else ''))
+                     f"{result.wall_s:.1f} s" + self._where(name, rung, result))
             self.reconcile(name)
         if result.status == TrialStatus.OK and percent(score) >= settings.STAGE1_TARGET \
                 and name not in self.done:
             self.log(f"  {name}: {settings.SELECT_METRIC} {percent(score)} >= STAGE1_TARGET="
                      f"{settings.STAGE1_TARGET}; next model")
             self.done.add(name)
+        self.write_summary()
+
+    # -- successive halving (SCHEDULER='halving')
+    def _rung_fields(self, name, rung):
+        """The row's rung columns: blank in a grid search."""
+        if not self.halving:
+            return {'rung': '', 'rung_epochs': ''}
+        return {'rung': rung + 1, 'rung_epochs': self.rung_budget.get((name, rung), self.budgets[0])}
+
+    def _trial_words(self, name, lr, rung):
+        return f"{name} lr={lr_key(lr)}" + (f" rung {rung + 1}" if self.halving else '')
+
+    def _where(self, name, rung, result):
+        """The end of a trial's log line: its node on a cluster; where a checkpoint resumed it
+        (a promoted trial going on from its last rung's epochs is not a resume)."""
+        went_on = self.rung_budget.get((name, rung - 1), self.budgets[0]) if rung else 0
+        return ((f" on node {result.node}" if self.on_cluster else '')
+                + (f" (resumed at epoch {result.resumed_at})"
+                   if result.resumed_at and result.resumed_at != went_on else ''))
+
+    def _wait_for_rung(self, name, lr, rung, result):
+        """A trial that trained its rung's epochs: promoted or stopped when the rung ends."""
+        self.rung_wait.setdefault((name, rung), {})[lr_key(lr)] = (lr, result)
+        row = trial_row(result, self.settings, self.key, model=name, lr=lr_key(lr), pruned=False)
+        self.log(f"  {self._trial_words(name, lr, rung)}: {result.epochs} epoch(s), "
+                 f"{self.settings.SELECT_ON} {row['xx']}-{row['yy']}, {result.wall_s:.1f} s"
+                 f"{self._where(name, rung, result)}; waits for the end of its rung")
+
+    def _end_rung(self, name, rung):
+        """Every candidate of the rung is committed: the best ceil(n/eta) of the n trained
+        (by score, then yy, xx, the smaller rate) that can go on are promoted and continue
+        from their checkpoints; the others are recorded as stopped. Decided from the rows
+        alone, so a resumed or parallel search decides the same."""
+        settings = self.settings
+        waiting = self.rung_wait.pop((name, rung), {})
+        fields = self._rung_fields(name, rung)
+        rows = {}
+        for k, (lr, result) in waiting.items():
+            rows[k] = trial_row(result, settings, self.key, model=name, lr=k, pruned=False,
+                                **fields)
+        committed = [r for r in self.rows if r['model'] == name and row_rung(r) == rung
+                     and r['status'] != TrialStatus.SPECULATIVE]
+        earlier = {r['lr']: r for r in committed
+                   if r['status'] in (TrialStatus.STOPPED, TrialStatus.PROMOTED)}
+        able = list(rows.values()) + list(earlier.values())
+        trained = len(committed) + len(rows)
+        keep = 0 if name in self.done else min(len(able), math.ceil(trained / settings.HALVING_ETA))
+        promoted = {r['lr'] for r in sorted(able, key=_halving_rank, reverse=True)[:keep]}
+        for k, row in rows.items():
+            row['status'] = TrialStatus.PROMOTED if k in promoted else TrialStatus.STOPPED
+            self.table.append(row)
+            if k not in promoted:
+                remove_checkpoint(self._checkpoint(name, waiting[k][0]))
+        self.rows = [r for r in self.table.rows() if r['settings_key'] == self.key]
+        stopped = sorted((r['lr'] for r in able if r['lr'] not in promoted), key=float)
+        if not promoted:
+            if stopped:
+                self.log(f"  {name} rung {rung + 1}: {len(stopped)} stopped ({', '.join(stopped)})"
+                         f"; the model's search has ended")
+            self.write_summary()
+            return
+        last = keep == 1 or rung + 1 >= len(self.budgets) - 1
+        budget = settings.NUM_EPOCHS if last else self.budgets[rung + 1]
+        self.rung_budget[(name, rung + 1)] = budget
+        entries = [(name, lr, rung + 1) for lr in self.candidates if lr_key(lr) in promoted]
+        if not last:
+            entries.append(_RungEnd(name, rung + 1))
+        self.order[self.pos:self.pos] = entries
+        self.notify(PlanChanged(planned=self.planned()))
+        self.log(f"  {name} rung {rung + 1} done ({trained} trained): "
+                 f"{', '.join(sorted(promoted, key=float))} go on to {budget} epochs"
+                 + (f"; stopped: {', '.join(stopped)}" if stopped else ''))
         self.write_summary()
 
     def score(self, result):
@@ -415,6 +575,12 @@ class StageOne:
         summary = summarize(self.settings, self.rows, list(self.models), self.avoid_skipped())
         write_atomic(os.path.join(self.root, SUMMARY_CSV), summary.to_csv(index=False))
         return summary
+
+
+def _halving_rank(row):
+    # best_rank on the values as results.csv holds them (6 significant digits): a resumed
+    # search ranks rows read back exactly as the search that wrote them ranked them
+    return best_rank({**row, 'score': float(f"{float(row['score']):.6g}")})
 
 
 def _write_error(model_dir, name, lr, result):
@@ -525,7 +691,8 @@ def summarize(settings, rows, model_names, skipped=None):
     for name in model_names:
         mine = [r for r in rows if r['model'] == name and r['status'] != TrialStatus.SPECULATIVE]
         ok = [r for r in mine if r['status'] == TrialStatus.OK]
-        entry = {'model': name, 'trials': len(mine), 'skipped': skipped.get(name, 0),
+        # a promoted row's trial goes on in a later row: counted there
+        entry = {'model': name, 'trials': sum(r['status'] != TrialStatus.PROMOTED for r in mine), 'skipped': skipped.get(name, 0),
                  'pruned': sum(r['pruned'] == 'True' for r in mine),
                  'failed': sum(r['status'] == TrialStatus.FAILED for r in mine)}
         if ok:
@@ -540,5 +707,12 @@ def summarize(settings, rows, model_names, skipped=None):
                          params=int(best['params']), **graph_summary(best),
                          folder=os.path.join(settings.MODEL_SAVE_PATH, name, f"{best['xx']}-{best['yy']}"))
         entry['wall_s'] = round(sum(float(r['wall_s']) for r in mine), 1)
+        # halving: trials stopped at a rung, and the epochs trained in all (a trial's last
+        # row holds its epochs through every rung)
+        entry['stopped'] = sum(r['status'] == TrialStatus.STOPPED for r in mine)
+        last = {}
+        for r in mine:
+            last[r['lr']] = max(last.get(r['lr'], 0), int(r['epochs'] or 0))
+        entry['epochs_trained'] = sum(last.values())
         out.append(entry)
     return pd.DataFrame(out)

@@ -23,6 +23,11 @@ class TrialStatus(str, enum.Enum):
     OVER_LATENCY = 'over-latency'  # stage two: over LATENCY_TARGET_MS before training, never trained
     OVER_RAM = 'over-ram'          # stage two: over RAM_TARGET_KB before training, never trained
     NOT_NEEDED = 'not-needed'      # stage two: never trained, a smaller candidate met the targets
+    # SCHEDULER='halving': a trial that trained its rung's epochs and was not among the best
+    # 1/eta of the rung (its row holds its metrics; not pruned, not in avoid.txt) ...
+    STOPPED = 'stopped'
+    # ... or was, and went on from its checkpoint: its next rung's row holds what followed.
+    PROMOTED = 'promoted'
 
     # The value everywhere: in f-strings and str() (Enum's would be 'TrialStatus.OK'), and in
     # hashing (Enum's hashes the name), so 'ok' and TrialStatus.OK are one dict/set key.
