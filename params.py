@@ -53,10 +53,16 @@ PATIENCE = 5                     # epochs without validation-loss improvement be
 OVERFIT_GAP = 0.01               # ... and only if train loss < val loss - OVERFIT_GAP (the original's rule)
 WEIGHT_DECAY = 0.001             # AdamW weight decay
 SEED = 42                        # seed of every trial (initialisation, shuffling, split, augmentation)
-AUGMENT = True                   # True (measured default, docs/recipe.md): label-preserving augmentations per batch (amplitude, noise, baseline wander, time shift)
+AUGMENT = True                   # True (measured default, docs/recipe.md): label-preserving augmentations per batch (amplitude, noise, baseline wander, time shift); or a tuple of names from 'scale', 'noise', 'wander', 'shift', 'flip', each optionally 'name=level', e.g. ('scale', 'noise=0.15', 'wander', 'shift', 'flip')
+CALIBRATE_THRESHOLD = False      # True (binary tasks): the decision threshold that maximises SELECT_METRIC on validation is chosen after training and folded into the last layer's bias (the ONNX argmax is the calibrated decision)
 NORMALIZE = 'none'               # 'segment': each segment and lead standardised by the model itself (inside the exported ONNX)
 CLASS_WEIGHTS = 'none'           # 'balanced': loss weights inversely proportional to the training class counts
 REFIT = False                    # True: the chosen model is retrained on all training subjects (train + validation) for the epochs validation chose, and delivered
+LR_SCHEDULE = 'plateau'          # 'plateau': ReduceLROnPlateau on val loss (patience 3, x0.5); 'cosine': cosine annealing over NUM_EPOCHS, per epoch
+WEIGHT_AVERAGING = 'none'        # 'ema': exponential moving average of the weights (decay 0.999, per batch); 'swa': equal average of the epochs after NUM_EPOCHS/2, BatchNorm recomputed; the average is validated, kept and exported
+DISTILL_FROM = ''                # knowledge distillation from a teacher: '' = none; a stage-one result folder (multi-result/<Model>/<xx>-<yy>/, its saved.onnx); 'auto' = the best of MODEL_SAVE_PATH/summary.csv
+DISTILL_TEMPERATURE = 4.0        # with DISTILL_FROM: the softmax temperature T of the distillation term
+DISTILL_WEIGHT = 0.5             # with DISTILL_FROM: the weight w of the distillation term, (1 - w) the task loss's; 0..1
 DEVICE = 'auto'                  # 'auto' (cuda if available), 'cpu' or 'cuda'
 NUM_THREADS = 1                  # torch CPU threads; 0 = torch's default (all cores). 1 is fastest for these tiny nets on a shared machine (bench/README.md)
 NUM_WORKERS = 0                  # kept for compatibility with the original; data is served from memory, so unused

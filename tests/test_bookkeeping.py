@@ -53,7 +53,9 @@ def test_every_keyed_setting_changes_the_key(make_settings):
                'QUANTIZE_INT8': True, 'TEST_DIR': '', 'DATA_DIR': '/elsewhere',
                'AUGMENT': False, 'NORMALIZE': 'segment', 'CLASS_WEIGHTS': 'balanced',
                'REFIT': True, 'LABEL_SEPARATOR': ';', 'NO_AF_SUBJECT': 'skip',
-               'CONTEST': 'tdc2022', 'SCHEDULER': 'halving'}
+               'CONTEST': 'tdc2022', 'SCHEDULER': 'halving',
+               'WEIGHT_AVERAGING': 'ema', 'LR_SCHEDULE': 'cosine', 'DISTILL_FROM': 'teacher/95-90'}
+    changed['CALIBRATE_THRESHOLD'] = True
     needs = {'LABEL_MODE': dict(LABEL_MODE='multilabel', CLASSES=('A', 'B')),
              'QAT_EPOCHS': dict(QAT_EPOCHS=2, QUANTIZE_INT8=True),
              # keyed only with INT8 on: test_int8_weight_range_keys_only_int8_runs

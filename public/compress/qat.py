@@ -270,7 +270,7 @@ def qat_finetune(model, data, lr, settings, epochs, calibration_x, in_channels, 
 
 def _train(graph, data, lr, settings, epochs, recalibrate, objective, val_targets, device,
            best, history):
-    augment = Augmenter(settings.SEED, device) if settings.AUGMENT else None
+    augment = Augmenter(settings.SEED, device, settings.AUGMENT) if settings.AUGMENT else None
     generator = torch.Generator().manual_seed(settings.SEED)
     optimizer = torch.optim.AdamW(graph.parameters(), lr=lr,
                                   weight_decay=settings.WEIGHT_DECAY)

@@ -36,6 +36,40 @@ def _is_seq(v):
     return isinstance(v, (list, tuple))
 
 
+# AUGMENT's named augmentations, in the order they are applied (and drawn, whatever order the
+# tuple names them in), with the level each has unless written 'name=level': scale = amplitude
+# x U(1 - level, 1 + level), noise = Gaussian noise of level x the segment's std, wander =
+# baseline wander of level x std, shift = circular shift up to +/- level x length, flip =
+# polarity inversion (x -1, all leads) with probability level. True = the first four.
+AUGMENTATIONS = {'scale': 0.2, 'noise': 0.05, 'wander': 0.1, 'shift': 0.1, 'flip': 0.5}
+AUGMENT_TRUE = ('scale', 'noise', 'wander', 'shift')
+
+
+def augment_levels(value):
+    """AUGMENT's value as {name: level or None (the default level)} in application order:
+    True -> today's four, False -> {}; None when the value is not valid."""
+    if isinstance(value, bool):
+        return dict.fromkeys(AUGMENT_TRUE) if value else {}
+    if not _is_seq(value) or not value:
+        return None
+    given = {}
+    for item in value:
+        if not _is_str(item):
+            return None
+        name, sep, level = (part.strip() for part in item.partition('='))
+        if name not in AUGMENTATIONS or name in given:
+            return None
+        if sep:
+            try:
+                level = float(level)
+            except ValueError:
+                return None
+            if not (math.isfinite(level) and 0 < level <= 1):
+                return None
+        given[name] = level if sep else None
+    return {n: given[n] for n in AUGMENTATIONS if n in given}
+
+
 KEY, KEY2 = 'key', 'key2'     # tags of the rules table (see below)
 # SELECT_METRIC's values; the last four need a binary task (they score AF, class 1).
 SELECT_METRICS = ('min4', 'f1', 'accuracy', 'auc', 'abs_sum', 'fbeta', 'subj_fbeta', 'gen',
@@ -227,9 +261,14 @@ SETTINGS = {s.name: s for s in (
             'an int >= 0', lambda v: _is_int(v) and v >= 0, KEY,
             detail='seed of initialisation, shuffling, the split and augmentation'),
     Setting('AUGMENT', True, 'training (both stages)',
-            "True (measured default, docs/recipe.md): label-preserving augmentations per batch (amplitude, noise, baseline wander, time shift)",
+            "True (measured default, docs/recipe.md): label-preserving augmentations per batch (amplitude, noise, baseline wander, time shift); or a tuple of names from 'scale', 'noise', 'wander', 'shift', 'flip', each optionally 'name=level', e.g. ('scale', 'noise=0.15', 'wander', 'shift', 'flip')",
+            "True, False, or a non-empty list/tuple of distinct names from 'scale', 'noise', 'wander', 'shift', 'flip', each optionally written 'name=level' with a level in (0, 1] (e.g. 'noise=0.15')",
+            lambda v: augment_levels(v) is not None, KEY,
+            detail="label-preserving augmentations drawn per batch on the device, seeded: amplitude ×U(0.8, 1.2), noise (5 % of the segment's std), baseline wander (0.05–0.5 Hz, 10 % of std), circular time shift up to ±10 % (per lead for multi-lead data; the shift keeps leads aligned). `False` = the original recipe. A tuple chooses them by name, with an optional level: `'scale'` (×U(1 − level, 1 + level), 0.2), `'noise'` (level × std, 0.05; the TDC-2022/IESD winners' stronger noise is `'noise=0.15'`), `'wander'` (level × std, 0.1), `'shift'` (up to ± level × length, 0.1), `'flip'` (polarity inversion: each segment, all leads together, × −1 with probability level, 0.5). They are applied in that order whatever the tuple's order, so `('scale', 'noise', 'wander', 'shift')` draws exactly what `True` draws. See [recipe](recipe.md)"),
+    Setting('CALIBRATE_THRESHOLD', False, 'training (both stages)',
+            "True (binary tasks): the decision threshold that maximises SELECT_METRIC on validation is chosen after training and folded into the last layer's bias (the ONNX argmax is the calibrated decision)",
             'True or False', lambda v: isinstance(v, bool), KEY,
-            detail="label-preserving augmentations drawn per batch on the device, seeded: amplitude ×U(0.8, 1.2), noise (5 % of the segment's std), baseline wander (0.05–0.5 Hz, 10 % of std), circular time shift up to ±10 % (per lead for multi-lead data; the shift keeps leads aligned). `False` = the original recipe. See [recipe](recipe.md)"),
+            detail="`True` (binary tasks only; refused for `CLASSES` of more than 2 and for `LABEL_MODE='multilabel'`): after training (and pruning), the threshold t on P(AF) that maximises `SELECT_METRIC` on the validation split is chosen (candidates: midpoints between validation probabilities at up to 200 quantiles, and 0.5; ties go to the one nearest 0.5; `'auc'` and `'abs_sum'`, which a threshold does not decide, choose it by `'min4'`) and folded into the bias of the model's last `nn.Linear`: class 1's bias − log(t / (1 − t)), so argmax of the logits, of saved.onnx and of predict.py is the decision P(AF) > t, with no post-processing. Every metric, INT8 and QAT start from the calibrated model; REFIT's retrained model is not calibrated (it has no validation split). The threshold is recorded in result.json (`decision_threshold`) and evaluation_metrics.txt. See [recipe](recipe.md)"),
     Setting('NORMALIZE', 'none', 'training (both stages)',
             "'segment': each segment and lead standardised by the model itself (inside the exported ONNX)",
             "one of 'none', 'segment'", lambda v: v in ('none', 'segment'), KEY,
@@ -242,6 +281,26 @@ SETTINGS = {s.name: s for s in (
             'True: the chosen model is retrained on all training subjects (train + validation) for the epochs validation chose, and delivered',
             'True or False', lambda v: isinstance(v, bool), KEY,
             detail="`True`: after a trial has trained and been scored, a fresh model of the same architecture and seed is trained on **all** training subjects (train + validation) for the epochs validation chose (`best_epoch`), at the learning rates the validated run used in those epochs, and is what `saved.onnx` delivers (both stages). Every decision (pruning, best, targets) still uses the validation-chosen model, kept as `saved.val.onnx`; the refit model's test metrics are recorded beside (`refit` column, `evaluation_metrics.txt`). Only a trial that can be delivered is refit: one whose score reaches the best recorded for its model when it was dispatched (stage two: that, or `METRIC_TARGET`), so a serial search refits only its improvements; the refit is part of the trial (same row, same crash safety). See [recipe](recipe.md)"),
+    Setting('LR_SCHEDULE', 'plateau', 'training (both stages)',
+            "'plateau': ReduceLROnPlateau on val loss (patience 3, x0.5); 'cosine': cosine annealing over NUM_EPOCHS, per epoch",
+            "one of 'plateau', 'cosine'", lambda v: v in ('plateau', 'cosine'), KEY,
+            detail="`'plateau'` (the original): ReduceLROnPlateau on the validation loss (patience 3, factor 0.5). `'cosine'`: epoch e (1-based) trains at lr·(1 + cos(π·(e − 1)/`NUM_EPOCHS`))/2, whatever the halving budget (a trial continued from a rung equals an uninterrupted one). See [recipe](recipe.md)"),
+    Setting('WEIGHT_AVERAGING', 'none', 'training (both stages)',
+            "'ema': exponential moving average of the weights (decay 0.999, per batch); 'swa': equal average of the epochs after NUM_EPOCHS/2, BatchNorm recomputed; the average is validated, kept and exported",
+            "one of 'none', 'ema', 'swa'", lambda v: v in ('none', 'ema', 'swa'), KEY,
+            detail="`'ema'`: an exponential moving average of every weight and BatchNorm statistic, updated after each batch (decay min(0.999, (1 + t)/(10 + t)) after t updates); `'swa'`: stochastic weight averaging, the equal average of the weights at the end of each epoch after ⌊`NUM_EPOCHS`/2⌋, BatchNorm statistics recomputed on the training data. The averaged model is what each epoch validates (early stopping, ReduceLROnPlateau), keeps as the best weights, exports and scores (same state-dict keys: ONNX, INT8, pruning unchanged); with `'swa'` the plain model is validated until the averaging starts, and a trial that stops earlier keeps its plain weights. See [recipe](recipe.md)"),
+    Setting('DISTILL_FROM', '', 'training (both stages)',
+            "knowledge distillation from a teacher: '' = none; a stage-one result folder (multi-result/<Model>/<xx>-<yy>/, its saved.onnx); 'auto' = the best of MODEL_SAVE_PATH/summary.csv",
+            "'' (no distillation), 'auto' or a path string of a result folder holding saved.onnx", _is_str, KEY,
+            detail="knowledge distillation: `''` = none; a result folder holding `saved.onnx` (e.g. `multi-result/AFNet/97-95`); `'auto'` = the folder of stage one's recommended pick in `MODEL_SAVE_PATH`/summary.csv (best score, ties to the smaller ONNX). The teacher's logits on the training segments are computed once with onnxruntime and cached in `CACHE_DIR`/teacher/ (keyed by the ONNX file's and the data's hashes); the loss is (1 − w)·task + w·T²·KL(teacher/T ‖ student/T). One label per segment only (not `LABEL_MODE='multilabel'`), not with `REFIT`. See [recipe](recipe.md)"),
+    Setting('DISTILL_TEMPERATURE', 4.0, 'training (both stages)',
+            'with DISTILL_FROM: the softmax temperature T of the distillation term',
+            'a number > 0', lambda v: _is_number(v) and v > 0, KEY,
+            detail='with `DISTILL_FROM`: the temperature T of both softmaxes of the distillation term (scaled by T²)'),
+    Setting('DISTILL_WEIGHT', 0.5, 'training (both stages)',
+            'with DISTILL_FROM: the weight w of the distillation term, (1 - w) the task loss\'s; 0..1',
+            'a number in [0, 1]', lambda v: _is_number(v) and 0 <= v <= 1, KEY,
+            detail="with `DISTILL_FROM`: the weight w of the distillation term; the task loss weighs 1 − w (0 = plain training)"),
     Setting('DEVICE', 'auto', 'training (both stages)',
             "'auto' (cuda if available), 'cpu' or 'cuda'",
             "one of 'auto', 'cpu', 'cuda'", lambda v: v in ('auto', 'cpu', 'cuda'),
@@ -342,7 +401,11 @@ INTRODUCED_AT = {'LABEL_MODE': 'multiclass', 'LABEL_SEPARATOR': '|', 'REFIT': Fa
                  'QAT_EPOCHS': 0, 'PRUNE_FRACTIONS': (), 'PRUNE_EPOCHS': 3,
                  'INT8_REDUCE_RANGE': False, 'FBETA_BETA': 2.0, 'NO_AF_SUBJECT': 'contest',
                  'GEN_THRESHOLD': 0.9, 'CONTEST': 'iesd2024', 'LATENCY_SCALE': 1.0,
-                 'SCHEDULER': 'grid', 'HALVING_MIN_EPOCHS': 3, 'HALVING_ETA': 3}
+                 'SCHEDULER': 'grid', 'HALVING_MIN_EPOCHS': 3, 'HALVING_ETA': 3,
+                 'CALIBRATE_THRESHOLD': False}
+# The recipe levers of issue 20 (public/train/loop.py, public/train/distill.py), off here.
+INTRODUCED_AT.update({'LR_SCHEDULE': 'plateau', 'WEIGHT_AVERAGING': 'none', 'DISTILL_FROM': '',
+                      'DISTILL_TEMPERATURE': 4.0, 'DISTILL_WEIGHT': 0.5})
 
 # Settings that change nothing unless another one is on: out of the settings key while that
 # one is off (a float-only stage two does not depend on how INT8 weights are quantized).
@@ -413,6 +476,16 @@ def _cross_checks(s, source, overridden=()):
                             f"{s.SELECT_METRIC!r} scores AF detection, so it needs a binary task "
                             f"(CLASSES=() and LABEL_MODE='multiclass'), got CLASSES={s.CLASSES!r}, "
                             f"LABEL_MODE={s.LABEL_MODE!r}")
+    if s.DISTILL_FROM and s.LABEL_MODE == 'multilabel':
+        raise SettingsError(f"{where('DISTILL_FROM', 'LABEL_MODE')}: DISTILL_FROM="
+                            f"{s.DISTILL_FROM!r} distils one label per segment (softmax KL), "
+                            f"so it needs LABEL_MODE='multiclass', got LABEL_MODE="
+                            f"{s.LABEL_MODE!r}; set DISTILL_FROM=''")
+    if s.DISTILL_FROM and s.REFIT:
+        raise SettingsError(f"{where('DISTILL_FROM', 'REFIT')}: DISTILL_FROM="
+                            f"{s.DISTILL_FROM!r} and REFIT=True cannot be combined (the refit "
+                            f"trains on the validation subjects too, which have no teacher "
+                            f"logits); set REFIT=False or DISTILL_FROM=''")
     if s.QAT_EPOCHS and not s.QUANTIZE_INT8:
         raise SettingsError(f"{where('QAT_EPOCHS', 'QUANTIZE_INT8')}: QAT_EPOCHS="
                             f"{s.QAT_EPOCHS!r} trains the INT8 model, so it needs "
@@ -421,6 +494,12 @@ def _cross_checks(s, source, overridden=()):
         raise SettingsError(f"{where('PAD_TOLERANCE', 'INPUT_SIZE')}: PAD_TOLERANCE must be < "
                             f"INPUT_SIZE, got PAD_TOLERANCE={s.PAD_TOLERANCE!r} and "
                             f"INPUT_SIZE={s.INPUT_SIZE!r}")
+    if s.CALIBRATE_THRESHOLD and (len(s.CLASSES) > 2 or s.LABEL_MODE == 'multilabel'):
+        raise SettingsError(f"{where('CALIBRATE_THRESHOLD', 'CLASSES', 'LABEL_MODE')}: "
+                            f"CALIBRATE_THRESHOLD=True chooses the threshold on P(class 1), so "
+                            f"it needs a binary task (CLASSES=() or two classes, and "
+                            f"LABEL_MODE='multiclass'), got CLASSES={s.CLASSES!r}, "
+                            f"LABEL_MODE={s.LABEL_MODE!r}")
     if (len(set(s.CHANNEL_SCALES)) != len(s.CHANNEL_SCALES)
             or len(set(s.FC_SCALES)) != len(s.FC_SCALES)):
         raise SettingsError(f"{where('CHANNEL_SCALES', 'FC_SCALES')}: CHANNEL_SCALES and "
@@ -471,6 +550,8 @@ def validate(values, source='params.py', overridden=()):
     settings.VAL_FOLDS = tuple(settings.VAL_FOLDS)
     settings.CHANNEL_SCALES = tuple(settings.CHANNEL_SCALES)
     settings.FC_SCALES = tuple(settings.FC_SCALES)
+    if _is_seq(settings.AUGMENT):
+        settings.AUGMENT = tuple(settings.AUGMENT)
     settings.PRUNE_FRACTIONS = tuple(sorted(settings.PRUNE_FRACTIONS))
     settings.PARAMS_PATH = None        # where they came from: set by load_settings
     settings.OVERRIDES = {}

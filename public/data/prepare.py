@@ -23,6 +23,8 @@ class TrialData:
     y_train: torch.Tensor
     x_val: torch.Tensor
     y_val: torch.Tensor
+    teacher_logits: torch.Tensor = None   # DISTILL_FROM: the teacher's (N, K) logits on x_train
+    teacher_id: str = ''                  # ... and its ONNX file's SHA-256 (public/train/distill.py)
 
 
 @dataclass
@@ -117,6 +119,12 @@ def prepare_data(settings, progress=True):
                      f"{len(np.unique(test.subjects))} subjects, {_class_mix(y_test, settings)}")
         lines += _warnings(test, settings.TEST_DIR)
         lines += _shared_subjects(train, test, settings)
+    if getattr(settings, 'DISTILL_FROM', ''):
+        from public.train.distill import teacher_logits
+        logits, trial.teacher_id, note = teacher_logits(settings, x[train_idx],
+                                                        num_classes(settings))
+        trial.teacher_logits = logits.to(device)
+        lines.append(note)
     lines.append(f"device: {device}")
     return PreparedData(trial=trial, x_test=x_test, y_test=y_test,
                         onnx_sample=np.asarray(train.x[val_idx[:32]]), in_channels=x.shape[1],
@@ -170,8 +178,10 @@ def on_device(data):
         return data
     cached = _ON_DEVICE.get(id(data))
     if cached is None or cached[0] is not data:
-        trial = TrialData(**{k: getattr(data.trial, k).to(data.device)
-                             for k in ('x_train', 'y_train', 'x_val', 'y_val')})
+        trial = dataclasses.replace(data.trial, **{
+            k: getattr(data.trial, k).to(data.device)
+            for k in ('x_train', 'y_train', 'x_val', 'y_val', 'teacher_logits')
+            if getattr(data.trial, k) is not None})
         cached = _ON_DEVICE[id(data)] = (data, dataclasses.replace(data, trial=trial))
     return cached[1]
 

@@ -98,6 +98,11 @@ def evaluation_text(info):
                            info.get('latency_ms'))
     if info.get('graph'):
         lines.append("Deployment (exported graph, batch 1): " + format_stats(info['graph']))
+    if 'decision_threshold' in info:
+        lines.append(f"Decision threshold: class 1 when P(class 1) > "
+                     f"{info['decision_threshold']:.6g} (CALIBRATE_THRESHOLD=True: chosen on "
+                     f"the val split, folded into the last layer's bias; saved.onnx's argmax "
+                     f"is this decision)")
     lines += [f"Metrics above are on the {select_on} split (SELECT_ON={select_on!r}).", '']
     if info.get(f"{other}_metrics"):
         lines += [f"{other} split:", format_metrics(info[f"{other}_metrics"]), '']
@@ -197,6 +202,8 @@ def _write_result_files(folder, *, result, name, model_name, lr, settings, onnx_
                           'threshold': settings.GEN_THRESHOLD, 'contest': settings.CONTEST,
                           'latency_scale': settings.LATENCY_SCALE},
               'graph': getattr(result, 'graph', None), **(info or {})}
+    if getattr(settings, 'CALIBRATE_THRESHOLD', False):
+        record['decision_threshold'] = getattr(result, 'threshold', 0.5)
     if refit:
         record['refit'] = {k: v for k, v in refit.items()
                            if k not in ('state_dict', 'onnx', 'int8_onnx', 'per_subject', 'model')}

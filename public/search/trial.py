@@ -36,6 +36,7 @@ from public.train.metrics import (Scoring, add_contest_score, classification_met
                                   probabilities, selection_score)
 from public.train.outcome import TrialResult, TrialStatus
 from public.train.recipe import add_normalization
+from public.train.threshold import calibrate
 
 
 def check_model_runs(model, data):
@@ -72,6 +73,10 @@ def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='t
             model, outcome = _prune_and_tune(model, outcome, prune_fraction, data, settings,
                                              progress, desc)
             result.params = sum(p.numel() for p in model.parameters())
+        if settings.CALIBRATE_THRESHOLD and outcome.stop_reason != STOP_DIVERGED:
+            result.threshold = calibrate(model, data, settings)       # folded into the bias
+            outcome = dataclasses.replace(outcome, state_dict={
+                k: v.detach().clone() for k, v in model.state_dict().items()})
         result.epochs, result.best_epoch = outcome.epochs, outcome.best_epoch
         result.stop_reason, result.history = outcome.stop_reason, outcome.history
         result.state_dict = {k: v.detach().cpu() for k, v in outcome.state_dict.items()}

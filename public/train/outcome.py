@@ -63,6 +63,8 @@ class TrialResult:
     attempts: int = 1
     resumed_at: int = 0       # the epoch its training resumed after, from a checkpoint (0: fresh)
     graph: dict = None        # deployment figures of the exported file (compress.graph_stats)
+    threshold: float = 0.5    # CALIBRATE_THRESHOLD: P(class 1) > this decides class 1 (folded
+                              # into the last layer's bias; 0.5 = the plain argmax)
 
     def selected(self, select_on):
         return self.val_metrics if select_on == 'val' else self.test_metrics
