@@ -141,13 +141,14 @@ def _checkpoints(project):
     return sorted((project / 'temp' / 'checkpoints').glob('s1-*/*/state.pt'))
 
 
-def _kill_mid_trial(project):
-    """Start train_multi.py, SIGKILL it once a trial checkpoint exists (>= 1 epoch done);
-    (the checkpoints then, the number of rows then)."""
+def _kill_mid_trial(project, ready=None):
+    """Start train_multi.py, SIGKILL it once a trial checkpoint exists (>= 1 epoch done; or
+    once `ready(checkpoints)` says so); (the checkpoints then, the number of rows then)."""
     proc = start_script('train_multi.py', project)
+    ready = ready or bool
     try:
         deadline = time.time() + 120
-        while not _checkpoints(project):
+        while not ready(_checkpoints(project)):
             assert proc.poll() is None and time.time() < deadline, \
                 (project / 'run.log').read_text()[-3000:]
             time.sleep(0.01)
@@ -200,6 +201,42 @@ def test_a_sigkilled_search_resumes_its_trials_mid_training(tmp_path, small_data
         assert got[path].keys() == want[path].keys()
         assert all(torch.equal(got[path][k], want[path][k]) for k in want[path]), path
     assert _checkpoints(project) == [], 'checkpoints of committed trials are removed'
+
+
+def _epoch_of(path):
+    try:
+        return torch.load(path, weights_only=False)['epoch']
+    except Exception:                  # replaced while being read: the next look sees it
+        return 0
+
+
+def test_a_sigkilled_halving_search_resumes_mid_rung_to_the_uninterrupted_answer(
+        tmp_path, small_data):
+    # Rung 1: both rates 2 epochs; the better one goes straight on to 6 (a rung of one). The
+    # driver is killed during that last rung, from epoch 3 on.
+    halving = dict(LR_MIN=0.002, LR_MAX=0.003, STEP=0.001, WORKERS=1, SCHEDULER='halving',
+                   HALVING_MIN_EPOCHS=2, HALVING_ETA=2, STAGE1_TARGET=100)
+    reference, ref_proc = _reference(tmp_path, small_data, **halving)
+    project = _project(tmp_path / 'killed', small_data, **halving)
+    left, rows_at_kill = _kill_mid_trial(
+        project, lambda found: any(_epoch_of(p) >= 3 for p in found))
+    assert rows_at_kill == 2, 'rung 1 committed: one promoted, one stopped'
+    rerun = run_script('train_multi.py', project)
+    assert rerun.returncode == 0, output(rerun)[-3000:]
+    assert re.search(r"AFNet lr=\S+ rung 2: ok.*\(resumed at epoch [3-5]\)", rerun.stdout), \
+        rerun.stdout[-3000:]
+    assert ref_proc.wait(timeout=240) == 0, (reference / 'run.log').read_text()[-3000:]
+    ref_proc.log_file.close()
+    assert 'resumed' not in (reference / 'run.log').read_text()
+    got, want = _rows(project), _rows(reference)
+    assert list(want['status']) == ['promoted', 'stopped', 'ok'] or \
+        list(want['status']) == ['stopped', 'promoted', 'ok'], list(want['status'])
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), want.reset_index(drop=True))
+    got, want = _saved(project), _saved(reference)
+    assert got.keys() == want.keys() and want
+    for path in want:
+        assert all(torch.equal(got[path][k], want[path][k]) for k in want[path]), path
+    assert _checkpoints(project) == []
 
 
 def test_stale_checkpoints_are_never_resumed_and_finished_trials_lose_theirs(tmp_path):

@@ -232,7 +232,8 @@ class StageOne:
             return 'its model is done'
         if (name, lr_key(lr), rung) in self.finished_before:
             return 'finished in an earlier run; skipped'
-        hit = self.avoid.pruned_by(lr, name, self.key)
+        # a promoted trial already trained without harm: avoid.txt keeps rates from starting
+        hit = self.avoid.pruned_by(lr, name, self.key) if not rung else None
         if hit:
             scope = f"for {hit[1]}" if hit[1] else 'for every model'
             return f"skipped (avoid.txt has {hit[0]!r} {scope}, within 2*STEP)"
