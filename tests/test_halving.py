@@ -19,13 +19,14 @@ import torch
 
 from conftest import TinyNet, TinyNetB
 from public.compress.export import export_onnx
+from public.results.files import read_info
 from public.core.interrupts import NoInterrupts
 from public.results.table import ResultsTable, STAGE1_COLUMNS
 from public.search.executor import SerialExecutor
 from public.search.stage_one import rung_budgets, run_stage_one
 from public.train.loop import STOP_BUDGET
 from public.train.outcome import TrialResult, TrialStatus
-from test_serial_order import _drive, _stage_one_state
+from test_serial_order import _drive, _stage_one_state, cached_plan  # noqa: F401 (fixture)
 
 HALVING = dict(SCHEDULER='halving', NUM_EPOCHS=12, HALVING_MIN_EPOCHS=1, HALVING_ETA=2,
                LR_MIN=0.001, LR_MAX=0.008, STEP=0.001, AVOID_PARAM=0.8, STAGE1_TARGET=97)
@@ -237,3 +238,79 @@ def test_a_real_halving_search_trains_fewer_epochs_than_the_grid(prepared, make_
     # 4 x 1 epoch, 2 of them to 2 epochs, 1 of those straight to 4: 4 + 2 + 2 = 8
     assert found['halving']['epochs_trained'] == 8
     assert found['halving']['trials'] == 4 and found['halving']['stopped'] == 3
+
+
+# ----------------------------------------------------------------------------- stage two
+
+def _stage_two_plan(seed, names):
+    rng = random.Random(seed)
+    plan = {}
+    for name in names:
+        stop_at = rng.randint(2, 11) if rng.random() < 0.25 else 12
+        kind = 'diverged' if rng.random() < 0.1 else 'ok'
+        plan[name] = (kind, round(rng.uniform(0.55, 0.85), 4), stop_at)
+    return plan
+
+
+@pytest.mark.parametrize('scenario', [1, 2, 3])
+def test_stage_two_halving_any_completion_order_and_interruption_gives_the_serial_answer(
+        scenario, prepared, make_settings, tmp_path, monkeypatch, cached_plan):
+    import public.search.stage_two as scaling
+    from test_serial_order import SCALES, _stage_two_state
+    monkeypatch.setattr(scaling, 'plan_candidates', cached_plan)
+    names = [f"c{c}-f1" for c in SCALES['CHANNEL_SCALES']]
+    trainer = HalvingTrainer(_stage_two_plan(scenario, names), 12)
+    halving = dict(SCHEDULER='halving', NUM_EPOCHS=12, HALVING_MIN_EPOCHS=1, HALVING_ETA=2)
+
+    def settings_for(tag):
+        return make_settings(TEMP_DIR=str(tmp_path / tag / 'temp'),
+                             FINAL_RESULT_DIR=str(tmp_path / tag / 'final'),
+                             **{**SCALES, 'METRIC_TARGET': 90}, **halving)
+    serial = settings_for('serial')
+    folder, met, _ = scaling.run_stage_two(serial, prepared, NoInterrupts(), log=lambda m: None,
+                                           progress=False, trainer=trainer,
+                                           executor=SerialExecutor(prepared))
+    expected = _stage_two_state(serial, folder, met)
+    statuses = [r['status'] for r in expected['rows']]
+    assert 'stopped' in statuses and 'promoted' in statuses, statuses
+    for order in range(ORDERS):
+        rng = random.Random(9000 * scenario + order)
+        settings = settings_for(f'o{order}')
+
+        def run(executor):
+            executor.data = prepared
+            return scaling.run_stage_two(settings, prepared, NoInterrupts(), log=lambda m: None,
+                                         progress=False, trainer=trainer, executor=executor)
+        folder, met, _ = _drive(run, rng)
+        got = _stage_two_state(settings, folder, met)
+        for part in ('rows', 'folder', 'met', 'files'):
+            assert got[part] == expected[part], f"order {order}: {part} differ"
+
+
+def test_stage_two_halving_keeps_the_smallest_that_meets(prepared, make_settings, tmp_path,
+                                                         monkeypatch, cached_plan):
+    import public.search.stage_two as scaling
+    monkeypatch.setattr(scaling, 'plan_candidates', cached_plan)
+    plan = {'c1-f1': ('ok', 0.80, 12), 'c2-f1': ('ok', 0.87, 12), 'c3-f1': ('ok', 0.70, 12),
+            'c4-f1': ('ok', 0.60, 12), 'c5-f1': ('ok', 0.50, 12), 'c6-f1': ('ok', 0.40, 12)}
+    trainer = HalvingTrainer(plan, 12)
+    settings = make_settings(TEMP_DIR=str(tmp_path / 'temp'), FINAL_RESULT_DIR=str(tmp_path / 'f'),
+                             CHANNEL_SCALES=(1, 2, 3, 4, 5, 6), FC_SCALES=(1,),
+                             SIZE_TARGET_KB=1000, METRIC_TARGET=92, SCHEDULER='halving',
+                             NUM_EPOCHS=12, HALVING_MIN_EPOCHS=1, HALVING_ETA=2)
+    folder, met, rows = scaling.run_stage_two(settings, prepared, NoInterrupts(),
+                                              log=lambda m: None, progress=False,
+                                              trainer=trainer, executor=SerialExecutor(prepared))
+    # rung 1 (1 epoch): 6 trained, the best 3 go on; rung 2 (2 epochs): the best 2 of 3;
+    # rung 3 (4 epochs): c1 meets METRIC_TARGET=92 first (smallest first), so c2, larger,
+    # is never trained on: the answer is c1, the smallest that meets
+    assert [(r['candidate'], r['rung'], r['status']) for r in rows
+            if r['status'] not in ('over-size', 'not-needed')] == [
+        ('c1-f1', '1', 'promoted'), ('c2-f1', '1', 'promoted'), ('c3-f1', '1', 'promoted'),
+        ('c4-f1', '1', 'stopped'), ('c5-f1', '1', 'stopped'), ('c6-f1', '1', 'stopped'),
+        ('c1-f1', '2', 'promoted'), ('c2-f1', '2', 'promoted'), ('c3-f1', '2', 'stopped'),
+        ('c1-f1', '3', 'ok')]
+    assert float(rows[-1]['score']) >= 0.92 > float(rows[7]['score'])
+    assert met and read_info(folder)['channel_scale'] == 1 and read_info(folder)['epochs'] == 4
+    assert [d for d, _ in trainer.calls][-1] == 'c1-f1#r3'
+    assert not any(files for _, _, files in os.walk(os.path.join(settings.TEMP_DIR, 'checkpoints')))

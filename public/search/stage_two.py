@@ -9,8 +9,17 @@ over SIZE_TARGET_KB are recorded as 'over-size' and never trained; the others ar
 smallest first with the stage-one trial procedure, so the first that meets METRIC_TARGET is
 the smallest model that meets both. Every candidate's files live in temp/c<C>-f<F>/; the
 winner is copied atomically to <FINAL_RESULT_DIR>/<xx>-<yy>/.
+
+SCHEDULER='halving': successive halving over the feasible candidates, smallest first in every
+rung: all train HALVING_MIN_EPOCHS epochs; at a rung's end the best ceil(n/eta) of the n
+trained (by score; ties to the smaller) that can go on continue from their checkpoints, the
+others are recorded 'stopped'. A candidate whose rung result meets both targets is final at
+once; the answer is still the smallest candidate that meets both, decided when every smaller
+one is final (stopped counts as not meeting), and nothing larger than a meeting candidate is
+trained or promoted.
 """
 import functools
+import math
 import hashlib
 import inspect
 import os
@@ -35,7 +44,9 @@ from public.results.store import clean_scratch, recover_folders
 from public.results.table import STAGE2_COLUMNS, ResultsTable
 from public.search.dispatch import SpeculativeWork, run_stage
 from public.search.progress import PlanChanged
-from public.search.stage_one import SUMMARY_CSV, read_summary, recommended_pick, scores_note
+from public.search.stage_one import (SUMMARY_CSV, read_summary, recommended_pick, row_rung,
+                                     rung_budgets, scores_note)
+from public.train.loop import STOP_BUDGET
 from public.search.executor import Job
 from public.search.trial import TrialSpec, drop_unneeded_refit, outcome_result, run_trial_job
 from public.search.trial import checkpoint_path, clean_checkpoints, remove_checkpoint
@@ -230,7 +241,7 @@ def _meets_metric(row, settings):
             and 100 * float(row['score']) >= settings.METRIC_TARGET - 1e-9)
 
 
-def _row(candidate, settings, key, result=None, status=None):
+def _row(candidate, settings, key, result=None, status=None, **rung):
     fields = dict(candidate=candidate.name, channel_scale=candidate.channel_scale,
                   fc_scale=candidate.fc_scale, prune_fraction=candidate.prune or '',
                   predicted_bytes=candidate.predicted_bytes,
@@ -241,7 +252,7 @@ def _row(candidate, settings, key, result=None, status=None):
     if result is None:
         return dict(fields, status=status, seed=settings.SEED, settings_key=key,
                     select_on=settings.SELECT_ON, select_metric=settings.SELECT_METRIC)
-    row = trial_row(result, settings, key, **fields)
+    row = trial_row(result, settings, key, **fields, **rung)
     if result.int8:
         # With QUANTIZE_INT8 the INT8 model is the deliverable: its metrics and size decide.
         xx, yy = score_digits(result.int8[settings.SELECT_ON])
@@ -296,11 +307,17 @@ class StageTwo:
                               data.input_size, settings.ONNX_OPSET)
         self.feasible = [k for k in self.plan if self.deploy.verdict(k) is None]
         self.outcomes = {}          # candidate name -> its row, once recorded (this key)
+        self.halving = settings.SCHEDULER == 'halving'
+        self.budgets = rung_budgets(settings)
+        self.rungs_done = set()     # (candidate, rung) with a row (halving: resumed past them)
         for r in self.table.rows():
             if r['settings_key'] != self.key or r['status'] in (
                     TrialStatus.FAILED, TrialStatus.OVER_SIZE, TrialStatus.OVER_LATENCY,
                     TrialStatus.OVER_RAM, TrialStatus.SPECULATIVE, TrialStatus.NOT_NEEDED):
                 continue
+            self.rungs_done.add((r['candidate'], row_rung(r)))
+            if r['status'] == TrialStatus.PROMOTED:
+                continue            # its trial goes on in a later rung's row
             if r['status'] == TrialStatus.OK and not os.path.isdir(self._dir(r['candidate'])):
                 continue            # its files are gone: train it again
             self.outcomes[r['candidate']] = r
@@ -340,6 +357,12 @@ class StageTwo:
             if verdict is not None and (k.name, verdict) not in recorded:
                 self.table.append(_row(k, settings, self.key, status=verdict))
         self.queue = [k for k in self.feasible if k.name not in self.outcomes]
+        # halving: the serial order of rung 1, then of the rungs its ends promote to
+        self.order = [(k.name, 0) for k in self.feasible] + (
+            [_RungEnd(0)] if self.halving and len(self.budgets) > 1 else [])
+        self.rung_wait = {}           # rung -> {name: TrialResult} to be promoted or stopped
+        self.rung_budget = {}         # rung -> the epochs it trains to
+        self.discarded = set()
         clean_checkpoints(settings.TEMP_DIR, 's2-', self.checkpoints, list(self.outcomes), log)
         self.pos = 0                  # how far the walk of the serial order has committed
         self.waiting = {}             # name -> Outcome: finished, a smaller one still open
@@ -384,7 +407,8 @@ class StageTwo:
         """The smallest index whose outcome (committed or waiting) meets both targets: the
         serial answer is this candidate or a smaller one, so larger ones are never needed."""
         meeting = [self._index(n) for n, r in self.outcomes.items() if self._meets(r)]
-        for name, outcome in self.waiting.items():
+        for key, outcome in self.waiting.items():
+            name = key.split('#')[0]
             result = outcome_result(outcome)
             if result.status == TrialStatus.OK:
                 row = _row(self.feasible[self._index(name)], self.settings, self.key, result)
@@ -394,13 +418,15 @@ class StageTwo:
 
     def _beyond(self, name):
         bound = self._bound()
-        return bound is not None and self._index(name) > bound
+        return bound is not None and self._index(name.split('#')[0]) > bound
 
     # -- the serial order: outcomes are committed smallest first, as the serial search would
     def _walk(self):
         """Commit waiting outcomes in the order of `feasible` until one is missing, or the
         answer is decided (a committed candidate meets both targets): larger candidates
         are then never reached by the serial search, and waiting ones become speculative."""
+        if self.halving:
+            return self._walk_rungs()
         while self.pos < len(self.feasible) and self._first_meeting() is None:
             name = self.feasible[self.pos].name
             if name in self.outcomes:           # committed (this run or an earlier one)
@@ -416,6 +442,8 @@ class StageTwo:
 
     def next_job(self):
         self._walk()
+        if self.halving:
+            return self._next_rung_job()
         while self.queue:
             k = self.queue.pop(0)
             if self._beyond(k.name):
@@ -442,7 +470,7 @@ class StageTwo:
         return min(max(scores, default=0.0), self.settings.METRIC_TARGET / 100)
 
     def obsolete(self, job):
-        if self._beyond(job.key):
+        if self._beyond(job.key) or job.key in self.discarded:
             self.speculative.cancel(self.dispatched.get(job.key, time.time()))
             remove_checkpoint(job.payload.checkpoint)      # never trained on: never resumed
             return True
@@ -450,16 +478,16 @@ class StageTwo:
 
     def record(self, outcome):
         """A finished job: held until every smaller candidate is committed."""
-        if self._beyond(outcome.job.key):
+        if self._beyond(outcome.job.key) or outcome.job.key in self.discarded:
             self._record_speculative(outcome)
         else:
             self.waiting[outcome.job.key] = outcome
         self._walk()
 
     def _record_speculative(self, outcome):
-        k = self.feasible[self._index(outcome.job.key)]
+        k = self.feasible[self._index(outcome.job.key.split('#')[0])]
         result = outcome_result(outcome)
-        row = _row(k, self.settings, self.key, result)
+        row = _row(k, self.settings, self.key, result, **self._rung_fields(_rung_of(outcome.job.key)))
         row.update(status=TrialStatus.SPECULATIVE, meets_metric=False,
                    error="ran ahead of the serial order; not used: a smaller candidate meets "
                          "both targets")
@@ -473,14 +501,22 @@ class StageTwo:
 
     def _commit(self, outcome):
         settings = self.settings
-        k = self.feasible[self._index(outcome.job.key)]
+        k = self.feasible[self._index(outcome.job.key.split('#')[0])]
+        rung = _rung_of(outcome.job.key)
         result = outcome_result(outcome)
         drop_unneeded_refit(result, settings, self._refit_above())   # the serial bar is higher
         if result.status == TrialStatus.OK and not settings.QUANTIZE_INT8 and result.onnx_bytes != k.predicted_bytes:
             self.log(f"  warning: {k.name}: trained ONNX is {result.onnx_bytes} bytes, predicted "
                      f"{k.predicted_bytes}")
-        row = _row(k, settings, self.key, result)
+        row = _row(k, settings, self.key, result, **self._rung_fields(rung))
         row['meets_metric'] = self._meets({k2: str(v) for k2, v in row.items()})
+        if (result.status == TrialStatus.OK and result.stop_reason == STOP_BUDGET
+                and not row['meets_metric']):
+            self.rung_wait.setdefault(rung, {})[k.name] = result     # halving: it may go on
+            self.log(f"  {k.name} rung {rung + 1}: {result.epochs} epoch(s), {settings.SELECT_ON} "
+                     f"{row.get('xx', '')}-{row.get('yy', '')}, {result.wall_s:.1f} s; waits for "
+                     f"the end of its rung")
+            return
         if result.status == TrialStatus.OK:
             _save_candidate(settings, k, result, self._dir(k.name), self.key)   # artifacts first
         self.table.append(row)                                                # the commit point
@@ -489,11 +525,123 @@ class StageTwo:
                     if r['settings_key'] == self.key and r['candidate'] == k.name]
         self.outcomes[k.name] = recorded[-1]
         size = row.get('int8_bytes') or row.get('onnx_bytes')
-        self.log(f"  {k.name}: {result.status}, {settings.SELECT_ON} {row.get('xx', '')}-{row.get('yy', '')}, "
+        went_on = self.rung_budget.get(rung - 1, self.budgets[0]) if rung else 0
+        self.log(f"  {k.name}{f' rung {rung + 1}' if self.halving else ''}: {result.status}, "
+                 f"{settings.SELECT_ON} {row.get('xx', '')}-{row.get('yy', '')}, "
                  f"{kb2(size) if size else '-'} KB, {result.wall_s:.1f} s"
                  + (f" ({row['error']})" if result.error else '')
                  + (f" on node {result.node}" if self.on_cluster else '')
-                 + (f" (resumed at epoch {result.resumed_at})" if result.resumed_at else ''))
+                 + (f" (resumed at epoch {result.resumed_at})"
+                    if result.resumed_at and result.resumed_at != went_on else ''))
+
+    # -- successive halving (SCHEDULER='halving')
+    def _rung_fields(self, rung):
+        if not self.halving:
+            return {}
+        return {'rung': rung + 1, 'rung_epochs': self.rung_budget.get(rung, self.budgets[0])}
+
+    def _open(self, name, rung):
+        """Whether the serial search, standing at this entry now, trains it."""
+        return (name not in self.outcomes and (name, rung) not in self.rungs_done
+                and not self._beyond(name) and _job_key(name, rung) not in self.discarded)
+
+    def _walk_rungs(self):
+        """The halving walk: commit waiting outcomes in the serial order of the rungs; at a
+        rung's end decide who goes on; stop at the first entry still training."""
+        while self.pos < len(self.order):
+            entry = self.order[self.pos]
+            if isinstance(entry, _RungEnd):
+                self.pos += 1
+                self._end_rung(entry.rung)
+                continue
+            name, rung = entry
+            key = _job_key(name, rung)
+            if not self._open(name, rung):
+                self.pos += 1
+                if key not in self.dispatched and rung and name not in self.outcomes \
+                        and (name, rung) not in self.rungs_done:
+                    remove_checkpoint(self._checkpoint(name))     # promoted, then not needed
+                self.discarded.add(key)
+                if key in self.waiting:
+                    self._record_speculative(self.waiting.pop(key))
+                continue
+            if key not in self.waiting:
+                return
+            self.pos += 1
+            self._commit(self.waiting.pop(key))
+
+    def _next_rung_job(self):
+        for entry in self.order[self.pos:]:
+            if isinstance(entry, _RungEnd):
+                return None                 # the next rung is not decided yet
+            name, rung = entry
+            key = _job_key(name, rung)
+            if key in self.dispatched or not self._open(name, rung):
+                continue
+            k = self.feasible[self._index(name)]
+            self.dispatched[key] = time.time()
+            spec = TrialSpec(key=key, lr=self.settings.LEARNING_RATE, settings=self.settings,
+                             build=functools.partial(build_from_config, k.config),
+                             quantize=self.settings.QUANTIZE_INT8, trainer=self.trainer,
+                             progress=self.progress, prune=k.prune,
+                             refit_above=self._refit_above(), report_to=self.report_to,
+                             checkpoint=self._checkpoint(name),
+                             budget=self.rung_budget.get(rung, self.budgets[0]))
+            return Job(key=key, fn=run_trial_job, payload=spec)
+        return None
+
+    def _checkpoint(self, name):
+        return checkpoint_path(self.settings.TEMP_DIR, self.checkpoints, name)
+
+    def _end_rung(self, rung):
+        """Every candidate of the rung is committed: the best ceil(n/eta) of the n trained
+        that can go on (and are smaller than any candidate meeting both targets) continue;
+        the others are recorded as stopped (final: they count as not meeting)."""
+        settings = self.settings
+        waiting = self.rung_wait.pop(rung, {})
+        fields = self._rung_fields(rung)
+        rows = {n: _row(self.feasible[self._index(n)], settings, self.key, result, **fields)
+                for n, result in waiting.items()}
+        committed = [r for r in self.table.rows() if r['settings_key'] == self.key
+                     and r.get('rung') not in (None, '') and row_rung(r) == rung
+                     and r['status'] not in (TrialStatus.SPECULATIVE, TrialStatus.NOT_NEEDED)]
+        earlier = {r['candidate']: r for r in committed
+                   if r['status'] in (TrialStatus.STOPPED, TrialStatus.PROMOTED)}
+        able = [r for r in list(rows.values()) + list(earlier.values())
+                if not self._beyond(r['candidate'])]
+        trained = len(committed) + len(rows)
+        keep = min(len(able), math.ceil(trained / settings.HALVING_ETA))
+        ranked = sorted(able, key=lambda r: (float(f"{float(r['score']):.6g}"), int(r['yy']),
+                                             int(r['xx']), -self._index(r['candidate'])),
+                        reverse=True)
+        promoted = {r['candidate'] for r in ranked[:keep]}
+        for name, row in rows.items():
+            row['status'] = TrialStatus.PROMOTED if name in promoted else TrialStatus.STOPPED
+            self.table.append(row)
+            if name not in promoted:
+                remove_checkpoint(self._checkpoint(name))
+        for r in self.table.rows():
+            if (r['settings_key'] == self.key and r['candidate'] in rows
+                    and r['status'] == TrialStatus.STOPPED and row_rung(r) == rung):
+                self.outcomes[r['candidate']] = r          # final: counts as not meeting
+        for name, r in earlier.items():
+            if r['status'] == TrialStatus.STOPPED:
+                self.outcomes[name] = r
+        stopped = [n for n in (r['candidate'] for r in able) if n not in promoted]
+        if not promoted:
+            return
+        last = keep == 1 or rung + 1 >= len(self.budgets) - 1
+        budget = settings.NUM_EPOCHS if last else self.budgets[rung + 1]
+        self.rung_budget[rung + 1] = budget
+        entries = [(k.name, rung + 1) for k in self.feasible if k.name in promoted]
+        if not last:
+            entries.append(_RungEnd(rung + 1))
+        self.order[self.pos:self.pos] = entries
+        self.notify(PlanChanged(planned=len(self.plan) + sum(
+            1 for e in self.order if not isinstance(e, _RungEnd) and e[1])))
+        self.log(f"  rung {rung + 1} done ({trained} trained): "
+                 f"{', '.join(e[0] for e in entries if not isinstance(e, _RungEnd))} go on to {budget} epochs"
+                 + (f"; stopped: {', '.join(stopped)}" if stopped else ''))
 
     def _record_not_needed(self, winner):
         """A row (status not-needed, with its known size) for every feasible candidate larger
@@ -559,6 +707,22 @@ class StageTwo:
         return final
 
 
+class _RungEnd:
+    """The serial order's entry after a halving rung: where its promotions are decided."""
+
+    def __init__(self, rung):
+        self.rung = rung
+
+
+def _job_key(name, rung):
+    """'c2-f1' (halving: 'c2-f1#r2' from rung 2 on)."""
+    return name + (f"#r{rung + 1}" if rung else '')
+
+
+def _rung_of(key):
+    return int(key.rsplit('#r', 1)[1]) - 1 if '#r' in key else 0
+
+
 def run_stage_two(settings, data, interrupts, log=print, progress=True, trainer=None,
                   executor=None, on_event=None):
     """The stage-two search; returns (result folder or None, met: bool, rows). Live
@@ -577,8 +741,8 @@ def run_stage_two(settings, data, interrupts, log=print, progress=True, trainer=
 MISS = '-MISS'    # a result folder's suffix when its model does not meet both targets
 
 # The fates of stage two's candidates, in the order the final table and the plan count them.
-FATES = ('met', 'trained and missed', 'not needed', 'over size', 'over latency or memory',
-         'failed', 'speculative')
+FATES = ('met', 'trained and missed', 'stopped at a rung', 'not needed', 'over size',
+         'over latency or memory', 'failed', 'speculative')
 _FATE_NOTES = {'not needed': 'a smaller one met first'}
 
 
@@ -614,6 +778,8 @@ def candidate_fates(plan, rows, key, budget, settings):
             fate = 'not needed'
         elif status == TrialStatus.SPECULATIVE:
             fate = 'speculative'
+        elif status in (TrialStatus.STOPPED, TrialStatus.PROMOTED):
+            fate = 'stopped at a rung'       # SCHEDULER='halving'
         elif status == TrialStatus.OK:
             met = _meets_metric(row, settings) and _deliverable_fits(row, budget, settings)
             fate = 'met' if met else 'trained and missed'
@@ -626,7 +792,7 @@ def candidate_fates(plan, rows, key, budget, settings):
 def fates_line(counts):
     """'Candidates (16): 1 met, 2 trained and missed, 3 not needed (a smaller one met first), ...'."""
     parts = [f"{counts[f]} {f}" + (f" ({_FATE_NOTES[f]})" if f in _FATE_NOTES else '')
-             for f in FATES]
+             for f in FATES if counts[f] or f != 'stopped at a rung']   # that one: halving only
     return f"Candidates ({sum(counts.values())}): {', '.join(parts)}"
 
 
