@@ -2,7 +2,7 @@
 trained, and the best trial each finds per model (validation and held-out subjects).
 
     python bench/bench_halving.py                     # writes /tmp/bench-50k/{train,test} first
-    python bench/bench_halving.py --models AFNet,OptimizedAFNet --runs 2 --epochs 30
+    python bench/bench_halving.py --models AFNet,OptimizedAFNet,ShuffleNetV2 --runs 2 --epochs 30
 
 The folders come from ../shared/data/ecg_af_train_50k.npz (all 50,000 segments of the 53
 subjects): the 13 test subjects of bench/real_data.py form the test folder (held out: never
@@ -33,6 +33,23 @@ NPZ = os.path.join(ROOT, '..', 'shared', 'data', 'ecg_af_train_50k.npz')
 TOOL = os.path.join(ROOT, '..', 'shared', 'tools', 'npz_to_txt.py')
 
 
+# --models SepNet: public/models/small.py's SepNet registered in the scratch project's
+# public/model.py (19.4 KB; a third model as cheap as AFNet: ShuffleNetV2's trials cost
+# several times an AFNet's, too many for this 2-core benchmark)
+SEPNET = '''
+
+from public.models.small import SepNet as _SepNet
+
+
+@register_model
+class SepNet(_SepNet):
+    """public/models/small.py's SepNet, registered for bench/bench_halving.py."""
+
+
+model_classes = _registered()
+'''
+
+
 def write_folders(npz, out):
     """train/ and test/ under out, from the npz (skipped when they are there already)."""
     import numpy as np
@@ -57,6 +74,9 @@ def project(args, scheduler):
                      SCHEDULER=scheduler, LATENCY_RUNS=50)
     with open(os.path.join(folder, 'params.py'), 'a') as f:
         f.write('\n' + ''.join(f"{k} = {v!r}\n" for k, v in overrides.items()))
+    if 'SepNet' in args.models.split(','):
+        with open(os.path.join(folder, 'public', 'model.py'), 'a') as f:
+            f.write(SEPNET)
     return folder
 
 
@@ -96,7 +116,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--npz', default=NPZ)
     parser.add_argument('--data', default='/tmp/bench-50k', help='where train/ and test/ are written')
-    parser.add_argument('--models', default='AFNet,OptimizedAFNet,ShuffleNetV2')
+    parser.add_argument('--models', default='AFNet,OptimizedAFNet,SepNet')
     parser.add_argument('--epochs', type=int, default=30)
     parser.add_argument('--runs', type=int, default=2, help='runs per scheduler, interleaved')
     parser.add_argument('--keep', default='', help='copy each run log and results.csv here')
