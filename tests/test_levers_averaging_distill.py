@@ -1,4 +1,4 @@
-"""The recipe levers of issue 20 (public/train/loop.py, public/train/distill.py): weight
+"""The recipe levers of issue 20 (public/train/loop.py, distill.py, search/teacher.py): weight
 averaging (WEIGHT_AVERAGING='ema' / 'swa'), the cosine schedule (LR_SCHEDULE='cosine') and
 distillation from a stage-one result (DISTILL_FROM, DISTILL_TEMPERATURE, DISTILL_WEIGHT).
 Real training on tiny data: the averages are checked against hand-computed ones, resumes
@@ -20,7 +20,9 @@ from public.data.prepare import TrialData, on_device, prepare_data
 from public.search.stage_one import read_summary, recommended_pick, run_stage_one
 from public.search.trial import run_trial
 from public.train import distill, loop
-from public.train.distill import DistillLoss, teacher_logits, teacher_onnx
+from public.search import teacher as teaching
+from public.search.teacher import attach_teacher, teacher_logits, teacher_onnx
+from public.train.distill import DistillLoss
 from public.train.outcome import TrialStatus
 from public.train.loop import WeightAverager, swa_start_epoch, train_model
 
@@ -243,10 +245,10 @@ def test_teacher_logits_are_computed_once_and_cached_on_disk(tmp_path, monkeypat
     with torch.no_grad():
         assert torch.allclose(logits, model(x.unsqueeze(-1)), atol=1e-5)
     cached = list((tmp_path / 'cache' / 'teacher').glob('*.npy'))
-    assert len(cached) == 1 and 'computed' in note and sha == distill._sha256(
+    assert len(cached) == 1 and 'computed' in note and sha == teaching._sha256(
         str(folder / 'saved.onnx'))
     import public.compress.export as export
-    monkeypatch.setattr(export, 'onnx_predict', lambda *a, **k: pytest.fail('teacher ran again'))
+    monkeypatch.setattr(teaching, 'onnx_predict', lambda *a, **k: pytest.fail('teacher ran again'))
     again, sha2, note2 = teacher_logits(settings, x, 2)
     assert torch.equal(again, logits) and sha2 == sha and 'from cache' in note2
     # other training data: another cache entry (the key holds the data's fingerprint)
@@ -310,8 +312,10 @@ def test_auto_distils_from_the_best_stage_one_folder(make_settings, prepared):
     path = teacher_onnx(auto)
     assert path == os.path.join(best['folder'], 'saved.onnx') and os.path.isfile(path)
     data = prepare_data(auto, progress=False)
+    said = []
+    attach_teacher(auto, data, said.append)
     assert data.trial.teacher_logits.shape == (len(data.trial.x_train), 2)
-    assert 'distillation: teacher' in data.summary and data.trial.teacher_id
+    assert 'distillation: teacher' in said[0] and data.trial.teacher_id
     taught = run_trial(lambda: TinyNet(), 0.003, data, auto, str(prepared_path(auto)),
                        progress=False, latency=False)
     plain = run_trial(lambda: TinyNet(), 0.003, prepared, settings, str(prepared_path(settings)),

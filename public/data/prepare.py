@@ -24,7 +24,7 @@ class TrialData:
     x_val: torch.Tensor
     y_val: torch.Tensor
     teacher_logits: torch.Tensor = None   # DISTILL_FROM: the teacher's (N, K) logits on x_train
-    teacher_id: str = ''                  # ... and its ONNX file's SHA-256 (public/train/distill.py)
+    teacher_id: str = ''                  # ... and its ONNX file's SHA-256 (public/search/teacher.py)
 
 
 @dataclass
@@ -119,12 +119,6 @@ def prepare_data(settings, progress=True):
                      f"{len(np.unique(test.subjects))} subjects, {_class_mix(y_test, settings)}")
         lines += _warnings(test, settings.TEST_DIR)
         lines += _shared_subjects(train, test, settings)
-    if getattr(settings, 'DISTILL_FROM', ''):
-        from public.train.distill import teacher_logits
-        logits, trial.teacher_id, note = teacher_logits(settings, x[train_idx],
-                                                        num_classes(settings))
-        trial.teacher_logits = logits.to(device)
-        lines.append(note)
     lines.append(f"device: {device}")
     return PreparedData(trial=trial, x_test=x_test, y_test=y_test,
                         onnx_sample=np.asarray(train.x[val_idx[:32]]), in_channels=x.shape[1],

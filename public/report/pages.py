@@ -467,14 +467,20 @@ def _best_folder(root, row):
 
 
 def _summary_rows(trials, best, root, skipped=None):
+    """One row per model; a halving trial counted once (its last row), its time summed
+    over its rungs."""
     rows = []
     for model, group in trials.groupby('model', sort=False):
-        entry = {'model': model, 'trials': len(group),
-                 'pruned': int(group['pruned'].sum()) if 'pruned' in group else 0,
+        ends = plots.trial_ends(group)
+        entry = {'model': model, 'trials': len(ends),
+                 'pruned': int(ends['pruned'].sum()) if 'pruned' in ends else 0,
                  'skipped': len((skipped or {}).get(model, ())),
-                 'failed': int((group['status'] == TrialStatus.FAILED).sum()),
-                 'diverged': int((group['status'] == TrialStatus.DIVERGED).sum()),
+                 'failed': int((ends['status'] == TrialStatus.FAILED).sum()),
+                 'diverged': int((ends['status'] == TrialStatus.DIVERGED).sum()),
                  'wall_s': group['wall_s'].sum() if 'wall_s' in group else np.nan}
+        if plots.halving_rows(group):
+            entry['stopped'] = int((ends['status'] == TrialStatus.STOPPED).sum())
+            entry['epochs_trained'] = int(plots.numeric_column(ends, 'epochs').fillna(0).sum())
         pick = best[best['model'] == model]
         if len(pick):
             row = pick.iloc[0]
@@ -484,11 +490,13 @@ def _summary_rows(trials, best, root, skipped=None):
     return rows
 
 
-def _summary_columns(report_dir):
+def _summary_columns(report_dir, halving=False):
+    extra = ([('stopped', 'stopped', None, False), ('epochs trained', 'epochs_trained', _int, False)]
+             if halving else [])
     return [('model', 'model', None, True), ('trials', 'trials', None, False),
             ('pruned', 'pruned', None, False), ('skipped', 'skipped', None, False),
             ('diverged', 'diverged', None, False),
-            ('failed', 'failed', None, False), ('best lr', 'lr', None, False),
+            ('failed', 'failed', None, False), *extra, ('best lr', 'lr', None, False),
             ('xx-yy', 'result', None, False), ('score %', 'score', _percent, False),
             ('ONNX KB', 'onnx_kb', _num(2), False), ('latency ms', 'latency_ms', _num(3), False),
             ('params', 'params', _int, False), ('time s', 'wall_s', _num(1), False),
@@ -507,9 +515,78 @@ def _metric_columns(trials):
     return columns
 
 
+HALVING_SECTION = 'Successive halving'
+
+
+def _rung_header(rung, epochs):
+    """'rung 2 (9 ep)'; 'rung 4 (8/12 ep)' where models' rung 4 trained to different totals
+    (a rung of one goes straight to NUM_EPOCHS)."""
+    values = sorted({int(e) for e in epochs if pd.notna(e)})
+    return f"rung {rung} ({'/'.join(map(str, values))} ep)" if values else f"rung {rung}"
+
+
+def _halving_status(end):
+    status = str(end.get('status', ''))
+    rung = pd.to_numeric(end.get('rung'), errors='coerce')
+    at = f" at rung {int(rung)}" if pd.notna(rung) else ''
+    if status == TrialStatus.OK:
+        return 'pruned' if str(end.get('pruned')) == 'True' else 'ok'
+    if status == TrialStatus.STOPPED:
+        return f"stopped{at}"
+    if status == TrialStatus.PROMOTED:
+        return f"promoted{at}, next rung not recorded yet"
+    return status
+
+
+def halving_table(trials, best):
+    """(columns, rows, highlight) of the halving table: one row per model and learning rate
+    with its score (%) at each rung, its final status and the epochs it trained in all."""
+    rung = plots.numeric_column(trials, 'rung')
+    mine = trials[rung.notna() & plots.numeric_column(trials, 'lr').notna()]
+    rung = rung[mine.index].astype(int)
+    rungs = sorted(rung.unique())
+    epochs = plots.numeric_column(mine, 'rung_epochs')
+    columns = [('model', 'model', None, True), ('lr', 'lr', lambda v, _r: f"{v:g}", False)]
+    columns += [(_rung_header(k, epochs[rung == k]), f"rung_{k}", None, False) for k in rungs]
+    columns += [('final status', 'final', None, True),
+                ('epochs trained', 'epochs_trained', _int, False)]
+    order = {m: n for n, m in enumerate(dict.fromkeys(trials['model']))}
+    best_keys = {(str(r['model']), float(r['lr'])) for _, r in best.iterrows()}
+    rows, highlight = [], []
+    groups = mine.groupby([mine['model'].astype(str), mine['lr'].astype(float)], sort=False)
+    for (model, lr), group in sorted(groups, key=lambda g: (order.get(g[0][0], 0), g[0][1])):
+        entry = {'model': model, 'lr': lr}
+        ordered = group.loc[sorted(group.index, key=lambda i: rung[i])]   # stable
+        for i, row in ordered.iterrows():
+            score = _percent(row.get('score'), row)
+            entry[f"rung_{rung[i]}"] = score or (str(row['status']) if row['status'] in (
+                TrialStatus.DIVERGED, TrialStatus.FAILED) else '')
+        end = ordered.iloc[-1]
+        entry['final'] = _halving_status(end)
+        entry['epochs_trained'] = plots.numeric_column(group, 'epochs').max()
+        if end['status'] == TrialStatus.OK and (model, lr) in best_keys:
+            highlight.append(len(rows))
+        rows.append(entry)
+    return columns, rows, tuple(highlight)
+
+
+def _halving_html(trials, best, settings):
+    columns, rows, highlight = halving_table(trials, best)
+    return [f'<h2 id="halving">{HALVING_SECTION}</h2>', _table(columns, rows, highlight),
+            _note(f"SCHEDULER='halving': each row is one trial (a model at a learning rate), its "
+                  f"score % at the end of each rung it trained (rung k trains on from the "
+                  f"previous rung's checkpoint to the epochs in its header). At a rung's end the "
+                  f"best 1/HALVING_ETA={settings.HALVING_ETA} of the model's trials go on; the "
+                  f"others are stopped (not pruned, not in avoid.txt). Epochs trained: through "
+                  f"every rung. Highlighted: each model's best trial.")]
+
+
 def _trial_label(row):
     lr = row.get('lr')
     parts = [f"lr={lr:g}" if pd.notna(lr) else 'lr=?', plots.xx_yy(row)]
+    rung = pd.to_numeric(row.get('rung'), errors='coerce')
+    if pd.notna(rung):                       # halving: the rung the row ended
+        parts.append(f"rung {int(rung)}")
     if row.get('status') not in (TrialStatus.OK, ''):
         parts.append(str(row.get('status')))
     elif str(row.get('pruned')) == 'True':
@@ -526,14 +603,22 @@ def _history_of(row, info=None):
 def _stage_one_overview(figures, trials, settings, skipped):
     label = metric_label(settings)
     parts = ['<h2 id="overview">Accuracy, size and speed</h2>']
+    halving = plots.halving_rows(trials)
+    finals = trials
+    if halving:     # scores of fewer epochs (stopped, promoted rungs) stay on the lr figure
+        finals = trials[~trials['status'].isin([TrialStatus.STOPPED, TrialStatus.PROMOTED])]
+        parts.append(_note('Successive halving: the size and latency figures show the trials '
+                           'that finished (ok, diverged, failed); the scores of the rungs, and '
+                           'of the trials stopped at one, are in the learning-rate figure and '
+                           f'the {HALVING_SECTION.lower()} table.'))
     parts.append(_figure_or_note(
-        figures.draw('stage1-size', plots.size_score_plot, trials, metric_label=label),
+        figures.draw('stage1-size', plots.size_score_plot, finals, metric_label=label),
         'Selection score against ONNX file size, one point per finished trial, one colour per '
         'model; hollow points were pruned, the ringed point is each model\'s best (labelled with '
         'its folder), the dashed line the Pareto front: no trial is both smaller and better.',
         'score vs size'))
     parts.append(_figure_or_note(
-        figures.draw('stage1-latency', plots.latency_score_plot, trials, metric_label=label),
+        figures.draw('stage1-latency', plots.latency_score_plot, finals, metric_label=label),
         'The same trials against onnxruntime latency (median of LATENCY_RUNS single-segment '
         'runs, one thread).', 'score vs latency'))
     parts.append(_figure_or_note(
@@ -543,7 +628,11 @@ def _stage_one_overview(figures, trials, settings, skipped):
         '(score below AVOID_PARAM, dotted; hollow at the bottom edge when below the axis), '
         'crosses diverged, diamonds failed (no score), grey crosses at the bottom the grid '
         'rates skipped (avoid.txt: never trained), the ring is the best. The score axis holds '
-        'the finished trials that were not pruned.',
+        'the finished trials that were not pruned.'
+        + (' Successive halving: a thin line joins the scores of one trial\'s rungs at its rate '
+           '(rung 1 first); small points were promoted (that rung\'s score, the trial went on), '
+           'hollow ones stopped at that rung (not among the best 1/HALVING_ETA; not pruned); '
+           'the score axis holds these too.' if halving else ''),
         'score per learning rate'))
     return parts
 
@@ -593,8 +682,9 @@ def _model_section(figures, model, group, row, folder, info, settings, report_di
             'of each true class (the diagonal is the recall per class).', f"{model} confusion"))
     elif row is not None:
         parts.append(_note('No confusion matrix recorded in the best folder\'s result.json.'))
+    ends = plots.trial_ends(group)          # halving: a trial's last rung holds its history
     curves = [_curve(_trial_label(r), _history_of(r), r.get('best_epoch'), r.get('stop_reason'))
-              for _, r in group.sort_values('lr', kind='stable').iterrows()]
+              for _, r in ends.sort_values('lr', kind='stable').iterrows()]
     if len(curves) > 1:
         parts += _loss_section(figures, f"{model}-trials-loss", curves,
                                f"{model}: every trial's loss per epoch",
@@ -606,15 +696,20 @@ def _model_section(figures, model, group, row, folder, info, settings, report_di
 def _stage_one_lead(trials, skipped=None):
     if trials.empty:
         return _note('No trial of the current search is recorded yet.')
-    counts = trials['status'].value_counts()
-    pruned = int(trials['pruned'].sum()) if 'pruned' in trials else 0
+    ends = plots.trial_ends(trials)        # halving: a trial once, by its last rung's row
+    counts = ends['status'].value_counts()
+    pruned = int(ends['pruned'].sum()) if 'pruned' in ends else 0
     skips = sum(len(v) for v in (skipped or {}).values())
     latest = trials['finished_at'].dropna().astype(str).max() if 'finished_at' in trials else ''
-    text = (f"{len(trials)} trial(s) of {trials['model'].nunique()} model(s): "
+    stopped, going = (int(counts.get(s, 0)) for s in (TrialStatus.STOPPED, TrialStatus.PROMOTED))
+    halving = (f"; {stopped} stopped at a rung (successive halving: not among the best of "
+               f"their rung, not pruned)" if plots.halving_rows(trials) else '')
+    halving += f"; {going} promoted, their next rung not recorded yet" if going else ''
+    text = (f"{len(ends)} trial(s) of {trials['model'].nunique()} model(s): "
             f"{int(counts.get(TrialStatus.OK, 0))} finished "
             f"({pruned} pruned: score below AVOID_PARAM), "
             f"{int(counts.get(TrialStatus.DIVERGED, 0))} diverged, "
-            f"{int(counts.get(TrialStatus.FAILED, 0))} failed"
+            f"{int(counts.get(TrialStatus.FAILED, 0))} failed" + halving
             + (f"; {skips} rate(s) skipped (avoid.txt), never trained" if skips else '')
             + (f"; latest finished at {latest}" if latest else '') + '.')
     return f'<p class="lead">{_esc(text)}</p>'
@@ -633,9 +728,11 @@ def stage_one_html(settings, figures, data_summary=''):
     trials, others = load_stage_one(settings)
     best = plots.best_rows(trials)
     skipped = skipped_rates(settings, trials)
+    halving = plots.halving_rows(trials)
     body = [f'<h1>ATML stage one: {_esc(root)}</h1>', _stage_one_lead(trials, skipped),
             _others_note(others, 'row(s) of results.csv'),
             '<nav><a href="#next">next step</a><a href="#summary">summary</a>'
+            + ('<a href="#halving">halving</a>' if halving else '') +
             '<a href="#subjects">subjects</a><a href="#overview">figures</a>'
             '<a href="#loss">loss curves</a><a href="#models">per model</a>'
             '<a href="#data">data</a><a href="#settings">settings</a></nav>',
@@ -645,14 +742,18 @@ def stage_one_html(settings, figures, data_summary=''):
         body.append(_note('Nothing to summarise yet.'))
     else:
         summary = _summary_rows(trials, best, root, skipped)
-        body.append(_table(_summary_columns(root), summary))
+        body.append(_table(_summary_columns(root, halving), summary))
         body.append(_note("pruned: trained, scored below AVOID_PARAM; skipped: a grid rate "
-                          "avoid.txt ruled out, never trained."))
+                          "avoid.txt ruled out, never trained."
+                          + (" stopped: trained to a rung, not among the best of it (halving)."
+                             if halving else '')))
         body.append(_note(f"Scores: {metric_label(settings)}; the best trial of a model has the "
                           f"highest score, then yy, then xx, then the smaller learning rate. All trials: "
                           f"{os.path.join(root, 'results.csv')}."))
         body.append('<h3>Metrics of the best trials</h3>')
         body.append(_table(_metric_columns(trials), [r for r in summary if 'result' in r]))
+        if halving:
+            body += _halving_html(trials, best, settings)
         body.append('<h2 id="subjects">Per subject: the best folders, worst first</h2>')
         body += _per_subject_html([(f"{r['model']} {plots.xx_yy(r)}", _best_folder(root, r)[0])
                                    for _, r in best.iterrows()])
@@ -728,9 +829,11 @@ def _float_score(row, settings):
 
 def _stage_two_columns(rows):
     int8 = 'int8_bytes' in rows.columns and rows['int8_bytes'].notna().any()
+    # halving: the rung each candidate's last row ended (after the five the folded table shows)
+    rung = [('rung', 'rung', _int, False)] if plots.halving_rows(rows) else []
     columns = [('candidate', 'candidate', None, True), ('channel', 'channel_scale', _int, False),
                ('FC', 'fc_scale', _int, False), ('planned KB', 'predicted_bytes', _kb, False),
-               ('status', 'status', None, True), ('xx-yy', 'result', None, False),
+               ('status', 'status', None, True), *rung, ('xx-yy', 'result', None, False),
                ('INT8 score %' if int8 else 'score %', 'score', _percent, False),
                ('meets metric target', 'meets_metric', None, False),
                ('ONNX KB', 'onnx_kb', _num(2), False)]
@@ -751,6 +854,9 @@ def _stage_two_rows(rows, settings):
         score = pd.to_numeric(entry.get('score'), errors='coerce')
         meets = pd.notna(score) and 100 * score >= settings.METRIC_TARGET - 1e-9
         entry['meets_metric'] = ('yes' if meets else 'no') if ok else ''
+        rung = pd.to_numeric(entry.get('rung'), errors='coerce')
+        if entry.get('status') in (TrialStatus.STOPPED, TrialStatus.PROMOTED) and pd.notna(rung):
+            entry['status'] = f"{entry['status']} (rung {int(rung)})"
         out.append(entry)
     return out
 
@@ -859,6 +965,9 @@ def _stage_two_figures(figures, rows, settings, info, result_folder):
         'never trained); grey with diagonal lines: over SIZE_TARGET_KB (never trained); pink '
         'cross-hatched: diverged or failed; white: not needed (a smaller candidate met both '
         'targets first); light grey: untrained; the outlined cell is the result.'
+        + (' Pale blue, dotted: stopped at a rung of successive halving (its score, of that '
+           'rung\'s epochs, in the text; not coloured).'
+           if (rows['status'] == TrialStatus.STOPPED).any() else '')
         + (' Float beside INT8: with QUANTIZE_INT8 the INT8 file decides.'
            if len(views) > 1 else ''),
         'stage two grid'))
@@ -887,9 +996,12 @@ def _stage_two_training(figures, rows, settings, info):
     else:
         parts.append(_note('No confusion matrix in the result folder\'s result.json.'))
     curves = []
-    for _, row in rows[rows['status'].isin([TrialStatus.OK, TrialStatus.DIVERGED])].iterrows():
+    trained = [TrialStatus.OK, TrialStatus.DIVERGED, TrialStatus.STOPPED]   # stopped: halving
+    for i, row in rows[rows['status'].isin(trained)].iterrows():
         candidate = read_json(os.path.join(settings.TEMP_DIR, str(row['candidate']), 'result.json'))
-        curves.append(_curve(str(row['candidate']), candidate.get('history', row.get('history')),
+        label = str(row['candidate']) + (f" {_stage_two_rows(rows.loc[[i]], settings)[0]['status']}"
+                                         if row['status'] == TrialStatus.STOPPED else '')
+        curves.append(_curve(label, candidate.get('history', row.get('history')),
                              candidate.get('best_epoch', row.get('best_epoch')),
                              row.get('stop_reason')))
     parts += _loss_section(figures, 'stage2-candidates-loss', curves,
@@ -954,9 +1066,13 @@ def _stage_two_lead(rows, settings, met=False):
     needless = int((status.str.replace('-', ' ') == plots.NOT_NEEDED).sum())
     untrained = int((status == '').sum())
     over = int(status.isin([TrialStatus.OVER_LATENCY, TrialStatus.OVER_RAM]).sum())
+    stopped = int((status == TrialStatus.STOPPED).sum())
+    going = int((status == TrialStatus.PROMOTED).sum())
     text = (f"{len(status)} candidate(s): {int((status == TrialStatus.OK).sum())} trained, "
             f"{int(status.isin([TrialStatus.DIVERGED, TrialStatus.FAILED]).sum())} diverged or "
             f"failed, {int((status == TrialStatus.OVER_SIZE).sum())} over the size target"
+            + (f", {stopped} stopped at a rung (successive halving)" if stopped else '')
+            + (f", {going} promoted, their next rung not recorded yet" if going else '')
             + (f", {over} over the latency or memory target" if over else '')
             + (f", {needless} not needed (a smaller one met)" if needless else '')
             + (f", {untrained} not trained yet" if untrained else ''))

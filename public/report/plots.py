@@ -11,8 +11,9 @@
                               size_target_kb=60, winner=(2, 1))
 
 `trials` is a DataFrame with one row per trial and the columns of results.csv already made
-numeric: model, lr, status ('ok', 'diverged', 'failed'), pruned (bool), score (0..1),
-xx, yy, onnx_kb, latency_ms. A missing column or value (NaN) means "not available": the
+numeric: model, lr, status ('ok', 'diverged', 'failed'; with SCHEDULER='halving' also
+'stopped' and 'promoted'), pruned (bool), score (0..1), xx, yy, onnx_kb, latency_ms, and
+rung (1, 2, ...; NaN in a grid search: a halving trial has one row per rung it trained). A missing column or value (NaN) means "not available": the
 point is left out (and counted in the title), never an error. Every function writes its
 PNG atomically (temporary file, then os.replace) and returns the path. Nothing here reads
 results from the disk; public/report/pages.py does that.
@@ -70,6 +71,31 @@ def _status(frame):
     if 'status' not in frame.columns:
         return pd.Series(TrialStatus.OK.value, index=frame.index)
     return frame['status'].fillna('').astype(str).replace('', TrialStatus.OK.value)
+
+
+def halving_rows(frame):
+    """Whether a results table has rows of a successive-halving search (a rung recorded)."""
+    return bool(numeric_column(frame, 'rung').notna().any())
+
+
+def trial_ends(trials):
+    """One row per trial: a halving trial's last row (its latest rung: a 'promoted' row whose
+    next rung's row follows is left out); rows without a rung (a grid search) as they are."""
+    rung = numeric_column(trials, 'rung')
+    if not rung.notna().any():
+        return trials
+    lr = numeric_column(trials, 'lr')
+    models = trials['model'] if 'model' in trials.columns else pd.Series('', index=trials.index)
+    keep, last = pd.Series(True, index=trials.index), {}
+    for i in trials.index[rung.notna()]:
+        key = (str(models[i]), round(float(lr[i]), 12) if pd.notna(lr[i]) else i)
+        if key in last and rung[last[key]] > rung[i]:
+            keep[i] = False
+            continue
+        if key in last:
+            keep[last[key]] = False
+        last[key] = i
+    return trials[keep]
 
 
 def best_rows(trials):
@@ -271,7 +297,9 @@ def xx_yy(row):
 
 def lr_score_plot(trials, path, metric_label='score (%)', avoid_param=None, skipped=None):
     """One panel per model: score vs learning rate; pruned, diverged, failed marked, and
-    the rates avoid.txt skipped (skipped: {model: [lr, ...]}) as grey crosses at the bottom."""
+    the rates avoid.txt skipped (skipped: {model: [lr, ...]}) as grey crosses at the bottom.
+    Successive halving: a trial's rungs at its rate are joined by a thin line, a 'promoted'
+    rung a small point, a 'stopped' trial's last rung a hollow one."""
     models = list(dict.fromkeys(trials['model'])) if 'model' in trials.columns else []
     ncols = min(3, max(1, len(models)))
     nrows = max(1, math.ceil(len(models) / ncols))
@@ -289,9 +317,15 @@ def lr_score_plot(trials, path, metric_label='score (%)', avoid_param=None, skip
         _lr_panel(ax, trials[trials['model'] == model], model, colours[model], best, avoid_param,
                   sorted((skipped or {}).get(model, ())))
         ax.set_ylabel(metric_label if ax in axes[:, 0] else '')
-    fig.suptitle('Score per learning rate (each marker is one trial)')
-    fig.legend(handles=_lr_legend(avoid_param is not None, any((skipped or {}).values())),
-               loc='outside lower center', ncols=4, frameon=False)
+    status = set(_status(trials))
+    halving = halving_rows(trials)
+    fig.suptitle('Score per learning rate (each marker is one trial)' if not halving else
+                 'Score per learning rate (each marker is one rung of a trial, a thin line '
+                 'joins a trial\'s rungs)')
+    fig.legend(handles=_lr_legend(avoid_param is not None, any((skipped or {}).values()),
+                                  stopped=TrialStatus.STOPPED in status,
+                                  promoted=TrialStatus.PROMOTED in status),
+               loc='outside lower center', ncols=3 if halving else 4, frameon=False)
     return _save(fig, path)
 
 
@@ -300,9 +334,17 @@ def _lr_panel(ax, group, model, colour, best, avoid_param, skipped=()):
     status = _status(group)
     pruned = _flags(group, 'pruned')
     scored = (status == TrialStatus.OK) & score.notna() & lr.notna()
-    band = score_band(score, scored, pruned)
+    # halving: the scores a trial had at its rungs (went on, or stopped there)
+    rungs = status.isin([TrialStatus.STOPPED, TrialStatus.PROMOTED]) & score.notna() & lr.notna()
+    band = score_band(score, scored | rungs, pruned)
     below = scored & (score < band[0]) if band else scored & False
     plain, cut = scored & ~pruned & ~below, scored & pruned & ~below
+    if rungs.any():
+        _rung_paths(ax, group, lr, score, colour)
+        stopped, promoted = rungs & (status == TrialStatus.STOPPED), rungs & ~(status == TrialStatus.STOPPED)
+        ax.scatter(lr[promoted], score[promoted], color=colour, s=12, zorder=3)
+        ax.scatter(lr[stopped], score[stopped], facecolors='white', edgecolors=colour, s=40,
+                   linewidths=1.3, zorder=3)
     ax.scatter(lr[plain], score[plain], color=colour, s=40, zorder=3)
     ax.scatter(lr[cut], score[cut], marker='v', color=PRUNED_COLOR, s=44, zorder=3)
     bottom = ax.get_xaxis_transform()           # x in data, y in axes fraction
@@ -333,11 +375,26 @@ def _lr_panel(ax, group, model, colour, best, avoid_param, skipped=()):
         ax.set_xlim(values[0] * 0.8, values[0] * 1.2)
     ax.set_xlabel('learning rate')
     ax.grid(True, alpha=0.25)
-    title = f"{model}: {len(group)} trial(s)"
+    ends = _status(trial_ends(group))
+    stopped = int((ends == TrialStatus.STOPPED).sum())
+    title = f"{model}: {len(ends)} trial(s)" + (f", {stopped} stopped" if stopped else '')
     ax.set_title(title + (f", {len(skipped)} skipped" if len(skipped) else ''))
 
 
-def _lr_legend(with_avoid, with_skipped=False):
+def _rung_paths(ax, group, lr, score, colour):
+    """A thin line per halving trial through its rungs' scores (rung 1 first, its last row
+    last), at its learning rate."""
+    rung = numeric_column(group, 'rung')
+    paths = {}
+    for i in group.index[rung.notna() & lr.notna() & score.notna()]:
+        paths.setdefault(round(float(lr[i]), 12), []).append(i)
+    for rows in paths.values():
+        if len(rows) > 1:
+            rows = sorted(rows, key=lambda i: rung[i])       # stable: a rerun's row after
+            ax.plot(lr[rows], score[rows], color=colour, linewidth=0.9, alpha=0.55, zorder=2)
+
+
+def _lr_legend(with_avoid, with_skipped=False, stopped=False, promoted=False):
     handles = [Line2D([], [], marker='o', linestyle='', color='grey', label='finished'),
                Line2D([], [], marker='v', linestyle='', color=PRUNED_COLOR,
                       label='pruned (score below AVOID_PARAM)'),
@@ -354,6 +411,13 @@ def _lr_legend(with_avoid, with_skipped=False):
                               markeredgewidth=1.6, label='skipped (avoid.txt)'))
     if with_avoid:
         handles.append(Line2D([], [], color=PRUNED_COLOR, linestyle=':', label='AVOID_PARAM'))
+    if promoted:
+        handles.append(Line2D([], [], marker='o', markersize=3.5, color='grey', linewidth=0.9,
+                              alpha=0.8, label='promoted (went on); line: one trial'))
+    if stopped:
+        handles.append(Line2D([], [], marker='o', linestyle='', markerfacecolor='white',
+                              markeredgecolor='grey', markeredgewidth=1.3,
+                              label='stopped at a rung (not pruned)'))
     return handles
 
 
@@ -482,15 +546,18 @@ def stage_two_grid_plot(cells, path, *, metric_target, size_target_kb, winner=No
     """Channel-scale x FC-scale grid, one panel per view (e.g. float and INT8).
 
     cells: one row per candidate: channel_scale, fc_scale, status ('ok', 'over-size',
-    'diverged', 'failed'; '' or missing = untrained) and, per view (title, score column,
-    KB column), its score (%) and size (KB). winner: (channel_scale, fc_scale) or None."""
+    'diverged', 'failed', halving's 'stopped' and 'promoted' with their rung; '' or missing =
+    untrained) and, per view (title, score column, KB column), its score (%) and size (KB).
+    winner: (channel_scale, fc_scale) or None. A stopped candidate's score (of its rung's
+    epochs) is written in its cell, not coloured."""
     channels = sorted(numeric_column(cells, 'channel_scale').dropna().astype(int).unique())
     fcs = sorted(numeric_column(cells, 'fc_scale').dropna().astype(int).unique())
     width = max(5.0, 1.15 * max(1, len(fcs)) + 1.6)
     fig, axes = plt.subplots(1, len(views), figsize=(width * len(views) + 1.0,
                                                      1.0 * max(1, len(channels)) + 2.2),
                              layout='constrained', squeeze=False)
-    scores = pd.concat([numeric_column(cells, score) for _, score, _ in views])
+    final = ~_status(cells).isin([TrialStatus.STOPPED, TrialStatus.PROMOTED])
+    scores = pd.concat([numeric_column(cells, score)[final] for _, score, _ in views])
     norm = _target_norm(scores.dropna(), metric_target)
     for ax, (title, score_col, kb_col) in zip(axes.flat, views):
         if not channels or not fcs:
@@ -504,7 +571,8 @@ def stage_two_grid_plot(cells, path, *, metric_target, size_target_kb, winner=No
         bar.ax.axhline(metric_target, color='black', linewidth=1.5)
     fig.suptitle(f"Stage-two candidates; targets:\n{metric_label} >= {metric_target:g}, "
                  f"ONNX <= {size_target_kb:.2f} KB")
-    fig.legend(handles=_grid_legend(winner), loc='outside lower center', ncols=2, frameon=False)
+    fig.legend(handles=_grid_legend(winner, set(_status(cells)) if len(cells) else ()),
+               loc='outside lower center', ncols=2, frameon=False)
     return _save(fig, path)
 
 
@@ -525,7 +593,8 @@ def _grid_panel(ax, cells, channels, fcs, score_col, kb_col, norm, winner):
             match = latest[(latest['_c'] == c) & (latest['_f'] == f)]
             row = match.iloc[0] if len(match) else None
             colour, hatch, text = _cell_look(row, score_col, kb_col, norm, cmap)
-            edge = {OVER_SIZE_LOOK[1]: '#888888', BROKEN_LOOK[1]: BROKEN_EDGE}.get(hatch, 'white')
+            edge = {OVER_SIZE_LOOK[1]: '#888888', BROKEN_LOOK[1]: BROKEN_EDGE,
+                    STOPPED_LOOK[1]: STOPPED_EDGE}.get(hatch, 'white')
             ax.add_patch(Rectangle((col_j - 0.5, row_i - 0.5), 1, 1, facecolor=colour,
                                    hatch=hatch, edgecolor=edge, linewidth=0.8))
             ax.text(col_j, row_i, text, ha='center', va='center', fontsize=8.5,
@@ -545,6 +614,9 @@ def _grid_panel(ax, cells, channels, fcs, score_col, kb_col, norm, winner):
 NOT_NEEDED = 'not needed'       # a cell's status: never trained, a smaller candidate met
 OVER_SIZE_LOOK = ('#d9d9d9', '///')
 BROKEN_LOOK = ('#f4c7c3', 'xx')   # diverged / failed: reddish, cross-hatched
+STOPPED_LOOK = ('#d6e4f5', '..')  # halving: stopped at a rung: pale blue, dotted
+STOPPED_EDGE = '#5b7fa8'
+PROMOTED_FACE = '#eef4fb'         # halving, mid-search: promoted, its next rung not yet run
 
 
 def _cell_look(row, score_col, kb_col, norm, cmap):
@@ -561,12 +633,19 @@ def _cell_look(row, score_col, kb_col, norm, cmap):
         return cmap(norm(score)), None, f"{size}\n{score:.1f}%"
     if status in (TrialStatus.DIVERGED, TrialStatus.FAILED):
         return (*BROKEN_LOOK, f"{size}\n{status}".strip())
+    if status in (TrialStatus.STOPPED, TrialStatus.PROMOTED):
+        rung = pd.to_numeric(row.get('rung'), errors='coerce')
+        what = f"{status} (rung {int(rung)})" if pd.notna(rung) else status
+        text = '\n'.join(t for t in (size, what, f"{score:.1f}%" if pd.notna(score) else '') if t)
+        if status == TrialStatus.STOPPED:
+            return (*STOPPED_LOOK, text)
+        return PROMOTED_FACE, None, text
     if status.replace('-', ' ') == NOT_NEEDED:
         return '#ffffff', None, f"{size}\nnot needed".strip()
     return '#e8e8e8', None, f"{size}\nuntrained".strip()
 
 
-def _grid_legend(winner):
+def _grid_legend(winner, statuses=()):
     handles = [Patch(facecolor=OVER_SIZE_LOOK[0], hatch=OVER_SIZE_LOOK[1], edgecolor='#888888',
                      label='over the size target (never trained)'),
                Patch(facecolor=BROKEN_LOOK[0], hatch=BROKEN_LOOK[1], edgecolor=BROKEN_EDGE,
@@ -574,6 +653,13 @@ def _grid_legend(winner):
                Patch(facecolor='#ffffff', edgecolor='#888888',
                      label='not needed (a smaller one met)'),
                Patch(facecolor='#e8e8e8', label='untrained')]
+    if TrialStatus.STOPPED in statuses:
+        handles.append(Patch(facecolor=STOPPED_LOOK[0], hatch=STOPPED_LOOK[1],
+                             edgecolor=STOPPED_EDGE,
+                             label='stopped at a rung (halving; score of its rung\'s epochs)'))
+    if TrialStatus.PROMOTED in statuses:
+        handles.append(Patch(facecolor=PROMOTED_FACE, edgecolor='#888888',
+                             label='promoted, its next rung not trained yet'))
     if winner is not None:
         handles.append(Patch(facecolor='none', edgecolor='black', linewidth=3,
                              label=f"result c{winner[0]}-f{winner[1]}"))

@@ -25,7 +25,7 @@ METRICS = ('f1', 'accuracy', 'precision', 'recall', 'auc', 'abs_sum')
 _RESULT_FOLDER = re.compile(r'^\d{1,3}-\d{1,3}(-MISS)?$')   # a miss: <xx>-<yy>-MISS
 _NUMERIC = (['lr', 'epochs', 'best_epoch', 'score', 'xx', 'yy', 'onnx_kb', 'onnx_bytes',
              'latency_ms', 'params', 'wall_s', 'channel_scale', 'fc_scale', 'predicted_bytes',
-             'int8_bytes']
+             'int8_bytes', 'rung', 'rung_epochs']
             + [f"{s}_{m}" for s in ('val', 'test') for m in METRICS])
 
 
@@ -121,7 +121,11 @@ def load_stage_one(settings):
 
 def load_stage_two(settings, result_folder):
     """The current stage-two rows (the last row per candidate, smallest first), and the
-    number of rows from other settings. The result folder's snapshot of the table wins."""
+    number of rows from other settings. The result folder's snapshot of the table wins.
+
+    With SCHEDULER='halving' a candidate has a row per rung, appended in rung order: its last
+    row is where it ended ('ok', 'stopped', 'diverged', ...; its rung in 'rung'), or, while
+    the search runs, 'promoted' (its next rung not yet recorded)."""
     paths = ([os.path.join(result_folder, 'stage2_results.csv')] if result_folder else []) + \
         [os.path.join(settings.TEMP_DIR, 'stage2_results.csv')]
     frame = next((read_table(p) for p in paths if os.path.isfile(p)), pd.DataFrame())

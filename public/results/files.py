@@ -202,7 +202,7 @@ def _write_result_files(folder, *, result, name, model_name, lr, settings, onnx_
                           'threshold': settings.GEN_THRESHOLD, 'contest': settings.CONTEST,
                           'latency_scale': settings.LATENCY_SCALE},
               'graph': getattr(result, 'graph', None), **(info or {})}
-    if getattr(settings, 'CALIBRATE_THRESHOLD', False):
+    if settings.CALIBRATE_THRESHOLD:
         record['decision_threshold'] = getattr(result, 'threshold', 0.5)
     if refit:
         record['refit'] = {k: v for k, v in refit.items()

@@ -40,6 +40,8 @@ from public.search.avoid import AvoidList, learning_rate_candidates
 from public.search.dispatch import SpeculativeWork, run_stage
 from public.search.executor import Job
 from public.search.progress import PlanChanged
+from public.results.summary import SUMMARY_CSV, read_summary, recommended_pick  # noqa: F401 (API)
+from public.search.teacher import attach_teacher
 from public.search.trial import TrialSpec, drop_unneeded_refit, outcome_result, run_trial_job
 from public.search.trial import checkpoint_path, clean_checkpoints, remove_checkpoint
 from public.train.loop import STOP_BUDGET
@@ -47,7 +49,6 @@ from public.train.metrics import METRIC_NAMES, percent, selection_score
 from public.train.outcome import TrialStatus
 
 RESULTS_CSV = 'results.csv'
-SUMMARY_CSV = 'summary.csv'
 STORE = '.store'
 _RESULT_FOLDER = re.compile(r'^\d{1,3}-\d{1,3}$')
 __all__ = ['StageOne', 'run_stage_one', 'result_folders', 'summarize', 'archive_results',
@@ -600,6 +601,7 @@ def run_stage_one(settings, data, models, interrupts, log=print, progress=True, 
         archive_results(settings, log)
     os.makedirs(settings.MODEL_SAVE_PATH, exist_ok=True)
     os.makedirs(settings.TEMP_DIR, exist_ok=True)
+    attach_teacher(settings, data, log)
     stage = run_stage(lambda log, progress: StageOne(settings, data, models, log, progress, trainer),
                       data, interrupts, executor, on_record, on_event, 'stage 1', log, progress)
     return stage.write_summary()
@@ -616,32 +618,6 @@ def scores_note(settings):
     return (f"Scores: xx-yy = 100 \u00d7 (best, worst) of F1/accuracy/precision/recall on "
             f"{settings.SELECT_ON}; min4 = the worst (SELECT_METRIC={settings.SELECT_METRIC} "
             f"decides)")
-
-
-def read_summary(path):
-    """The rows of a stage-one summary.csv as dicts ([] when there is none or it is empty)."""
-    try:
-        return pd.read_csv(path, dtype={'best_lr': str}).to_dict('records')
-    except (OSError, pd.errors.EmptyDataError):
-        return []
-
-
-def recommended_pick(rows):
-    """Stage one's pick from summary rows: the best score over models, ties to the smaller
-    ONNX file; {'model', 'lr', 'score', 'onnx_kb', 'result'} or None (no trained model)."""
-    def number(value):
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            return None
-        return None if value != value else value
-    ranked = [r for r in rows if number(r.get('score')) is not None and r.get('best_lr') not in (None, '')
-              and str(r.get('best_lr')) != 'nan']
-    if not ranked:
-        return None
-    best = min(ranked, key=lambda r: (-number(r['score']), number(r.get('onnx_kb')) or 0.0))
-    return {'model': best['model'], 'lr': str(best['best_lr']), 'score': number(best['score']),
-            'onnx_kb': number(best.get('onnx_kb')), 'result': str(best.get('result', ''))}
 
 
 def next_step_lines(pick, settings):

@@ -44,6 +44,7 @@ from public.results.store import clean_scratch, recover_folders
 from public.results.table import STAGE2_COLUMNS, ResultsTable
 from public.search.dispatch import SpeculativeWork, run_stage
 from public.search.progress import PlanChanged
+from public.search.teacher import attach_teacher
 from public.search.stage_one import (SUMMARY_CSV, read_summary, recommended_pick, row_rung,
                                      rung_budgets, scores_note)
 from public.train.loop import STOP_BUDGET
@@ -729,6 +730,7 @@ def run_stage_two(settings, data, interrupts, log=print, progress=True, trainer=
     progress is drawn when stdout is a terminal; `on_event(event)` gets every progress
     event when given (tests)."""
     os.makedirs(settings.TEMP_DIR, exist_ok=True)
+    attach_teacher(settings, data, log)
     stage = run_stage(lambda log, progress: StageTwo(settings, data, log, progress, trainer),
                       data, interrupts, executor, on_event=on_event, label='stage 2', log=log,
                       progress=progress, critical_start=True)

@@ -1,31 +1,11 @@
-"""Knowledge distillation from a stage-one result (DISTILL_FROM): the teacher's logits on the
-training segments, computed once per run with onnxruntime and cached on disk, and the loss.
+"""The distillation loss (DISTILL_FROM): the student's logits against the teacher's.
 
-    path = teacher_onnx(settings)                  # None when DISTILL_FROM=''
-    logits, teacher_id, note = teacher_logits(settings, x_train, num_classes)
     loss, task = DistillLoss(criterion, 4.0, 0.5)(student_logits, y, teacher_rows)
 
-The teacher is a result folder's `saved.onnx` (multi-result/<Model>/<xx>-<yy>/), or with
-DISTILL_FROM='auto' the folder of stage one's recommended pick in MODEL_SAVE_PATH/summary.csv
-(the best score over models, ties to the smaller ONNX: public.search.stage_one). Its logits
-on the (un-augmented) training segments are cached under CACHE_DIR/teacher/, keyed by the
-ONNX file's SHA-256 and the training tensor's fingerprint (shape and SHA-256 of its bytes),
-so a rerun, and every trial of a run, reads them instead of running the teacher again.
+The teacher's logits on the training segments come with the data (TrialData.teacher_logits,
+public/search/teacher.py computes and caches them).
 """
-import hashlib
-import io
-import os
-
-import numpy as np
-import torch
 import torch.nn.functional as F
-
-from public.core.errors import SettingsError
-
-TEACHER_FILE = 'saved.onnx'
-CACHE_FOLDER = 'teacher'
-RULE = ("DISTILL_FROM must be '' (no distillation), 'auto' (the best folder of "
-        "MODEL_SAVE_PATH's summary.csv) or a stage-one result folder holding saved.onnx")
 
 
 class DistillLoss:
@@ -43,120 +23,3 @@ class DistillLoss:
         kl = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher / t, dim=1),
                       log_target=True, reduction='batchmean')
         return (1.0 - self.weight) * task + self.weight * t * t * kl, task
-
-
-def _source(settings, name='DISTILL_FROM'):
-    try:
-        from public.core.settings import source_of
-        return source_of(settings, name)
-    except (AttributeError, KeyError):
-        return 'params.py'
-
-
-def teacher_onnx(settings):
-    """The teacher's ONNX file of DISTILL_FROM (None when it is ''); a SettingsError naming
-    the setting, its value and the rule when there is none."""
-    value = getattr(settings, 'DISTILL_FROM', '')
-    if not value:
-        return None
-    where = _source(settings)
-    if value == 'auto':
-        from public.search.stage_one import SUMMARY_CSV, read_summary, recommended_pick
-        summary = os.path.join(settings.MODEL_SAVE_PATH, SUMMARY_CSV)
-        pick = recommended_pick(read_summary(summary))
-        if pick is None:
-            raise SettingsError(f"{where}: DISTILL_FROM='auto' takes the best stage-one result "
-                                f"of {summary}, but it lists no trained model (run "
-                                f"train_multi.py first); {RULE}")
-        folder = os.path.join(settings.MODEL_SAVE_PATH, pick['model'], pick['result'])
-    else:
-        folder = value
-    if not os.path.isdir(folder):
-        raise SettingsError(f"{where}: DISTILL_FROM={value!r}: folder {folder!r} not found; "
-                            f"{RULE}")
-    path = os.path.join(folder, TEACHER_FILE)
-    if not os.path.isfile(path):
-        raise SettingsError(f"{where}: DISTILL_FROM={value!r}: folder {folder!r} has no "
-                            f"{TEACHER_FILE}; {RULE}")
-    return path
-
-
-def _sha256(data):
-    h = hashlib.sha256()
-    if isinstance(data, (bytes, memoryview)):
-        h.update(data)
-    else:
-        with open(data, 'rb') as f:
-            for block in iter(lambda: f.read(1 << 20), b''):
-                h.update(block)
-    return h.hexdigest()
-
-
-def data_fingerprint(x):
-    """The fingerprint of training segments ((N, C, L) float32): shape and bytes."""
-    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
-    return _sha256(repr(x.shape).encode() + memoryview(x).cast('B').tobytes())
-
-
-def cache_path(settings, onnx_sha, data_sha):
-    return os.path.join(settings.CACHE_DIR, CACHE_FOLDER, f"{onnx_sha[:20]}-{data_sha[:20]}.npy")
-
-
-def teacher_logits(settings, x_train, num_classes):
-    """(logits float32 tensor (N, num_classes) on the CPU aligned with x_train, the teacher's
-    id (its ONNX SHA-256), a line for the run's log); (None, '', '') when DISTILL_FROM=''.
-    Read from the cache when it holds them, else computed with onnxruntime and cached."""
-    path = teacher_onnx(settings)
-    if path is None:
-        return None, '', ''
-    where = _source(settings)
-    value = settings.DISTILL_FROM
-    if getattr(settings, 'LABEL_MODE', 'multiclass') == 'multilabel':
-        raise SettingsError(f"{where}: DISTILL_FROM={value!r} distils one label per segment "
-                            f"(softmax KL); LABEL_MODE='multilabel' is not supported; set "
-                            f"DISTILL_FROM=''")
-    x = np.asarray(x_train.cpu().numpy() if torch.is_tensor(x_train) else x_train, np.float32)
-    onnx_sha, data_sha = _sha256(path), data_fingerprint(x)
-    cached = cache_path(settings, onnx_sha, data_sha)
-    logits, how = None, 'from cache'
-    if os.path.isfile(cached):
-        try:
-            logits = np.load(cached)
-        except (OSError, ValueError):
-            logits = None
-        if logits is not None and logits.shape != (len(x), num_classes):
-            logits = None
-    if logits is None:
-        from public.compress.export import onnx_predict
-        try:
-            logits = np.asarray(onnx_predict(path, x), np.float32)
-        except Exception as exc:
-            raise SettingsError(f"{where}: DISTILL_FROM={value!r}: the teacher {path} cannot "
-                                f"run on the training segments (shape {x.shape[1:]} per "
-                                f"segment): {type(exc).__name__}: {exc}; {RULE} trained on "
-                                f"data of this shape") from exc
-        if logits.ndim != 2 or logits.shape[1] != num_classes:
-            raise SettingsError(f"{where}: DISTILL_FROM={value!r}: the teacher {path} gives "
-                                f"outputs of shape {logits.shape[1:]} per segment, this task "
-                                f"has {num_classes} classes; the teacher must be a result of "
-                                f"the same task (one logit per class)")
-        if not np.all(np.isfinite(logits)):
-            raise SettingsError(f"{where}: DISTILL_FROM={value!r}: the teacher {path} gives "
-                                f"NaN/inf logits on the training segments")
-        _write_cache(cached, logits)
-        how = 'computed'
-    note = (f"distillation: teacher {path} (logits {how}, {os.path.basename(cached)}), "
-            f"DISTILL_TEMPERATURE={settings.DISTILL_TEMPERATURE}, "
-            f"DISTILL_WEIGHT={settings.DISTILL_WEIGHT}")
-    return torch.from_numpy(np.ascontiguousarray(logits)), onnx_sha, note
-
-
-def _write_cache(path, logits):
-    from public.core.atomic import write_atomic
-    buffer = io.BytesIO()
-    np.save(buffer, logits)
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        write_atomic(path, buffer.getvalue(), step=False)
-    except OSError:
-        pass             # a read-only cache: the logits are used, just not kept

@@ -234,7 +234,7 @@ def recompute_batchnorm(model, x, batch_size=256):
 
 
 def _averager(model, settings):
-    kind = getattr(settings, 'WEIGHT_AVERAGING', 'none')
+    kind = settings.WEIGHT_AVERAGING
     return WeightAverager(kind, model, settings.NUM_EPOCHS) if kind != 'none' else None
 
 
@@ -242,7 +242,7 @@ def _scheduler(optimizer, settings):
     """LR_SCHEDULE: 'plateau' = ReduceLROnPlateau on val loss (patience 3, factor 0.5);
     'cosine' = lr * (1 + cos(pi * (e - 1) / NUM_EPOCHS)) / 2 in epoch e (1-based), stepped
     per epoch; it depends on NUM_EPOCHS only (never on a halving budget)."""
-    if getattr(settings, 'LR_SCHEDULE', 'plateau') == 'cosine':
+    if settings.LR_SCHEDULE == 'cosine':
         epochs = settings.NUM_EPOCHS
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda e: 0.5 * (1.0 + math.cos(math.pi * e / epochs)))
@@ -340,9 +340,9 @@ def train_model(model, data, lr, settings, device, progress=True, desc='train', 
     scheduler = _scheduler(optimizer, settings)
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     criterion = make_criterion(settings, data.y_train, num_classes_of(model, data))
-    teacher = getattr(data, 'teacher_logits', None)
+    teacher = data.teacher_logits
     distill = None
-    if teacher is not None and getattr(settings, 'DISTILL_WEIGHT', 0) > 0:
+    if teacher is not None and settings.DISTILL_WEIGHT > 0:
         teacher = teacher.to(device)
         distill = DistillLoss(criterion, settings.DISTILL_TEMPERATURE, settings.DISTILL_WEIGHT)
     augment = (Augmenter(settings.SEED, device, settings.AUGMENT) if settings.AUGMENT
@@ -444,12 +444,12 @@ def _fingerprint(model, data, lr, settings):
 def _lever_fingerprint(data, settings):
     # Only the levers that are on: at their defaults a checkpoint of an earlier ATML resumes.
     out = {}
-    if getattr(settings, 'WEIGHT_AVERAGING', 'none') != 'none':
+    if settings.WEIGHT_AVERAGING != 'none':
         out['averaging'] = settings.WEIGHT_AVERAGING
-    if getattr(settings, 'LR_SCHEDULE', 'plateau') != 'plateau':
+    if settings.LR_SCHEDULE != 'plateau':
         out['schedule'] = settings.LR_SCHEDULE
-    if getattr(data, 'teacher_logits', None) is not None:
-        out['teacher'] = (getattr(data, 'teacher_id', ''), float(settings.DISTILL_TEMPERATURE),
+    if data.teacher_logits is not None:
+        out['teacher'] = (data.teacher_id, float(settings.DISTILL_TEMPERATURE),
                           float(settings.DISTILL_WEIGHT))
     return out
 
