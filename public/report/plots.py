@@ -303,7 +303,10 @@ def lr_score_plot(trials, path, metric_label='score (%)', avoid_param=None, skip
     models = list(dict.fromkeys(trials['model'])) if 'model' in trials.columns else []
     ncols = min(3, max(1, len(models)))
     nrows = max(1, math.ceil(len(models) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols + 0.6, 2.9 * nrows + 0.6),
+    halving = halving_rows(trials)
+    width = 3.6 * ncols + 0.6
+    width = max(width, 7.8) if halving else width     # room for its title and longer legend
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, 2.9 * nrows + 0.6),
                              layout='constrained', squeeze=False)
     for ax in axes.flat[len(models):]:
         ax.set_visible(False)
@@ -318,7 +321,6 @@ def lr_score_plot(trials, path, metric_label='score (%)', avoid_param=None, skip
                   sorted((skipped or {}).get(model, ())))
         ax.set_ylabel(metric_label if ax in axes[:, 0] else '')
     status = set(_status(trials))
-    halving = halving_rows(trials)
     fig.suptitle('Score per learning rate (each marker is one trial)' if not halving else
                  'Score per learning rate (each marker is one rung of a trial, a thin line '
                  'joins a trial\'s rungs)')
