@@ -1,0 +1,297 @@
+"""Stage-two architectures measured on what stage two delivers, on subjects never seen.
+
+    python bench/bench_ss_arch.py                       # 3 folds x 3 seeds x 2 architectures
+    python bench/bench_ss_arch.py --folds 3 --seeds 3 --epochs 8 --jobs 2 --out arch.csv
+    python bench/bench_ss_arch.py --summarize arch.csv     # the summary of a (partial) run
+
+Architectures (--archs): 'sepnet' (examples/ss_model_sepnet.py: the budget-native
+BudgetNet of public/models/budget.py) and 'afnet' (examples/ss_model_afnet.py: today's
+AFNet scaling of public/ss_model.py). Each is put in place of public/ss_model.py in the
+worker (sys.modules), so the stage-two machinery itself builds, trains and quantizes it.
+
+Stage two's settings: QUANTIZE_INT8=True, SIZE_TARGET_KB (20), LEARNING_RATE (--lr),
+NUM_EPOCHS (--epochs), the other settings params.py's defaults. The candidate grid of
+each architecture (CHANNEL_SCALES x FC_SCALES) is planned with
+public.search.stage_two.plan_candidates (exact INT8 sizes before training) and printed.
+
+Which candidate is trained: by default (--pick largest) only the LARGEST candidate whose
+INT8 file is <= SIZE_TARGET_KB. That is what stage two delivers when no smaller candidate
+meets METRIC_TARGET (it then publishes the best under the size cap, usually the largest):
+a cheap proxy for the delivered model, not the whole smallest-first search. --pick c2-f3
+trains a named candidate instead.
+
+For each fold (subjects dealt into --folds folds, bench_recipe.folds_of) and seed, the
+candidate trains on the other folds' subjects with an inner subject-grouped validation
+split (VAL_FRACTION of them) that drives early stopping and the best weights, through
+public.search.trial.run_trial_job (the stage-two job: train, export, INT8 as stage two
+quantizes it). The INT8 file is scored on the held-out fold's subjects: F1, the median
+over subjects of their F-beta (FBETA_BETA=2, NO_AF_SUBJECT's rule), and the share of
+subjects with F-beta > 0.9 (GEN_THRESHOLD: the contest's G). --train-frac keeps that
+share of every training subject's segments (seeded; the held-out fold is always whole).
+Trials run in worker processes with one torch thread each (--jobs). Rows go to --out.
+"""
+import argparse
+import concurrent.futures as futures
+import functools
+import importlib.util
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, 'bench'))
+
+from bench_recipe import folds_of        # noqa: E402
+
+ARCHS = {'sepnet': 'examples/ss_model_sepnet.py', 'afnet': 'examples/ss_model_afnet.py'}
+_DATA = {}
+
+
+def use_arch(arch):
+    """Make examples/ss_model_<arch>.py stage two's public/ss_model.py in this process."""
+    import public
+    spec = importlib.util.spec_from_file_location('public.ss_model',
+                                                  os.path.join(ROOT, ARCHS[arch]))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules['public.ss_model'] = module
+    spec.loader.exec_module(module)
+    public.ss_model = module
+    return module
+
+
+def _load(path):
+    if 'x' not in _DATA:
+        d = np.load(path)
+        _DATA.update(x=d['x'].astype(np.float32)[:, None, :],
+                     y=(d['rhythm'] == 'AFIB').astype(np.int64), subject=d['subject'])
+    return _DATA
+
+
+def settings_of(args, seed):
+    from public.core.settings import load_settings
+    values = dict(NUM_EPOCHS=args.epochs, SEED=seed, DEVICE='cpu', NUM_THREADS=1, WORKERS=1,
+                  LATENCY_RUNS=1, TEMP_DIR=os.path.join(args.scratch, 'temp'), TEST_DIR='',
+                  QUANTIZE_INT8=True, SIZE_TARGET_KB=args.size_kb, LEARNING_RATE=args.lr)
+    return load_settings([f"{k}={v!r}" for k, v in values.items()],
+                         params_path=os.path.join(ROOT, 'params.py'))
+
+
+def _subsample(idx, subjects, frac, seed):
+    """That share of each subject's segments among idx (seeded), at least one each."""
+    if frac >= 1:
+        return idx
+    rng = np.random.default_rng(seed)
+    keep = []
+    for s in np.unique(subjects[idx]):
+        mine = idx[subjects[idx] == s]
+        keep.append(rng.permutation(mine)[:max(1, round(frac * len(mine)))])
+    return np.sort(np.concatenate(keep))
+
+
+def fold_data(args, fold, seed, settings):
+    """PreparedData: train / inner validation from the other folds' subjects, test = fold."""
+    import torch
+    from public.data.loading import split_by_subject
+    from public.data.prepare import PreparedData, TrialData
+    d = _load(args.npz)
+    assign = folds_of(d['subject'], args.folds)
+    held = np.flatnonzero([assign[s] == fold for s in d['subject']])
+    rest = np.setdiff1d(np.arange(len(d['y'])), held)
+    rest = _subsample(rest, d['subject'], args.train_frac, seed)
+    inner_tr, inner_val = split_by_subject(d['subject'][rest], d['y'][rest],
+                                           settings.VAL_FRACTION, seed)
+    tr, va = rest[inner_tr], rest[inner_val]
+    x, y = torch.from_numpy(d['x']), torch.from_numpy(d['y'])
+    return PreparedData(trial=TrialData(x[tr], y[tr], x[va], y[va]), x_test=x[held],
+                        y_test=d['y'][held], onnx_sample=d['x'][va[:16]], in_channels=1,
+                        input_size=d['x'].shape[2], num_classes=2,
+                        device=torch.device('cpu'), summary='',
+                        val_subjects=d['subject'][va], test_subjects=d['subject'][held])
+
+
+def plan(args, arch):
+    """Stage two's plan of this architecture (INT8 sizes, calibrated on fold 0's data)."""
+    import torch
+    from public.data.prepare import calibration_sample
+    from public.search.stage_two import SizeBudget, plan_candidates
+    torch.set_num_threads(1)
+    use_arch(arch)
+    settings = settings_of(args, 42)
+    data = fold_data(args, 0, 42, settings)
+    probe_dir = os.path.join(args.scratch, f"plan-{arch}")
+    candidates = plan_candidates(settings, data.input_size, 1, 2, probe_dir=probe_dir,
+                                 calibration_x=calibration_sample(data))
+    budget = SizeBudget(settings.SIZE_TARGET_KB)
+    return [(k.name, k.config, k.predicted_bytes, budget.fits(k.predicted_bytes))
+            for k in candidates]
+
+
+def pick(candidates, how):
+    """The candidate to train: the largest that fits (--pick largest) or a named one."""
+    if how == 'largest':
+        fitting = [k for k in candidates if k[3]]
+        if not fitting:
+            raise SystemExit("no candidate fits the size target")
+        return max(fitting, key=lambda k: k[2])
+    return next(k for k in candidates if k[0] == how)
+
+
+def int8_scores(int8_onnx, data, settings, path):
+    """F1, per-subject F-beta median and G of the INT8 file on the held-out subjects."""
+    from public.compress.export import onnx_predict
+    from public.train import contest
+    from public.train.metrics import binary_metrics
+    with open(path, 'wb') as f:
+        f.write(int8_onnx)
+    pred = onnx_predict(path, data.x_test.numpy()).argmax(1)
+    rows = contest.per_subject(data.y_test, pred, data.test_subjects, settings.FBETA_BETA,
+                               settings.NO_AF_SUBJECT)
+    fb = [r['fbeta'] for r in rows if r['fbeta'] is not None]
+    os.remove(path)
+    return dict(test_f1=binary_metrics(data.y_test, pred)['f1'],
+                subj_fbeta_median=statistics.median(fb), subj_fbeta_mean=statistics.mean(fb),
+                gen=contest.generalisation(rows, 'fbeta', settings.GEN_THRESHOLD),
+                subjects=len(fb))
+
+
+def run_one(args, arch, name, config, fold, seed):
+    """One stage-two trial of one candidate on one fold and seed: one result row."""
+    import torch
+    torch.set_num_threads(1)
+    use_arch(arch)
+    from public.search.stage_two import build_from_config
+    from public.search.trial import TrialSpec, run_trial_job
+    settings = settings_of(args, seed)
+    data = fold_data(args, fold, seed, settings)
+    start = time.perf_counter()
+    spec = TrialSpec(key=name, build=functools.partial(build_from_config, config),
+                     lr=args.lr, settings=settings, quantize=True)
+    result = run_trial_job(spec, data)
+    row = dict(arch=arch, candidate=name, fold=fold, seed=seed, status=result.status,
+               epochs=result.epochs, best_epoch=result.best_epoch, train=len(data.trial.y_train),
+               val=len(data.trial.y_val), test=len(data.y_test), params=result.params)
+    if result.status != 'ok':
+        row['error'] = (result.error or '').strip().splitlines()[-1][:300]
+        print((result.error or '')[-1500:], flush=True)
+        return dict(row, wall_s=time.perf_counter() - start)
+    row.update(int8_bytes=result.int8['bytes'], float_bytes=result.onnx_bytes,
+               fits=result.int8['bytes'] <= int(args.size_kb * 1024),
+               float_test_f1=result.test_metrics['f1'], int8_val_f1=result.int8['val']['f1'],
+               **int8_scores(result.int8_onnx, data, settings,
+                             os.path.join(args.scratch, f"{arch}-{fold}-{seed}-{os.getpid()}.onnx")))
+    return dict(row, wall_s=time.perf_counter() - start)
+
+
+METRICS = ('test_f1', 'subj_fbeta_median', 'gen')
+
+
+def summarize(rows):
+    """Per arch: median over folds x seeds and min-max of each metric, per-fold medians."""
+    out = []
+    for arch in sorted({r['arch'] for r in rows}):
+        mine = [r for r in rows if r['arch'] == arch and r['status'] == 'ok']
+        if not mine:
+            continue
+        s = dict(arch=arch, candidate=mine[0]['candidate'], n=len(mine),
+                 kb=sorted({round(r['int8_bytes'] / 1024, 2) for r in mine}))
+        for m in METRICS:
+            v = [r[m] for r in mine]
+            s[m] = (statistics.median(v), min(v), max(v))
+        s['per_fold'] = {f: round(statistics.median(r['test_f1'] for r in mine if r['fold'] == f), 3)
+                         for f in sorted({r['fold'] for r in mine})}
+        s['per_fold_g'] = {f: round(statistics.median(r['gen'] for r in mine if r['fold'] == f), 3)
+                           for f in sorted({r['fold'] for r in mine})}
+        s['epochs'] = statistics.median(r['epochs'] for r in mine)
+        s['wall'] = statistics.median(r['wall_s'] for r in mine)
+        out.append(s)
+    return out
+
+
+def print_grid(arch, candidates, size_kb):
+    by = {k[0]: k for k in candidates}
+    print(f"{arch}: INT8 KB of the grid (stage two's plan; * = over {size_kb} KB)")
+    for c in sorted({int(n.split('-')[0][1:]) for n in by}):
+        cells = [by[n] for n in sorted(by, key=lambda n: int(n.split('-f')[1]))
+                 if n.startswith(f"c{c}-")]
+        print('  ' + '  '.join(f"{k[0]} {k[2] / 1024:5.1f}{'' if k[3] else '*'}" for k in cells))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--npz', default=os.path.join(ROOT, '..', 'shared', 'data',
+                                                      'ecg_af_train_50k.npz'))
+    parser.add_argument('--archs', default='sepnet,afnet')
+    parser.add_argument('--folds', type=int, default=3)
+    parser.add_argument('--seeds', type=int, default=3)
+    parser.add_argument('--epochs', type=int, default=8)
+    parser.add_argument('--lr', type=float, default=0.003)
+    parser.add_argument('--size-kb', type=float, default=20)
+    parser.add_argument('--pick', default='largest')
+    parser.add_argument('--train-frac', type=float, default=1.0)
+    parser.add_argument('--only-folds', default='', help='e.g. 0 (default: all folds)')
+    parser.add_argument('--jobs', type=int, default=2)
+    parser.add_argument('--scratch', default='/tmp/atml-ss-arch')
+    parser.add_argument('--out', default='')
+    parser.add_argument('--summarize', default='', metavar='CSV',
+                        help="only print the summary of an earlier run's --out rows")
+    args = parser.parse_args()
+    if args.summarize:
+        import pandas as pd
+        print_summary(pd.read_csv(args.summarize).to_dict('records'))
+        return
+    from real_data import cpu_name, cpu_vnni
+    os.makedirs(os.path.join(args.scratch, 'temp'), exist_ok=True)
+    archs = args.archs.split(',')
+    folds = [int(f) for f in args.only_folds.split(',')] if args.only_folds else range(args.folds)
+    print(f"bench_ss_arch: {', '.join(archs)}; {len(folds)} of {args.folds} subject folds x "
+          f"{args.seeds} seeds, {args.epochs} epochs, lr {args.lr}, QUANTIZE_INT8, "
+          f"SIZE_TARGET_KB={args.size_kb:g}, pick {args.pick}, train-frac {args.train_frac:g}; "
+          f"{os.cpu_count()} CPU cores, {cpu_name()} ({cpu_vnni() or 'no VNNI'}), "
+          f"{args.jobs} workers", flush=True)
+    start = time.perf_counter()
+    spawn = multiprocessing.get_context('spawn')     # no fork after autograd ran here
+    with futures.ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
+        plans = dict(zip(archs, pool.map(plan, [args] * len(archs), archs)))
+        jobs = []
+        for arch in archs:
+            print_grid(arch, plans[arch], args.size_kb)
+            name, config, size, _ = pick(plans[arch], args.pick)
+            print(f"  trained: {name} ({size / 1024:.2f} KB INT8 predicted)", flush=True)
+            jobs += [(arch, name, config, f, 42 + s) for f in folds for s in range(args.seeds)]
+        print(f"planning: {time.perf_counter() - start:.0f} s; {len(jobs)} trials", flush=True)
+        rows = []
+        pending = {pool.submit(run_one, args, *job): job for job in jobs}
+        for done in futures.as_completed(pending):
+            r = done.result()
+            rows.append(r)
+            print(f"  {r['arch']:6} {r['candidate']} fold {r['fold']} seed {r['seed']}: "
+                  f"{r['status']}, INT8 {r.get('int8_bytes', 0) / 1024:.2f} KB, held-out F1 "
+                  f"{r.get('test_f1', float('nan')):.3f} (float {r.get('float_test_f1', float('nan')):.3f}), "
+                  f"subj F-beta median {r.get('subj_fbeta_median', float('nan')):.3f}, "
+                  f"G {r.get('gen', float('nan')):.3f}, {r['epochs']} epochs, "
+                  f"{r['wall_s']:.0f} s", flush=True)
+            if args.out:
+                import pandas as pd
+                pd.DataFrame(rows).to_csv(args.out, index=False)
+    print(f"all: {time.perf_counter() - start:.0f} s wall")
+    print_summary(rows)
+
+
+def print_summary(rows):
+    print("\narch    candidate  n  INT8 KB        held-out F1 median [min-max]  subj F-beta "
+          "median [min-max]  G median [min-max]  per-fold F1 (G)  epochs  s/trial")
+    for s in summarize(rows):
+        f1, fb, g = (s[m] for m in METRICS)
+        print(f"{s['arch']:7} {s['candidate']:9} {s['n']:2}  {s['kb']}  "
+              f"{f1[0]:.3f} [{f1[1]:.3f}-{f1[2]:.3f}]  {fb[0]:.3f} [{fb[1]:.3f}-{fb[2]:.3f}]  "
+              f"{g[0]:.3f} [{g[1]:.3f}-{g[2]:.3f}]  {s['per_fold']} ({s['per_fold_g']})  "
+              f"{s['epochs']}  {s['wall']:.0f}")
+
+
+if __name__ == '__main__':
+    main()
