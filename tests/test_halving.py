@@ -256,35 +256,16 @@ def _stage_two_plan(seed, names):
 def test_stage_two_halving_any_completion_order_and_interruption_gives_the_serial_answer(
         scenario, prepared, make_settings, tmp_path, monkeypatch, cached_plan):
     import public.search.stage_two as scaling
-    from test_serial_order import SCALES, _stage_two_state
+    from test_serial_order import SCALES, stage_two_orders_give_the_serial_answer
     monkeypatch.setattr(scaling, 'plan_candidates', cached_plan)
     names = [f"c{c}-f1" for c in SCALES['CHANNEL_SCALES']]
     trainer = HalvingTrainer(_stage_two_plan(scenario, names), 12)
-    halving = dict(SCHEDULER='halving', NUM_EPOCHS=12, HALVING_MIN_EPOCHS=1, HALVING_ETA=2)
-
-    def settings_for(tag):
-        return make_settings(TEMP_DIR=str(tmp_path / tag / 'temp'),
-                             FINAL_RESULT_DIR=str(tmp_path / tag / 'final'),
-                             **{**SCALES, 'METRIC_TARGET': 90}, **halving)
-    serial = settings_for('serial')
-    folder, met, _ = scaling.run_stage_two(serial, prepared, NoInterrupts(), log=lambda m: None,
-                                           progress=False, trainer=trainer,
-                                           executor=SerialExecutor(prepared))
-    expected = _stage_two_state(serial, folder, met)
+    expected = stage_two_orders_give_the_serial_answer(
+        prepared, make_settings, tmp_path, trainer, 9000 * scenario, orders=ORDERS,
+        **{**SCALES, 'METRIC_TARGET': 90}, SCHEDULER='halving', NUM_EPOCHS=12,
+        HALVING_MIN_EPOCHS=1, HALVING_ETA=2)
     statuses = [r['status'] for r in expected['rows']]
     assert 'stopped' in statuses and 'promoted' in statuses, statuses
-    for order in range(ORDERS):
-        rng = random.Random(9000 * scenario + order)
-        settings = settings_for(f'o{order}')
-
-        def run(executor):
-            executor.data = prepared
-            return scaling.run_stage_two(settings, prepared, NoInterrupts(), log=lambda m: None,
-                                         progress=False, trainer=trainer, executor=executor)
-        folder, met, _ = _drive(run, rng)
-        got = _stage_two_state(settings, folder, met)
-        for part in ('rows', 'folder', 'met', 'files'):
-            assert got[part] == expected[part], f"order {order}: {part} differ"
 
 
 def test_stage_two_halving_keeps_the_smallest_that_meets(prepared, make_settings, tmp_path,

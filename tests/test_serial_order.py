@@ -246,23 +246,34 @@ def test_stage_two_any_completion_order_and_interruption_gives_the_serial_answer
     scores = _stage_two_scenario(scenario, names)
     trainer = CannedTrainer({n: scores[n] for n in names})
 
+    stage_two_orders_give_the_serial_answer(prepared, make_settings, tmp_path, trainer,
+                                            5000 * scenario, **SCALES)
+
+
+def stage_two_orders_give_the_serial_answer(prepared, make_settings, tmp_path, trainer, seed,
+                                            orders=ORDERS, **values):
+    """Stage two with `values` run serially, then in `orders` seeded completion orders with
+    interruptions: every run records the serial rows, folder, verdict and files. Returns
+    the serial run's state."""
     def settings_for(tag):
         return make_settings(TEMP_DIR=str(tmp_path / tag / 'temp'),
-                             FINAL_RESULT_DIR=str(tmp_path / tag / 'final'), **SCALES)
+                             FINAL_RESULT_DIR=str(tmp_path / tag / 'final'), **values)
+
+    def run_with(settings, executor):
+        return scaling.run_stage_two(settings, prepared, NoInterrupts(), log=lambda m: None,
+                                     progress=False, trainer=trainer, executor=executor)
     serial = settings_for('serial')
-    folder, met, _ = scaling.run_stage_two(serial, prepared, NoInterrupts(), log=lambda m: None,
-                                           progress=False, trainer=trainer,
-                                           executor=SerialExecutor(prepared))
+    folder, met, _ = run_with(serial, SerialExecutor(prepared))
     expected = _stage_two_state(serial, folder, met)
-    for order in range(ORDERS):
-        rng = random.Random(5000 * scenario + order)
+    for order in range(orders):
+        rng = random.Random(seed + order)
         settings = settings_for(f'o{order}')
 
         def run(executor):
             executor.data = prepared
-            return scaling.run_stage_two(settings, prepared, NoInterrupts(), log=lambda m: None,
-                                         progress=False, trainer=trainer, executor=executor)
+            return run_with(settings, executor)
         folder, met, _ = _drive(run, rng)
         got = _stage_two_state(settings, folder, met)
         for part in ('rows', 'folder', 'met', 'files'):
             assert got[part] == expected[part], f"order {order}: {part} differ"
+    return expected
