@@ -29,7 +29,7 @@ from public.train.outcome import TrialResult, TrialStatus
 from test_serial_order import _drive, _stage_one_state, cached_plan  # noqa: F401 (fixture)
 
 HALVING = dict(SCHEDULER='halving', NUM_EPOCHS=12, HALVING_MIN_EPOCHS=1, HALVING_ETA=2,
-               LR_MIN=0.001, LR_MAX=0.008, STEP=0.001, AVOID_PARAM=0.8, STAGE1_TARGET=97)
+               LR_MIN=0.001, LR_MAX=0.008, STEP=0.001, AVOID_PARAM=0.6, STAGE1_TARGET=97)
 MODELS = [TinyNet, TinyNetB]
 ORDERS = 40
 
@@ -136,7 +136,7 @@ def test_promotions_follow_the_scores_and_stopped_trials_are_not_pruned(
     trainer = HalvingTrainer(plan, 12)
     settings = make_settings(MODEL_SAVE_PATH=str(tmp_path / 'r'), TEMP_DIR=str(tmp_path / 't'),
                              AVOID_FILE_PATH=str(tmp_path / 'avoid.txt'),
-                             **{**HALVING, 'STAGE1_TARGET': 100})
+                             **{**HALVING, 'STAGE1_TARGET': 100, 'AVOID_PARAM': 0.0})
     run_stage_one(settings, prepared, [TinyNet], NoInterrupts(), log=lambda m: None,
                   progress=False, executor=SerialExecutor(prepared), trainer=trainer)
     rows = ResultsTable(os.path.join(settings.MODEL_SAVE_PATH, 'results.csv'), STAGE1_COLUMNS).rows()
@@ -170,21 +170,44 @@ def test_promotions_follow_the_scores_and_stopped_trials_are_not_pruned(
         f"{last[0]['xx']}-{last[0]['yy']}"]
 
 
+def test_a_rung_result_below_avoid_param_prunes_its_rate_and_neighbours(
+        prepared, make_settings, tmp_path):
+    # ATML's rule holds inside a rung: 0.002 scores below AVOID_PARAM after its first rung
+    # (1 epoch) and is pruned there, final, with 0.003 and 0.004 (within 2*STEP) never trained
+    plan = {f"TinyNet@{round(0.001 * (i + 1), 3)}": ('ok', v, 12)
+            for i, v in enumerate([0.80, 0.40, 0.85, 0.85, 0.82, 0.70])}
+    trainer = HalvingTrainer(plan, 12)
+    settings = make_settings(MODEL_SAVE_PATH=str(tmp_path / 'r'), TEMP_DIR=str(tmp_path / 't'),
+                             AVOID_FILE_PATH=str(tmp_path / 'avoid.txt'),
+                             **{**HALVING, 'LR_MAX': 0.006, 'AVOID_PARAM': 0.8,
+                                'STAGE1_TARGET': 100})
+    run_stage_one(settings, prepared, [TinyNet], NoInterrupts(), log=lambda m: None,
+                  progress=False, executor=SerialExecutor(prepared), trainer=trainer)
+    rows = ResultsTable(os.path.join(settings.MODEL_SAVE_PATH, 'results.csv'), STAGE1_COLUMNS).rows()
+    rung1 = {r['lr']: r for r in rows if r['rung'] == '1'}
+    assert sorted(rung1) == ['0.001', '0.002', '0.005', '0.006']
+    assert (rung1['0.002']['status'], rung1['0.002']['pruned']) == ('ok', 'True')
+    assert float(rung1['0.002']['score']) < 0.8 <= float(rung1['0.001']['score'])
+    assert rung1['0.006']['pruned'] == 'True' and '0.006' in open(settings.AVOID_FILE_PATH).read()
+    assert all(r['lr'] != '0.002' for r in rows if r['rung'] not in ('', '1'))
+    assert '0.002' in open(settings.AVOID_FILE_PATH).read()
+
+
 def test_stage1_target_at_a_rung_ends_the_model(prepared, make_settings, tmp_path):
     plan = {f"TinyNet@{round(0.001 * (i + 1), 3)}": ('ok', v, 12)
             for i, v in enumerate([0.5, 0.6, 0.985, 0.6])}
     trainer = HalvingTrainer(plan, 12)
     settings = make_settings(MODEL_SAVE_PATH=str(tmp_path / 'r'), TEMP_DIR=str(tmp_path / 't'),
                              AVOID_FILE_PATH=str(tmp_path / 'avoid.txt'),
-                             **{**HALVING, 'LR_MAX': 0.004})
+                             **{**HALVING, 'LR_MAX': 0.004, 'AVOID_PARAM': 0.0})
     run_stage_one(settings, prepared, [TinyNet], NoInterrupts(), log=lambda m: None,
                   progress=False, executor=SerialExecutor(prepared), trainer=trainer)
     rows = ResultsTable(os.path.join(settings.MODEL_SAVE_PATH, 'results.csv'), STAGE1_COLUMNS).rows()
     # 0.003 reaches STAGE1_TARGET in rung 1: the model is done, 0.004 never trains, and the
-    # rung's end records the two that waited for it as stopped
+    # two recorded before it stay stopped
     assert [(r['lr'], r['status']) for r in rows] == [
-        ('0.003', 'ok'), ('0.001', 'stopped'), ('0.002', 'stopped')]
-    assert rows[0]['rung'] == '1' and rows[0]['stop_reason'] == STOP_BUDGET
+        ('0.001', 'stopped'), ('0.002', 'stopped'), ('0.003', 'ok')]
+    assert rows[2]['rung'] == '1' and rows[2]['stop_reason'] == STOP_BUDGET
     assert [d for d, _ in trainer.calls] == ['TinyNet@0.001', 'TinyNet@0.002', 'TinyNet@0.003']
 
 

@@ -34,7 +34,7 @@ from test_halving import HalvingTrainer
 PNG = b'\x89PNG\r\n\x1a\n'
 # rungs of 1, 2, 4, 8 -> 12 epochs (eta 2; a rung of one goes straight to NUM_EPOCHS)
 HALVING = dict(SCHEDULER='halving', NUM_EPOCHS=12, HALVING_MIN_EPOCHS=1, HALVING_ETA=2,
-               LR_MIN=0.001, LR_MAX=0.008, STEP=0.001, AVOID_PARAM=0.8, STAGE1_TARGET=100)
+               LR_MIN=0.001, LR_MAX=0.008, STEP=0.001, AVOID_PARAM=0.45, STAGE1_TARGET=100)
 
 
 def _plan():

@@ -46,7 +46,8 @@ STAGE2_COLUMNS += RUNG_COLUMNS
 
 
 class ResultsTable:
-    """An append-only CSV table (pandas-readable); rows are dicts of the given columns."""
+    """An append-only CSV table (pandas-readable); rows are dicts of the given columns. The
+    one change to a written row: set_status(), a halving rung's decision (atomic rewrite)."""
 
     def __init__(self, path, columns):
         self.path = path
@@ -110,6 +111,17 @@ class ResultsTable:
             f.flush()
             os.fsync(f.fileno())
         durable(f"row {os.path.basename(self.path)}")
+
+    def set_status(self, match, status):
+        """Give the rows for which match(row) is true this status, in one atomic rewrite
+        (SCHEDULER='halving': a trial recorded 'stopped' at its rung goes on, 'promoted')."""
+        rows = self.rows()
+        changed = [r for r in rows if match(r) and r['status'] != status]
+        if changed:
+            for r in changed:
+                r['status'] = status
+            self._rewrite(rows)
+        return len(changed)
 
     def _drop_torn_tail(self):
         # A kill mid-write leaves a last line without its newline: an incomplete row (its

@@ -17,10 +17,11 @@ epochs), and so on to NUM_EPOCHS (a rung of one goes straight there). A rung's p
 decided when the walk reaches its end (every candidate of the rung committed), from the
 scores alone, ties to the smaller rate: the same answer with any number of workers and after
 any interruption. Inside a rung ATML's rules hold: early stopping (a trial that stops early is
-finished), avoid.txt (a diverged trial, or a finished one below AVOID_PARAM, prunes its rate
-and neighbours), STAGE1_TARGET (reached at any rung, the model's search ends). A trial not
-promoted is recorded 'stopped' (not pruned, not in avoid.txt); a promoted one 'promoted', its
-next rung's row holding what followed.
+finished), avoid.txt (a trial that diverges or scores below AVOID_PARAM at any rung is
+pruned: final, its rate and neighbours in avoid.txt, as in the grid), STAGE1_TARGET (reached
+at any rung, the model's search ends). A trial not promoted is recorded 'stopped' (not
+pruned, not in avoid.txt); a promoted one 'promoted', its next rung's row holding what
+followed.
 """
 import math
 import functools
@@ -143,7 +144,6 @@ class StageOne:
             if self.halving and len(self.budgets) > 1:
                 self.order.append(_RungEnd(name, 0))
         self.pos = 0
-        self.rung_wait = {}            # (model, rung) -> {lr key: (lr, TrialResult)} to promote or stop
         self.rung_budget = {}          # (model, rung) -> the epochs that rung trains to
         self.waiting = {}              # key -> Outcome: finished, not yet reached by the walk
         self.dispatched = {}           # key -> time.time() when it was handed out (this run)
@@ -200,8 +200,9 @@ class StageOne:
                 self.log(f"{name}: STAGE1_TARGET={self.settings.STAGE1_TARGET} already reached; skipped")
                 self.done.add(name)
         self._remove_orphan_stores()
-        clean_checkpoints(self.settings.TEMP_DIR, 's1-', self.checkpoints,
-                          [f"{m}@{lr}" for m, lr in finished], self.log)
+        clean_checkpoints(self.settings.TEMP_DIR, 's1-', self.checkpoints,   # a 'stopped' one
+                          [f"{m}@{lr}" for (m, lr), r in finished.items()    # may still be
+                           if r['status'] != TrialStatus.STOPPED], self.log)  # promoted
         self.write_summary()
         self.log(f"Learning rates: {', '.join(lr_key(c) for c in self.candidates)}")
         self.log(scores_note(self.settings))
@@ -384,9 +385,10 @@ class StageOne:
         settings = self.settings
         score = self.score(result)
         if (result.status == TrialStatus.OK and result.stop_reason == STOP_BUDGET
-                and percent(score) < settings.STAGE1_TARGET):
+                and percent(score) < settings.STAGE1_TARGET and score >= settings.AVOID_PARAM):
             self._wait_for_rung(name, lr, rung, result)      # halving: it may go on
             return
+        # (halving: a rung result below AVOID_PARAM is pruned like a grid trial's, and final)
         drop_unneeded_refit(result, settings, self.best_score(name))
         pruned = result.status == TrialStatus.DIVERGED or (
             result.status == TrialStatus.OK and score < settings.AVOID_PARAM)
@@ -442,40 +444,37 @@ class StageOne:
                    if result.resumed_at and result.resumed_at != went_on else ''))
 
     def _wait_for_rung(self, name, lr, rung, result):
-        """A trial that trained its rung's epochs: promoted or stopped when the rung ends."""
-        self.rung_wait.setdefault((name, rung), {})[lr_key(lr)] = (lr, result)
-        row = trial_row(result, self.settings, self.key, model=name, lr=lr_key(lr), pruned=False)
+        """A trial that trained its rung's epochs: recorded 'stopped' now (its row, so that a
+        rerun never trains it again nor judges it against later avoid.txt lines), 'promoted'
+        at the rung's end if it is among the best; its checkpoint is kept till then."""
+        row = trial_row(result, self.settings, self.key, model=name, lr=lr_key(lr), pruned=False,
+                        **self._rung_fields(name, rung))
+        row['status'] = TrialStatus.STOPPED
+        self.table.append(row)
+        self.rows = [r for r in self.table.rows() if r['settings_key'] == self.key]
         self.log(f"  {self._trial_words(name, lr, rung)}: {result.epochs} epoch(s), "
                  f"{self.settings.SELECT_ON} {row['xx']}-{row['yy']}, {result.wall_s:.1f} s"
                  f"{self._where(name, rung, result)}; waits for the end of its rung")
+        self.write_summary()
 
     def _end_rung(self, name, rung):
         """Every candidate of the rung is committed: the best ceil(n/eta) of the n trained
         (by score, then yy, xx, the smaller rate) that can go on are promoted and continue
-        from their checkpoints; the others are recorded as stopped. Decided from the rows
-        alone, so a resumed or parallel search decides the same."""
+        from their checkpoints; the others stay 'stopped'. Decided from the rows alone, so a
+        resumed or parallel search decides the same."""
         settings = self.settings
-        waiting = self.rung_wait.pop((name, rung), {})
-        fields = self._rung_fields(name, rung)
-        rows = {}
-        for k, (lr, result) in waiting.items():
-            rows[k] = trial_row(result, settings, self.key, model=name, lr=k, pruned=False,
-                                **fields)
-        committed = [r for r in self.rows if r['model'] == name and row_rung(r) == rung
-                     and r['status'] != TrialStatus.SPECULATIVE]
-        earlier = {r['lr']: r for r in committed
-                   if r['status'] in (TrialStatus.STOPPED, TrialStatus.PROMOTED)}
-        able = list(rows.values()) + list(earlier.values())
-        trained = len(committed) + len(rows)
-        keep = 0 if name in self.done else min(len(able), math.ceil(trained / settings.HALVING_ETA))
+        trained = [r for r in self.rows if r['model'] == name and r.get('rung') not in ('', None)
+                   and row_rung(r) == rung and r['status'] != TrialStatus.SPECULATIVE]
+        able = [r for r in trained if r['status'] in (TrialStatus.STOPPED, TrialStatus.PROMOTED)]
+        keep = 0 if name in self.done else min(len(able), math.ceil(len(trained) / settings.HALVING_ETA))
         promoted = {r['lr'] for r in sorted(able, key=_halving_rank, reverse=True)[:keep]}
-        for k, row in rows.items():
-            row['status'] = TrialStatus.PROMOTED if k in promoted else TrialStatus.STOPPED
-            self.table.append(row)
-            if k not in promoted:
-                remove_checkpoint(self._checkpoint(name, waiting[k][0]))
+        self.table.set_status(lambda r: (r['settings_key'] == self.key and r['model'] == name
+                                         and r.get('rung') not in ('', None) and row_rung(r) == rung
+                                         and r['lr'] in promoted), TrialStatus.PROMOTED)
         self.rows = [r for r in self.table.rows() if r['settings_key'] == self.key]
         stopped = sorted((r['lr'] for r in able if r['lr'] not in promoted), key=float)
+        for k in stopped:
+            remove_checkpoint(self._checkpoint(name, float(k)))
         if not promoted:
             if stopped:
                 self.log(f"  {name} rung {rung + 1}: {len(stopped)} stopped ({', '.join(stopped)})"
@@ -490,7 +489,7 @@ class StageOne:
             entries.append(_RungEnd(name, rung + 1))
         self.order[self.pos:self.pos] = entries
         self.notify(PlanChanged(planned=self.planned()))
-        self.log(f"  {name} rung {rung + 1} done ({trained} trained): "
+        self.log(f"  {name} rung {rung + 1} done ({len(trained)} trained): "
                  f"{', '.join(sorted(promoted, key=float))} go on to {budget} epochs"
                  + (f"; stopped: {', '.join(stopped)}" if stopped else ''))
         self.write_summary()
