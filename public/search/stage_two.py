@@ -317,8 +317,8 @@ class StageTwo:
                     TrialStatus.OVER_RAM, TrialStatus.SPECULATIVE, TrialStatus.NOT_NEEDED):
                 continue
             self.rungs_done.add((r['candidate'], row_rung(r)))
-            if r['status'] == TrialStatus.PROMOTED:
-                continue            # its trial goes on in a later rung's row
+            if r['status'] in (TrialStatus.PROMOTED, TrialStatus.STOPPED):
+                continue            # a rung's end decides (again) whether it goes on
             if r['status'] == TrialStatus.OK and not os.path.isdir(self._dir(r['candidate'])):
                 continue            # its files are gone: train it again
             self.outcomes[r['candidate']] = r
@@ -361,7 +361,6 @@ class StageTwo:
         # halving: the serial order of rung 1, then of the rungs its ends promote to
         self.order = [(k.name, 0) for k in self.feasible] + (
             [_RungEnd(0)] if self.halving and len(self.budgets) > 1 else [])
-        self.rung_wait = {}           # rung -> {name: TrialResult} to be promoted or stopped
         self.rung_budget = {}         # rung -> the epochs it trains to
         self.discarded = set()
         clean_checkpoints(settings.TEMP_DIR, 's2-', self.checkpoints, list(self.outcomes), log)
@@ -513,7 +512,8 @@ class StageTwo:
         row['meets_metric'] = self._meets({k2: str(v) for k2, v in row.items()})
         if (result.status == TrialStatus.OK and result.stop_reason == STOP_BUDGET
                 and not row['meets_metric']):
-            self.rung_wait.setdefault(rung, {})[k.name] = result     # halving: it may go on
+            row['status'] = TrialStatus.STOPPED   # halving: it may go on ('promoted' at its
+            self.table.append(row)                # rung's end); its checkpoint is kept
             self.log(f"  {k.name} rung {rung + 1}: {result.epochs} epoch(s), {settings.SELECT_ON} "
                      f"{row.get('xx', '')}-{row.get('yy', '')}, {result.wall_s:.1f} s; waits for "
                      f"the end of its rung")
@@ -596,38 +596,30 @@ class StageTwo:
 
     def _end_rung(self, rung):
         """Every candidate of the rung is committed: the best ceil(n/eta) of the n trained
-        that can go on (and are smaller than any candidate meeting both targets) continue;
-        the others are recorded as stopped (final: they count as not meeting)."""
+        that can go on (and are smaller than any candidate meeting both targets) continue,
+        'promoted'; the others stay 'stopped' (final: they count as not meeting). Decided
+        from the rows alone, so a resumed or parallel search decides the same."""
         settings = self.settings
-        waiting = self.rung_wait.pop(rung, {})
-        fields = self._rung_fields(rung)
-        rows = {n: _row(self.feasible[self._index(n)], settings, self.key, result, **fields)
-                for n, result in waiting.items()}
-        committed = [r for r in self.table.rows() if r['settings_key'] == self.key
-                     and r.get('rung') not in (None, '') and row_rung(r) == rung
-                     and r['status'] not in (TrialStatus.SPECULATIVE, TrialStatus.NOT_NEEDED)]
-        earlier = {r['candidate']: r for r in committed
-                   if r['status'] in (TrialStatus.STOPPED, TrialStatus.PROMOTED)}
-        able = [r for r in list(rows.values()) + list(earlier.values())
-                if not self._beyond(r['candidate'])]
-        trained = len(committed) + len(rows)
-        keep = min(len(able), math.ceil(trained / settings.HALVING_ETA))
+
+        def of_rung(r):
+            return (r['settings_key'] == self.key and r.get('rung') not in (None, '')
+                    and row_rung(r) == rung)
+        trained = [r for r in self.table.rows() if of_rung(r)
+                   and r['status'] not in (TrialStatus.SPECULATIVE, TrialStatus.NOT_NEEDED)]
+        able = [r for r in trained if r['status'] in (TrialStatus.STOPPED, TrialStatus.PROMOTED)
+                and not self._beyond(r['candidate'])]
+        keep = min(len(able), math.ceil(len(trained) / settings.HALVING_ETA))
         ranked = sorted(able, key=lambda r: (float(f"{float(r['score']):.6g}"), int(r['yy']),
                                              int(r['xx']), -self._index(r['candidate'])),
                         reverse=True)
         promoted = {r['candidate'] for r in ranked[:keep]}
-        for name, row in rows.items():
-            row['status'] = TrialStatus.PROMOTED if name in promoted else TrialStatus.STOPPED
-            self.table.append(row)
-            if name not in promoted:
-                remove_checkpoint(self._checkpoint(name))
+        self.table.set_status(lambda r: of_rung(r) and r['candidate'] in promoted,
+                              TrialStatus.PROMOTED)
         for r in self.table.rows():
-            if (r['settings_key'] == self.key and r['candidate'] in rows
-                    and r['status'] == TrialStatus.STOPPED and row_rung(r) == rung):
+            if of_rung(r) and r['status'] == TrialStatus.STOPPED:
                 self.outcomes[r['candidate']] = r          # final: counts as not meeting
-        for name, r in earlier.items():
-            if r['status'] == TrialStatus.STOPPED:
-                self.outcomes[name] = r
+                remove_checkpoint(self._checkpoint(r['candidate']))
+        trained = len(trained)
         stopped = [n for n in (r['candidate'] for r in able) if n not in promoted]
         if not promoted:
             return
