@@ -114,6 +114,8 @@ def main():
     parser.add_argument('--epochs', type=int, default=30)
     parser.add_argument('--runs', type=int, default=2, help='runs per scheduler, interleaved')
     parser.add_argument('--keep', default='', help='copy each run log and results.csv here')
+    parser.add_argument('--halving-first', action='store_true',
+                        help='start with halving (a second pair run on its own, interleaved)')
     args = parser.parse_args()
     args.train, args.test = write_folders(args.npz, args.data)
     args.cache = os.path.join(args.data, '.atml-cache')
@@ -130,7 +132,8 @@ def main():
     shutil.rmtree(folder)
     results = {'grid': [], 'halving': []}
     for i in range(args.runs):
-        for scheduler in (('grid', 'halving') if i % 2 == 0 else ('halving', 'grid')):
+        for scheduler in (('grid', 'halving') if (i + args.halving_first) % 2 == 0
+                          else ('halving', 'grid')):
             r = timed_run(args, scheduler, args.keep)
             results[scheduler].append(r)
             print(f"  run {i + 1} {scheduler:7}: wall {r['wall']:7.1f} s, {r['trials']} trials, "
