@@ -114,6 +114,8 @@ def main():
     parser.add_argument('--epochs', type=int, default=30)
     parser.add_argument('--runs', type=int, default=2, help='runs per scheduler, interleaved')
     parser.add_argument('--keep', default='', help='copy each run log and results.csv here')
+    parser.add_argument('--schedulers', default='grid,halving',
+                        help="which to run (e.g. 'halving' alone, against an earlier grid run)")
     parser.add_argument('--halving-first', action='store_true',
                         help='start with halving (a second pair run on its own, interleaved)')
     args = parser.parse_args()
@@ -134,6 +136,8 @@ def main():
     for i in range(args.runs):
         for scheduler in (('grid', 'halving') if (i + args.halving_first) % 2 == 0
                           else ('halving', 'grid')):
+            if scheduler not in args.schedulers.split(','):
+                continue
             r = timed_run(args, scheduler, args.keep)
             results[scheduler].append(r)
             print(f"  run {i + 1} {scheduler:7}: wall {r['wall']:7.1f} s, {r['trials']} trials, "
@@ -144,6 +148,9 @@ def main():
                       f"test min4 {_f(min((float(s[k]) for k in ('test_f1', 'test_accuracy', 'test_precision', 'test_recall') if s.get(k)), default=None))}  "
                       f"trials {s['trials']} stopped {s.get('stopped', 0)} epochs {s['epochs_trained']}",
                       flush=True)
+    results = {k: rs for k, rs in results.items() if rs}
+    if len(results) < 2:
+        return
     med = {k: {m: statistics.median(r[m] for r in rs) for m in ('wall', 'epochs', 'trials')}
            for k, rs in results.items()}
     for k in results:

@@ -17,11 +17,11 @@ epochs), and so on to NUM_EPOCHS (a rung of one goes straight there). A rung's p
 decided when the walk reaches its end (every candidate of the rung committed), from the
 scores alone, ties to the smaller rate: the same answer with any number of workers and after
 any interruption. Inside a rung ATML's rules hold: early stopping (a trial that stops early is
-finished), avoid.txt (a trial that diverges or scores below AVOID_PARAM at any rung is
-pruned: final, its rate and neighbours in avoid.txt, as in the grid), STAGE1_TARGET (reached
-at any rung, the model's search ends). A trial not promoted is recorded 'stopped' (not
-pruned, not in avoid.txt); a promoted one 'promoted', its next rung's row holding what
-followed.
+finished), avoid.txt (a trial that diverges, or finishes below AVOID_PARAM, prunes its rate
+and neighbours, as in the grid), STAGE1_TARGET (reached at any rung, the model's search
+ends). A trial that trained its rung is recorded 'stopped' (not pruned, not in avoid.txt,
+even below AVOID_PARAM), and 'promoted' at the rung's end if it goes on, its next rung's row
+holding what followed.
 """
 import math
 import functools
@@ -385,10 +385,11 @@ class StageOne:
         settings = self.settings
         score = self.score(result)
         if (result.status == TrialStatus.OK and result.stop_reason == STOP_BUDGET
-                and percent(score) < settings.STAGE1_TARGET and score >= settings.AVOID_PARAM):
-            self._wait_for_rung(name, lr, rung, result)      # halving: it may go on
+                and percent(score) < settings.STAGE1_TARGET):
+            # halving: it may go on. Not pruned, even below AVOID_PARAM: a rate judged after a
+            # few epochs is not a bad rate (bench/README.md, "Halving vs grid")
+            self._wait_for_rung(name, lr, rung, result)
             return
-        # (halving: a rung result below AVOID_PARAM is pruned like a grid trial's, and final)
         drop_unneeded_refit(result, settings, self.best_score(name))
         pruned = result.status == TrialStatus.DIVERGED or (
             result.status == TrialStatus.OK and score < settings.AVOID_PARAM)
