@@ -170,12 +170,14 @@ def test_promotions_follow_the_scores_and_stopped_trials_are_not_pruned(
         f"{last[0]['xx']}-{last[0]['yy']}"]
 
 
-def test_a_rung_result_below_avoid_param_prunes_its_rate_and_neighbours(
+def test_below_avoid_param_a_rung_result_is_stopped_and_a_finished_trial_pruned(
         prepared, make_settings, tmp_path):
-    # ATML's rule holds inside a rung: 0.002 scores below AVOID_PARAM after its first rung
-    # (1 epoch) and is pruned there, final, with 0.003 and 0.004 (within 2*STEP) never trained
+    # 0.002 scores below AVOID_PARAM after its rung (1 epoch): stopped, not pruned, nothing in
+    # avoid.txt (a rate judged after a few epochs is not a bad rate); 0.005 stops early below
+    # AVOID_PARAM: finished, so pruned as in the grid, and 0.006 (within 2*STEP) never trains
     plan = {f"TinyNet@{round(0.001 * (i + 1), 3)}": ('ok', v, 12)
-            for i, v in enumerate([0.80, 0.40, 0.85, 0.85, 0.82, 0.70])}
+            for i, v in enumerate([0.80, 0.40, 0.85, 0.85, 0.30, 0.70])}
+    plan['TinyNet@0.005'] = ('ok', 0.30, 1)
     trainer = HalvingTrainer(plan, 12)
     settings = make_settings(MODEL_SAVE_PATH=str(tmp_path / 'r'), TEMP_DIR=str(tmp_path / 't'),
                              AVOID_FILE_PATH=str(tmp_path / 'avoid.txt'),
@@ -185,12 +187,13 @@ def test_a_rung_result_below_avoid_param_prunes_its_rate_and_neighbours(
                   progress=False, executor=SerialExecutor(prepared), trainer=trainer)
     rows = ResultsTable(os.path.join(settings.MODEL_SAVE_PATH, 'results.csv'), STAGE1_COLUMNS).rows()
     rung1 = {r['lr']: r for r in rows if r['rung'] == '1'}
-    assert sorted(rung1) == ['0.001', '0.002', '0.005', '0.006']
-    assert (rung1['0.002']['status'], rung1['0.002']['pruned']) == ('ok', 'True')
-    assert float(rung1['0.002']['score']) < 0.8 <= float(rung1['0.001']['score'])
-    assert rung1['0.006']['pruned'] == 'True' and '0.006' in open(settings.AVOID_FILE_PATH).read()
-    assert all(r['lr'] != '0.002' for r in rows if r['rung'] not in ('', '1'))
-    assert '0.002' in open(settings.AVOID_FILE_PATH).read()
+    assert sorted(rung1) == ['0.001', '0.002', '0.003', '0.004', '0.005']
+    assert float(rung1['0.002']['score']) < 0.8
+    assert (rung1['0.002']['status'], rung1['0.002']['pruned']) == ('stopped', 'False')
+    assert (rung1['0.005']['status'], rung1['0.005']['pruned'],
+            rung1['0.005']['stop_reason']) == ('ok', 'True', 'early-stop')
+    avoid = open(settings.AVOID_FILE_PATH).read()
+    assert '0.005 TinyNet' in avoid and '0.002' not in avoid
 
 
 def test_stage1_target_at_a_rung_ends_the_model(prepared, make_settings, tmp_path):
