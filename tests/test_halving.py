@@ -31,7 +31,7 @@ from test_serial_order import _drive, _stage_one_state, cached_plan  # noqa: F40
 HALVING = dict(SCHEDULER='halving', NUM_EPOCHS=12, HALVING_MIN_EPOCHS=1, HALVING_ETA=2,
                LR_MIN=0.001, LR_MAX=0.008, STEP=0.001, AVOID_PARAM=0.6, STAGE1_TARGET=97)
 MODELS = [TinyNet, TinyNetB]
-ORDERS = 40
+ORDERS = 25
 
 
 def test_rung_budgets(make_settings):

@@ -26,7 +26,7 @@ from public.train.outcome import TrialResult, TrialStatus
 import public.search.stage_two as scaling
 from public.compress.export import export_onnx
 
-ORDERS = 60              # completion orders per stage scenario set (x 2 scenario sets x 2 stages)
+ORDERS = 45              # completion orders per stage scenario set (x 2 scenario sets x 2 stages)
 
 
 class ShuffledExecutor:
