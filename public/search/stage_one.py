@@ -53,7 +53,7 @@ RESULTS_CSV = 'results.csv'
 STORE = '.store'
 _RESULT_FOLDER = re.compile(r'^\d{1,3}-\d{1,3}$')
 __all__ = ['StageOne', 'run_stage_one', 'result_folders', 'summarize', 'archive_results',
-           'rung_budgets']
+           'rung_budgets', 'RungEnd', 'promotions', 'next_rung']
 # The statuses of a row that ends its trial under this key (a rerun does not train it again).
 FINAL = (TrialStatus.OK, TrialStatus.DIVERGED, TrialStatus.STOPPED)
 
@@ -75,12 +75,29 @@ def row_rung(row):
     return int(row['rung']) - 1 if row.get('rung') not in (None, '') else 0
 
 
-class _RungEnd:
-    """An entry of the serial order after a halving rung's candidates: where its
-    promotions are decided."""
+class RungEnd:
+    """An entry of a halving search's serial order after a rung's candidates: where its
+    promotions are decided (`name`: the model, in stage one; None in stage two)."""
 
-    def __init__(self, name, rung):
-        self.name, self.rung = name, rung
+    def __init__(self, rung, name=None):
+        self.rung, self.name = rung, name
+
+
+def promotions(able, trained, eta, tie):
+    """A rung's end (both stages): of the `trained` candidates of the rung, the best
+    ceil(trained / eta) of those that can go on (`able`, rows), by score as the results
+    tables hold it (6 significant digits: a resumed search ranks the rows it reads back as
+    the search that wrote them did), then yy, then xx, then `tie(row)` (larger first)."""
+    keep = min(len(able), math.ceil(trained / eta))
+    return sorted(able, key=lambda r: (float(f"{float(r['score']):.6g}"), int(r['yy']),
+                                       int(r['xx']), tie(r)), reverse=True)[:keep]
+
+
+def next_rung(budgets, rung, promoted, num_epochs):
+    """(the epochs the rung after `rung` trains to, whether it is the last): a rung of one
+    goes straight to NUM_EPOCHS."""
+    last = len(promoted) == 1 or rung + 1 >= len(budgets) - 1
+    return (num_epochs if last else budgets[rung + 1]), last
 
 
 def result_folders(model_dir):
@@ -136,13 +153,13 @@ class StageOne:
         self.halving = settings.SCHEDULER == 'halving'
         self.budgets = rung_budgets(settings)
         # The serial order: model by model, learning rates in grid order (halving: rung 1 of
-        # a model, its _RungEnd, the rungs it promotes to, then the next model). The serial
+        # a model, its RungEnd, the rungs it promotes to, then the next model). The serial
         # search walks it one candidate at a time; `self.pos` is how far this search walked.
         self.order = []
         for name in self.models:
             self.order += [(name, lr, 0) for lr in self.candidates]
             if self.halving and len(self.budgets) > 1:
-                self.order.append(_RungEnd(name, 0))
+                self.order.append(RungEnd(0, name))
         self.pos = 0
         self.rung_budget = {}          # (model, rung) -> the epochs that rung trains to
         self.waiting = {}              # key -> Outcome: finished, not yet reached by the walk
@@ -165,7 +182,7 @@ class StageOne:
 
     def planned(self):
         """Trials in the plan so far (halving: rungs are added as they are decided)."""
-        return sum(1 for entry in self.order if not isinstance(entry, _RungEnd))
+        return sum(1 for entry in self.order if not isinstance(entry, RungEnd))
 
     # -- start: repair everything derived from the table
     def start(self):
@@ -246,7 +263,7 @@ class StageOne:
         search skips, commit a waiting outcome where the serial search would train; stop at
         the first candidate it would train whose outcome has not arrived."""
         while self.pos < len(self.order):
-            if isinstance(self.order[self.pos], _RungEnd):
+            if isinstance(self.order[self.pos], RungEnd):
                 end = self.order[self.pos]
                 self.pos += 1
                 self._end_rung(end.name, end.rung)
@@ -309,7 +326,7 @@ class StageOne:
         self._walk()
         open_ = []                             # undecided, not yet handed out, in serial order
         for i in range(self.pos, len(self.order)):
-            if isinstance(self.order[i], _RungEnd):
+            if isinstance(self.order[i], RungEnd):
                 continue
             name, lr, rung = self.order[i]
             key = self._key(name, lr, rung)
@@ -324,7 +341,7 @@ class StageOne:
         choice = open_[0] if open_[0][0] == self.pos else None
         if choice is None:
             for i, name, lr, key, rung in open_:
-                earlier = [e[1] for e in self.order[self.pos:i] if not isinstance(e, _RungEnd)
+                earlier = [e[1] for e in self.order[self.pos:i] if not isinstance(e, RungEnd)
                            and e[0] == name and self._key(*e) not in self.discarded
                            and self._skip_reason(*e) is None]
                 if all(abs(lr - e) > reach for e in earlier):
@@ -467,8 +484,8 @@ class StageOne:
         trained = [r for r in self.rows if r['model'] == name and r.get('rung') not in ('', None)
                    and row_rung(r) == rung and r['status'] != TrialStatus.SPECULATIVE]
         able = [r for r in trained if r['status'] in (TrialStatus.STOPPED, TrialStatus.PROMOTED)]
-        keep = 0 if name in self.done else min(len(able), math.ceil(len(trained) / settings.HALVING_ETA))
-        promoted = {r['lr'] for r in sorted(able, key=_halving_rank, reverse=True)[:keep]}
+        promoted = {r['lr'] for r in promotions([] if name in self.done else able, len(trained),
+                                                settings.HALVING_ETA, lambda r: -float(r['lr']))}
         self.table.set_status(lambda r: (r['settings_key'] == self.key and r['model'] == name
                                          and r.get('rung') not in ('', None) and row_rung(r) == rung
                                          and r['lr'] in promoted), TrialStatus.PROMOTED)
@@ -482,12 +499,11 @@ class StageOne:
                          f"; the model's search has ended")
             self.write_summary()
             return
-        last = keep == 1 or rung + 1 >= len(self.budgets) - 1
-        budget = settings.NUM_EPOCHS if last else self.budgets[rung + 1]
+        budget, last = next_rung(self.budgets, rung, promoted, settings.NUM_EPOCHS)
         self.rung_budget[(name, rung + 1)] = budget
         entries = [(name, lr, rung + 1) for lr in self.candidates if lr_key(lr) in promoted]
         if not last:
-            entries.append(_RungEnd(name, rung + 1))
+            entries.append(RungEnd(rung + 1, name))
         self.order[self.pos:self.pos] = entries
         self.notify(PlanChanged(planned=self.planned()))
         self.log(f"  {name} rung {rung + 1} done ({len(trained)} trained): "
@@ -577,12 +593,6 @@ class StageOne:
         summary = summarize(self.settings, self.rows, list(self.models), self.avoid_skipped())
         write_atomic(os.path.join(self.root, SUMMARY_CSV), summary.to_csv(index=False))
         return summary
-
-
-def _halving_rank(row):
-    # best_rank on the values as results.csv holds them (6 significant digits): a resumed
-    # search ranks rows read back exactly as the search that wrote them ranked them
-    return best_rank({**row, 'score': float(f"{float(row['score']):.6g}")})
 
 
 def _write_error(model_dir, name, lr, result):

@@ -19,7 +19,6 @@ one is final (stopped counts as not meeting), and nothing larger than a meeting 
 trained or promoted.
 """
 import functools
-import math
 import hashlib
 import inspect
 import os
@@ -45,8 +44,9 @@ from public.results.table import STAGE2_COLUMNS, ResultsTable
 from public.search.dispatch import SpeculativeWork, run_stage
 from public.search.progress import PlanChanged
 from public.search.teacher import attach_teacher
-from public.search.stage_one import (SUMMARY_CSV, read_summary, recommended_pick, row_rung,
-                                     rung_budgets, scores_note)
+from public.search.stage_one import (SUMMARY_CSV, RungEnd, next_rung, promotions,
+                                     read_summary, recommended_pick, row_rung, rung_budgets,
+                                     scores_note)
 from public.train.loop import STOP_BUDGET
 from public.search.executor import Job
 from public.search.trial import TrialSpec, drop_unneeded_refit, outcome_result, run_trial_job
@@ -360,7 +360,7 @@ class StageTwo:
         self.queue = [k for k in self.feasible if k.name not in self.outcomes]
         # halving: the serial order of rung 1, then of the rungs its ends promote to
         self.order = [(k.name, 0) for k in self.feasible] + (
-            [_RungEnd(0)] if self.halving and len(self.budgets) > 1 else [])
+            [RungEnd(0)] if self.halving and len(self.budgets) > 1 else [])
         self.rung_budget = {}         # rung -> the epochs it trains to
         self.discarded = set()
         clean_checkpoints(settings.TEMP_DIR, 's2-', self.checkpoints, list(self.outcomes), log)
@@ -551,7 +551,7 @@ class StageTwo:
         rung's end decide who goes on; stop at the first entry still training."""
         while self.pos < len(self.order):
             entry = self.order[self.pos]
-            if isinstance(entry, _RungEnd):
+            if isinstance(entry, RungEnd):
                 self.pos += 1
                 self._end_rung(entry.rung)
                 continue
@@ -573,7 +573,7 @@ class StageTwo:
 
     def _next_rung_job(self):
         for entry in self.order[self.pos:]:
-            if isinstance(entry, _RungEnd):
+            if isinstance(entry, RungEnd):
                 return None                 # the next rung is not decided yet
             name, rung = entry
             key = _job_key(name, rung)
@@ -608,11 +608,8 @@ class StageTwo:
                    and r['status'] not in (TrialStatus.SPECULATIVE, TrialStatus.NOT_NEEDED)]
         able = [r for r in trained if r['status'] in (TrialStatus.STOPPED, TrialStatus.PROMOTED)
                 and not self._beyond(r['candidate'])]
-        keep = min(len(able), math.ceil(len(trained) / settings.HALVING_ETA))
-        ranked = sorted(able, key=lambda r: (float(f"{float(r['score']):.6g}"), int(r['yy']),
-                                             int(r['xx']), -self._index(r['candidate'])),
-                        reverse=True)
-        promoted = {r['candidate'] for r in ranked[:keep]}
+        promoted = {r['candidate'] for r in promotions(
+            able, len(trained), settings.HALVING_ETA, lambda r: -self._index(r['candidate']))}
         self.table.set_status(lambda r: of_rung(r) and r['candidate'] in promoted,
                               TrialStatus.PROMOTED)
         for r in self.table.rows():
@@ -623,17 +620,16 @@ class StageTwo:
         stopped = [n for n in (r['candidate'] for r in able) if n not in promoted]
         if not promoted:
             return
-        last = keep == 1 or rung + 1 >= len(self.budgets) - 1
-        budget = settings.NUM_EPOCHS if last else self.budgets[rung + 1]
+        budget, last = next_rung(self.budgets, rung, promoted, settings.NUM_EPOCHS)
         self.rung_budget[rung + 1] = budget
         entries = [(k.name, rung + 1) for k in self.feasible if k.name in promoted]
         if not last:
-            entries.append(_RungEnd(rung + 1))
+            entries.append(RungEnd(rung + 1))
         self.order[self.pos:self.pos] = entries
         self.notify(PlanChanged(planned=len(self.plan) + sum(
-            1 for e in self.order if not isinstance(e, _RungEnd) and e[1])))
+            1 for e in self.order if not isinstance(e, RungEnd) and e[1])))
         self.log(f"  rung {rung + 1} done ({trained} trained): "
-                 f"{', '.join(e[0] for e in entries if not isinstance(e, _RungEnd))} go on to {budget} epochs"
+                 f"{', '.join(e[0] for e in entries if not isinstance(e, RungEnd))} go on to {budget} epochs"
                  + (f"; stopped: {', '.join(stopped)}" if stopped else ''))
 
     def _record_not_needed(self, winner):
@@ -698,13 +694,6 @@ class StageTwo:
                 shutil.rmtree(path)
         self.log(f"Result: {final}/")
         return final
-
-
-class _RungEnd:
-    """The serial order's entry after a halving rung: where its promotions are decided."""
-
-    def __init__(self, rung):
-        self.rung = rung
 
 
 def _job_key(name, rung):
