@@ -237,3 +237,21 @@ def descendants(root):
                 found[pid] = start
                 frontier.append(pid)
     return found
+
+
+def interrupt_after(monkeypatch, after, run, checkpoint):
+    """Call run() (a trial with a checkpoint) and Ctrl+C it (KeyboardInterrupt) once
+    `after` epochs are done; the checkpoint then holds epoch `after`."""
+    from public.train import loop
+    real, calls = loop._train_epoch, []
+
+    def epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > after:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(loop, '_train_epoch', epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(loop, '_train_epoch', real)
+    assert torch.load(checkpoint, weights_only=False)['epoch'] == after

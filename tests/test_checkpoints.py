@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import PARAMS, output, run_script, settings_values, start_script, write_params
+from conftest import (PARAMS, interrupt_after, output, run_script, settings_values, start_script,
+                      write_params)
 from public.core.settings import load_settings
 from public.data.prepare import TrialData
 from public.model import OptimizedAFNet
@@ -49,18 +50,7 @@ def _run(settings, lr=0.01, checkpoint=None, data=None):
 
 def _interrupted(settings, checkpoint, after, monkeypatch, lr=0.01):
     """Run until `after` epochs are done, then Ctrl+C (KeyboardInterrupt) in the next one."""
-    real, calls = loop._train_epoch, []
-
-    def epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > after:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-    monkeypatch.setattr(loop, '_train_epoch', epoch)
-    with pytest.raises(KeyboardInterrupt):
-        _run(settings, lr, checkpoint)
-    monkeypatch.setattr(loop, '_train_epoch', real)
-    assert torch.load(checkpoint, weights_only=False)['epoch'] == after
+    interrupt_after(monkeypatch, after, lambda: _run(settings, lr, checkpoint), checkpoint)
 
 
 def _assert_same(a, b):

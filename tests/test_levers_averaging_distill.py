@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PARAMS, TinyNet, TinyNetB
+from conftest import PARAMS, TinyNet, TinyNetB, interrupt_after
 from public.compress.export import check_onnx, export_onnx
 from public.core.errors import SettingsError
 from public.core.interrupts import NoInterrupts
@@ -147,18 +147,7 @@ def test_averaged_models_keep_keys_and_shapes_and_export_exactly(tmp_path, kind)
 
 def _interrupted(settings, checkpoint, after, monkeypatch, data=None):
     """Run until `after` epochs are done, then Ctrl+C (KeyboardInterrupt) in the next one."""
-    real, calls = loop._train_epoch, []
-
-    def epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > after:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-    monkeypatch.setattr(loop, '_train_epoch', epoch)
-    with pytest.raises(KeyboardInterrupt):
-        _run(settings, data, checkpoint)
-    monkeypatch.setattr(loop, '_train_epoch', real)
-    assert torch.load(checkpoint, weights_only=False)['epoch'] == after
+    interrupt_after(monkeypatch, after, lambda: _run(settings, data, checkpoint), checkpoint)
 
 
 @pytest.mark.parametrize('levers,after', [
