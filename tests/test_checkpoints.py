@@ -203,7 +203,8 @@ def _epoch_of(path):
 def test_a_sigkilled_halving_search_resumes_mid_rung_to_the_uninterrupted_answer(
         tmp_path, small_data):
     # Rung 1: both rates 2 epochs; the better one goes straight on to 6 (a rung of one). The
-    # driver is killed during that last rung, from epoch 3 on.
+    # driver is killed during that last rung, from epoch 3 on (on a loaded machine the kill
+    # may land after epoch 6 is saved and before its row: still a resume).
     halving = dict(LR_MIN=0.002, LR_MAX=0.003, STEP=0.001, WORKERS=1, SCHEDULER='halving',
                    HALVING_MIN_EPOCHS=2, HALVING_ETA=2, STAGE1_TARGET=100, AVOID_PARAM=0.0)
     reference, ref_proc = _reference(tmp_path, small_data, **halving)
