@@ -1,13 +1,24 @@
 """Stage-two architectures measured on what stage two delivers, on subjects never seen.
 
-    python bench/bench_ss_arch.py                       # 3 folds x 3 seeds x 2 architectures
-    python bench/bench_ss_arch.py --folds 3 --seeds 3 --epochs 8 --jobs 2 --out arch.csv
+    python bench/bench_ss_arch.py                       # 5 folds x 3 seeds x 3 arms
+    python bench/bench_ss_arch.py --folds 5 --seeds 3 --epochs 8 --jobs 2 --out arch.csv
+    python bench/bench_ss_arch.py --arms 'budget,budget+AUGMENT=False,afnet+AUGMENT=True'
     python bench/bench_ss_arch.py --summarize arch.csv     # the summary of a (partial) run
 
-Architectures (--archs): 'sepnet' (examples/ss_model_sepnet.py: the budget-native
-BudgetNet of public/models/budget.py) and 'afnet' (examples/ss_model_afnet.py: today's
-AFNet scaling of public/ss_model.py). Each is put in place of public/ss_model.py in the
-worker (sys.modules), so the stage-two machinery itself builds, trains and quantizes it.
+Arms (--arms, comma-separated): an architecture, optionally followed by settings that
+override params.py's, each '+NAME=VALUE' (a Python literal). Architectures: 'budget'
+(public/ss_model.py: the budget-native BudgetNet of public/models/budget.py, the default
+since issue 20) and 'afnet' (examples/ss_model_afnet.py: the AFNet width scaling that was
+the default before). Each is put in place of public/ss_model.py in the worker
+(sys.modules), so the stage-two machinery itself builds, trains and quantizes it. Jobs run
+fold by fold, seed by seed, all arms of one (fold, seed) together, so a partial run is a
+paired comparison.
+
+A calibrated decision threshold is scored for free on every trial (columns cal_*): the
+threshold that maximises SELECT_METRIC on the inner validation split, from the INT8 file's
+own validation probabilities (public.train.threshold.pick_threshold), applied to the
+held-out subjects. CALIBRATE_THRESHOLD=True picks it on the float model and folds it into
+the bias before quantizing; training is the same either way (calibration comes after it).
 
 Stage two's settings: QUANTIZE_INT8=True, SIZE_TARGET_KB (20), LEARNING_RATE (--lr),
 NUM_EPOCHS (--epochs), the other settings params.py's defaults. The candidate grid of
@@ -48,12 +59,12 @@ sys.path.insert(0, os.path.join(ROOT, 'bench'))
 
 from bench_recipe import folds_of        # noqa: E402
 
-ARCHS = {'sepnet': 'examples/ss_model_sepnet.py', 'afnet': 'examples/ss_model_afnet.py'}
+ARCHS = {'budget': 'public/ss_model.py', 'afnet': 'examples/ss_model_afnet.py'}
 _DATA = {}
 
 
 def use_arch(arch):
-    """Make examples/ss_model_<arch>.py stage two's public/ss_model.py in this process."""
+    """Make ARCHS[arch] stage two's public/ss_model.py in this process."""
     import public
     spec = importlib.util.spec_from_file_location('public.ss_model',
                                                   os.path.join(ROOT, ARCHS[arch]))
@@ -72,12 +83,24 @@ def _load(path):
     return _DATA
 
 
-def settings_of(args, seed):
+def parse_arm(arm):
+    """'budget+AUGMENT=False' -> ('budget', ['AUGMENT=False'])."""
+    arch, *overrides = arm.split('+')
+    if arch not in ARCHS:
+        raise SystemExit(f"--arms: unknown architecture {arch!r} in {arm!r} "
+                         f"(known: {', '.join(ARCHS)})")
+    for o in overrides:
+        if '=' not in o:
+            raise SystemExit(f"--arms: {o!r} in {arm!r} is not NAME=VALUE")
+    return arch, overrides
+
+
+def settings_of(args, seed, overrides=()):
     from public.core.settings import load_settings
     values = dict(NUM_EPOCHS=args.epochs, SEED=seed, DEVICE='cpu', NUM_THREADS=1, WORKERS=1,
                   LATENCY_RUNS=1, TEMP_DIR=os.path.join(args.scratch, 'temp'), TEST_DIR='',
                   QUANTIZE_INT8=True, SIZE_TARGET_KB=args.size_kb, LEARNING_RATE=args.lr)
-    return load_settings([f"{k}={v!r}" for k, v in values.items()],
+    return load_settings([f"{k}={v!r}" for k, v in values.items()] + list(overrides),
                          params_path=os.path.join(ROOT, 'params.py'))
 
 
@@ -141,38 +164,57 @@ def pick(candidates, how):
     return next(k for k in candidates if k[0] == how)
 
 
-def int8_scores(int8_onnx, data, settings, path):
-    """F1, per-subject F-beta median and G of the INT8 file on the held-out subjects."""
-    from public.compress.export import onnx_predict
+def held_out_scores(pred, data, settings, prefix=''):
+    """F1, per-subject F-beta median and G of decisions pred on the held-out subjects."""
     from public.train import contest
     from public.train.metrics import binary_metrics
-    with open(path, 'wb') as f:
-        f.write(int8_onnx)
-    pred = onnx_predict(path, data.x_test.numpy()).argmax(1)
     rows = contest.per_subject(data.y_test, pred, data.test_subjects, settings.FBETA_BETA,
                                settings.NO_AF_SUBJECT)
     fb = [r['fbeta'] for r in rows if r['fbeta'] is not None]
-    os.remove(path)
-    return dict(test_f1=binary_metrics(data.y_test, pred)['f1'],
-                subj_fbeta_median=statistics.median(fb), subj_fbeta_mean=statistics.mean(fb),
-                gen=contest.generalisation(rows, 'fbeta', settings.GEN_THRESHOLD),
-                subjects=len(fb))
+    out = dict(test_f1=binary_metrics(data.y_test, pred)['f1'],
+               subj_fbeta_median=statistics.median(fb), subj_fbeta_mean=statistics.mean(fb),
+               gen=contest.generalisation(rows, 'fbeta', settings.GEN_THRESHOLD),
+               subjects=len(fb))
+    return {prefix + k: v for k, v in out.items()}
 
 
-def run_one(args, arch, name, config, fold, seed):
-    """One stage-two trial of one candidate on one fold and seed: one result row."""
+def int8_scores(int8_onnx, data, settings, path):
+    """The INT8 file's held-out scores at its own decision (argmax), and at the threshold
+    calibrated on the inner validation split from its validation probabilities (cal_*)."""
+    from public.compress.export import onnx_predict
+    from public.train.metrics import Scoring, probabilities
+    from public.train.threshold import pick_threshold
+    with open(path, 'wb') as f:
+        f.write(int8_onnx)
+    try:
+        test_logits = onnx_predict(path, data.x_test.numpy())
+        val_logits = onnx_predict(path, data.trial.x_val.numpy())
+    finally:
+        os.remove(path)
+    out = held_out_scores(test_logits.argmax(1), data, settings)
+    t = pick_threshold(probabilities(val_logits), data.trial.y_val.numpy(),
+                       settings.SELECT_METRIC, data.val_subjects, Scoring.of(settings))
+    p1 = probabilities(test_logits)[:, 1]
+    out.update(held_out_scores((p1 > t).astype(np.int64), data, settings, 'cal_'),
+               cal_threshold=t)
+    return out
+
+
+def run_one(args, arm, name, config, fold, seed):
+    """One stage-two trial of one arm's candidate on one fold and seed: one result row."""
     import torch
     torch.set_num_threads(1)
+    arch, overrides = parse_arm(arm)
     use_arch(arch)
     from public.search.stage_two import build_from_config
     from public.search.trial import TrialSpec, run_trial_job
-    settings = settings_of(args, seed)
+    settings = settings_of(args, seed, overrides)
     data = fold_data(args, fold, seed, settings)
     start = time.perf_counter()
     spec = TrialSpec(key=name, build=functools.partial(build_from_config, config),
                      lr=args.lr, settings=settings, quantize=True)
     result = run_trial_job(spec, data)
-    row = dict(arch=arch, candidate=name, fold=fold, seed=seed, status=result.status,
+    row = dict(arch=arm, candidate=name, fold=fold, seed=seed, status=result.status,
                epochs=result.epochs, best_epoch=result.best_epoch, train=len(data.trial.y_train),
                val=len(data.trial.y_val), test=len(data.y_test), params=result.params)
     if result.status != 'ok':
@@ -188,6 +230,7 @@ def run_one(args, arch, name, config, fold, seed):
 
 
 METRICS = ('test_f1', 'subj_fbeta_median', 'gen')
+CAL_METRICS = tuple('cal_' + m for m in METRICS)
 
 
 def summarize(rows):
@@ -199,9 +242,9 @@ def summarize(rows):
             continue
         s = dict(arch=arch, candidate=mine[0]['candidate'], n=len(mine),
                  kb=sorted({round(r['int8_bytes'] / 1024, 2) for r in mine}))
-        for m in METRICS:
-            v = [r[m] for r in mine]
-            s[m] = (statistics.median(v), min(v), max(v))
+        for m in METRICS + CAL_METRICS:
+            v = [r[m] for r in mine if m in r and r[m] == r[m]]
+            s[m] = (statistics.median(v), min(v), max(v)) if v else None
         s['per_fold'] = {f: round(statistics.median(r['test_f1'] for r in mine if r['fold'] == f), 3)
                          for f in sorted({r['fold'] for r in mine})}
         s['per_fold_g'] = {f: round(statistics.median(r['gen'] for r in mine if r['fold'] == f), 3)
@@ -225,8 +268,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--npz', default=os.path.join(ROOT, '..', 'shared', 'data',
                                                       'ecg_af_train_50k.npz'))
-    parser.add_argument('--archs', default='sepnet,afnet')
-    parser.add_argument('--folds', type=int, default=3)
+    parser.add_argument('--arms', default='budget,budget+AUGMENT=False,afnet')
+    parser.add_argument('--folds', type=int, default=5)
     parser.add_argument('--seeds', type=int, default=3)
     parser.add_argument('--epochs', type=int, default=8)
     parser.add_argument('--lr', type=float, default=0.003)
@@ -246,9 +289,10 @@ def main():
         return
     from real_data import cpu_name, cpu_vnni
     os.makedirs(os.path.join(args.scratch, 'temp'), exist_ok=True)
-    archs = args.archs.split(',')
+    arms = args.arms.split(',')
+    archs = sorted({parse_arm(a)[0] for a in arms}, key=[parse_arm(a)[0] for a in arms].index)
     folds = [int(f) for f in args.only_folds.split(',')] if args.only_folds else range(args.folds)
-    print(f"bench_ss_arch: {', '.join(archs)}; {len(folds)} of {args.folds} subject folds x "
+    print(f"bench_ss_arch: {', '.join(arms)}; {len(folds)} of {args.folds} subject folds x "
           f"{args.seeds} seeds, {args.epochs} epochs, lr {args.lr}, QUANTIZE_INT8, "
           f"SIZE_TARGET_KB={args.size_kb:g}, pick {args.pick}, train-frac {args.train_frac:g}; "
           f"{os.cpu_count()} CPU cores, {cpu_name()} ({cpu_vnni() or 'no VNNI'}), "
@@ -257,23 +301,27 @@ def main():
     spawn = multiprocessing.get_context('spawn')     # no fork after autograd ran here
     with futures.ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
         plans = dict(zip(archs, pool.map(plan, [args] * len(archs), archs)))
-        jobs = []
+        picked = {}
         for arch in archs:
             print_grid(arch, plans[arch], args.size_kb)
             name, config, size, _ = pick(plans[arch], args.pick)
             print(f"  trained: {name} ({size / 1024:.2f} KB INT8 predicted)", flush=True)
-            jobs += [(arch, name, config, f, 42 + s) for f in folds for s in range(args.seeds)]
+            picked[arch] = (name, config)
+        jobs = [(arm, *picked[parse_arm(arm)[0]], f, 42 + s)
+                for f in folds for s in range(args.seeds) for arm in arms]
         print(f"planning: {time.perf_counter() - start:.0f} s; {len(jobs)} trials", flush=True)
         rows = []
         pending = {pool.submit(run_one, args, *job): job for job in jobs}
         for done in futures.as_completed(pending):
             r = done.result()
             rows.append(r)
-            print(f"  {r['arch']:6} {r['candidate']} fold {r['fold']} seed {r['seed']}: "
+            print(f"  {r['arch']:18} {r['candidate']} fold {r['fold']} seed {r['seed']}: "
                   f"{r['status']}, INT8 {r.get('int8_bytes', 0) / 1024:.2f} KB, held-out F1 "
                   f"{r.get('test_f1', float('nan')):.3f} (float {r.get('float_test_f1', float('nan')):.3f}), "
                   f"subj F-beta median {r.get('subj_fbeta_median', float('nan')):.3f}, "
-                  f"G {r.get('gen', float('nan')):.3f}, {r['epochs']} epochs, "
+                  f"G {r.get('gen', float('nan')):.3f}; calibrated F1 "
+                  f"{r.get('cal_test_f1', float('nan')):.3f} G {r.get('cal_gen', float('nan')):.3f}, "
+                  f"{r['epochs']} epochs, "
                   f"{r['wall_s']:.0f} s", flush=True)
             if args.out:
                 import pandas as pd
@@ -282,15 +330,19 @@ def main():
     print_summary(rows)
 
 
+def _span(v):
+    return 'n/a' if v is None else f"{v[0]:.3f} [{v[1]:.3f}-{v[2]:.3f}]"
+
+
 def print_summary(rows):
-    print("\narch    candidate  n  INT8 KB        held-out F1 median [min-max]  subj F-beta "
-          "median [min-max]  G median [min-max]  per-fold F1 (G)  epochs  s/trial")
+    print("\narm                 candidate  n  INT8 KB   held-out F1 median [min-max]  subj F-beta "
+          "median  G median  | calibrated threshold: F1  subj F-beta  G | per-fold F1 (G)  "
+          "epochs  s/trial")
     for s in summarize(rows):
-        f1, fb, g = (s[m] for m in METRICS)
-        print(f"{s['arch']:7} {s['candidate']:9} {s['n']:2}  {s['kb']}  "
-              f"{f1[0]:.3f} [{f1[1]:.3f}-{f1[2]:.3f}]  {fb[0]:.3f} [{fb[1]:.3f}-{fb[2]:.3f}]  "
-              f"{g[0]:.3f} [{g[1]:.3f}-{g[2]:.3f}]  {s['per_fold']} ({s['per_fold_g']})  "
-              f"{s['epochs']}  {s['wall']:.0f}")
+        print(f"{s['arch']:19} {s['candidate']:9} {s['n']:2}  {s['kb']}  "
+              + '  '.join(_span(s[m]) for m in METRICS) + '  |  '
+              + '  '.join(_span(s[m]) for m in CAL_METRICS)
+              + f"  | {s['per_fold']} ({s['per_fold_g']})  {s['epochs']}  {s['wall']:.0f}")
 
 
 if __name__ == '__main__':

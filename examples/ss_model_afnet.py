@@ -1,4 +1,4 @@
-# The original stage-two scaling (AFNet widths x factors), today's public/ss_model.py: copy over public/ss_model.py to restore it.
+# The original stage-two scaling (AFNet widths x factors), public/ss_model.py before issue 20: copy it over public/ss_model.py to restore it.
 """Stage-two model: the architecture chosen from multi-result, parameterised by width.
 
 train_final.py calls `generate_config(channel_scaling_factor, fc_scaling_factor,
