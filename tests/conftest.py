@@ -40,6 +40,31 @@ FAST = dict(NUM_EPOCHS=1, LR_MIN=0.003, LR_MAX=0.003, STEP=0.0005, LATENCY_RUNS=
             WORKERS=1)
 
 
+AFNET_SS_MODEL = ROOT / 'examples' / 'ss_model_afnet.py'     # the pre-issue-20 stage two
+
+
+def load_ss_model(path=AFNET_SS_MODEL, name=None):
+    """A drop-in public/ss_model.py file (default: the AFNet width scaling of examples/)
+    loaded as a module of its own, without touching public.ss_model."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name or f"ss_model_{Path(path).stem}",
+                                                  str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def afnet_stage_two(monkeypatch):
+    """examples/ss_model_afnet.py in the place of public/ss_model.py for stage two: for the
+    tests of the AFNet scaling itself (its widths, its FC layer that grows with the input)."""
+    import public
+    module = load_ss_model()
+    monkeypatch.setitem(sys.modules, 'public.ss_model', module)
+    monkeypatch.setattr(public, 'ss_model', module, raising=False)
+    return module
+
+
 def write_segment(path, values=None, text=None):
     """Write one segment file: `values` one per line (rows of several values = leads)."""
     if text is None:

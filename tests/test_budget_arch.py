@@ -1,5 +1,6 @@
-"""Tests of the budget-native stage-two architecture (public/models/budget.py) and the two
-drop-in public/ss_model.py files of examples/ (issue 20): through stage two's own code."""
+"""Tests of the budget-native stage-two architecture (public/models/budget.py), the default
+public/ss_model.py, and the AFNet scaling of examples/ss_model_afnet.py that it replaced
+(issue 20): through stage two's own code."""
 import functools
 import importlib.util
 import sys
@@ -13,7 +14,7 @@ from public.compress.export import export_onnx, like_trained, onnx_predict
 from public.data.prepare import PreparedData, TrialData, calibration_sample
 from public.models.budget import BudgetNet, budget_config
 
-EXAMPLES = {'sepnet': ROOT / 'examples' / 'ss_model_sepnet.py',
+EXAMPLES = {'budget': ROOT / 'public' / 'ss_model.py',
             'afnet': ROOT / 'examples' / 'ss_model_afnet.py'}
 
 
@@ -25,13 +26,10 @@ def load_example(name):
 
 
 @pytest.fixture
-def sepnet_stage_two(monkeypatch):
-    """examples/ss_model_sepnet.py in the place of public/ss_model.py for stage two."""
-    import public
-    module = load_example('sepnet')
-    monkeypatch.setitem(sys.modules, 'public.ss_model', module)
-    monkeypatch.setattr(public, 'ss_model', module, raising=False)
-    return module
+def budget_stage_two():
+    """The default public/ss_model.py: BudgetNet."""
+    from public import ss_model
+    return ss_model
 
 
 def synthetic_data(n=48, length=1250, seed=0):
@@ -50,7 +48,7 @@ def synthetic_data(n=48, length=1250, seed=0):
                         summary='', val_subjects=subjects[va], test_subjects=subjects[te])
 
 
-def test_the_int8_grid_holds_wide_candidates_under_20_kb(sepnet_stage_two, make_settings):
+def test_the_int8_grid_holds_wide_candidates_under_20_kb(budget_stage_two, make_settings):
     from public.search.stage_two import SizeBudget, plan_candidates
     settings = make_settings(QUANTIZE_INT8=True, SIZE_TARGET_KB=20,
                              CHANNEL_SCALES=(1, 2, 3, 4, 5), FC_SCALES=(1, 2, 3, 4, 5))
@@ -82,14 +80,14 @@ def test_too_short_an_input_or_a_zero_factor_is_a_clear_error():
         budget_config(0, 1, 1250)
 
 
-def test_stage_two_trains_quantizes_and_the_files_compute_the_torch_model(sepnet_stage_two,
+def test_stage_two_trains_quantizes_and_the_files_compute_the_torch_model(budget_stage_two,
                                                                           make_settings):
     from public.search.stage_two import build_from_config
     from public.search.trial import TrialSpec, run_trial_job
     settings = make_settings(QUANTIZE_INT8=True, SIZE_TARGET_KB=20, NUM_EPOCHS=2,
                              AUGMENT=False, TEST_DIR='')
     data = synthetic_data()
-    config = sepnet_stage_two.generate_config(1, 1, 1250)
+    config = budget_stage_two.generate_config(1, 1, 1250)
     spec = TrialSpec(key='c1-f1', build=functools.partial(build_from_config, config),
                      lr=0.003, settings=settings, quantize=True)
     result = run_trial_job(spec, data)
@@ -112,7 +110,7 @@ def test_stage_two_trains_quantizes_and_the_files_compute_the_torch_model(sepnet
     assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.85
 
 
-@pytest.mark.parametrize('name', ['sepnet', 'afnet'])
+@pytest.mark.parametrize('name', ['budget', 'afnet'])
 def test_the_examples_are_drop_in_ss_models(name):
     module = load_example(name)
     for c, f in ((1, 1), (3, 2), (5, 5)):
@@ -120,16 +118,16 @@ def test_the_examples_are_drop_in_ss_models(name):
         with torch.no_grad():
             assert tuple(model.eval()(torch.zeros(2, 1, 1250, 1)).shape) == (2, 2)
     config = module.generate_config(4, 2, 1250)
-    if name == 'sepnet':
-        assert module.AFNet is BudgetNet and config == budget_config(4, 2, 1250)
+    if name == 'budget':
+        assert module.AFNet.__name__ == 'BudgetNet' and config == budget_config(4, 2, 1250)
         assert config['channels'] == [16, 24, 32, 48, 64] and config['fc_hidden'] == 16
     else:       # today's scaling: channel 4, fc 2 is stage one's AFNet
         assert config['channels'] == [4, 8, 16, 32, 32] and config['fc_hidden'] == 10
 
 
-def test_run_stage_two_scales_and_publishes_the_budget_net(sepnet_stage_two, prepared,
+def test_run_stage_two_scales_and_publishes_the_budget_net(budget_stage_two, prepared,
                                                            make_settings):
-    """The whole stage two with the sepnet example as public/ss_model.py and the real
+    """The whole stage two with the default public/ss_model.py (BudgetNet) and the real
     trainer: planned, trained, quantized, published (the best under the cap); the log names BudgetNet."""
     import os
     from public.core.interrupts import NoInterrupts

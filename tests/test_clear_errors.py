@@ -106,11 +106,15 @@ def _case_ss_model_syntax(folder, data):
     return project / 'train_final.py', project, []
 
 
+IMPORT_LINE = 'from public.models.budget import BudgetNet, budget_config'
+
+
 def _case_ss_model_import_error(folder, data):
     project = _project(folder, data)
     path = project / 'public' / 'ss_model.py'
-    path.write_text(path.read_text().replace('from public.models.blocks import AFNetBody, afnet_config',
-                                             'from public.models.blocks import AFNetBody, afnet_confg'))
+    text = path.read_text()
+    assert IMPORT_LINE in text, 'the default public/ss_model.py imports budget_config'
+    path.write_text(text.replace(IMPORT_LINE, IMPORT_LINE.replace('budget_config', 'budget_confg')))
     return project / 'train_final.py', project, []
 
 
@@ -242,9 +246,11 @@ def test_a_stage_two_model_file_with_a_syntax_error_is_named(quick):
 def test_a_stage_two_model_file_whose_import_fails_is_named(quick):
     rc, out, _ = quick['ss_model_import_error']
     line = _assert_clear(rc, out)
-    assert line.startswith('error: public/ss_model.py, line 10: ImportError: cannot import '
-                           "name 'afnet_confg' from 'public.models.blocks'")
-    assert '    from public.models.blocks import AFNetBody, afnet_confg' in out.splitlines()
+    lines = (ROOT / 'public' / 'ss_model.py').read_text().splitlines()
+    number = lines.index(IMPORT_LINE) + 1
+    assert line.startswith(f'error: public/ss_model.py, line {number}: ImportError: cannot '
+                           "import name 'budget_confg' from 'public.models.budget'")
+    assert '    from public.models.budget import BudgetNet, budget_confg' in out.splitlines()
 
 
 def test_a_symbolic_link_that_loops_in_the_data_folder_is_rejected_by_name(quick):

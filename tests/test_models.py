@@ -1,7 +1,7 @@
 """Tests over the whole model registry (timm style) and the stage-two model at several widths.
 
-Every class in public.model.model_classes, and public.ss_model.AFNet at several
-(channel, fc) factors, gets: a forward pass on a demo-shaped batch, a backward pass in
+Every class in public.model.model_classes, public.ss_model.AFNet (BudgetNet) and the
+AFNet scaling of examples/ss_model_afnet.py at several (channel, fc) factors, gets: a forward pass on a demo-shaped batch, a backward pass in
 which every parameter gets a finite gradient, and an ONNX export that onnxruntime loads
 on its own (one self-contained file) with outputs matching PyTorch. A newly registered
 model is covered without anyone writing a test for it.
@@ -20,6 +20,9 @@ from public import ss_model
 from public.models.blocks import afnet_config
 from public.compress.export import check_onnx, export_onnx
 from public.model import model_classes
+from conftest import load_ss_model
+
+afnet_ss = load_ss_model()          # examples/ss_model_afnet.py
 
 SS_FACTORS = [(1, 1), (2, 3), (5, 5)]
 
@@ -31,9 +34,9 @@ def _registered(input_size=1250, in_channels=1):
 
 
 def _stage_two(input_size=1250, in_channels=1):
-    return [pytest.param(lambda cf=cf, n=input_size, c=in_channels: ss_model.AFNet(
-        ss_model.generate_config(*cf, n, in_channels=c)), id=f'ss_model-c{cf[0]}-f{cf[1]}')
-        for cf in SS_FACTORS]
+    return [pytest.param(lambda cf=cf, n=input_size, c=in_channels, m=m: m.AFNet(
+        m.generate_config(*cf, n, in_channels=c)), id=f'{label}-c{cf[0]}-f{cf[1]}')
+        for cf in SS_FACTORS for label, m in (('ss_model', ss_model), ('afnet_ss', afnet_ss))]
 
 
 ALL_MODELS = _registered() + _stage_two()
@@ -156,17 +159,27 @@ def test_wrong_input_layout_is_a_clear_error(build):
 
 
 @pytest.mark.parametrize('c,f', SS_FACTORS)
-def test_stage_two_config_scales_channels_and_fc(c, f):
-    config = ss_model.generate_config(c, f, 1250)
+def test_the_afnet_scaling_scales_channels_and_fc(c, f):
+    config = afnet_ss.generate_config(c, f, 1250)
     assert config['channels'] == [c * b for b in (1, 2, 4, 8, 8)]
     assert config['fc_hidden'] == 5 * f
-    model = ss_model.AFNet(config)
+    model = afnet_ss.AFNet(config)
     assert model.head[2].in_features == config['fc_in']
-    assert ss_model.generate_config(c, f, 1000)['fc_in'] < config['fc_in']
+    assert afnet_ss.generate_config(c, f, 1000)['fc_in'] < config['fc_in']
 
 
-def test_stage_two_default_at_channel_4_fc_2_is_stage_one_afnet():
-    a = ss_model.AFNet(ss_model.generate_config(4, 2, 1250))
+@pytest.mark.parametrize('c,f', SS_FACTORS)
+def test_the_default_stage_two_scales_widths_and_head(c, f):
+    config = ss_model.generate_config(c, f, 1250)
+    assert config['channels'] == [c * b for b in (4, 6, 8, 12, 16)]
+    assert config['fc_hidden'] == 8 * f
+    model = ss_model.AFNet(config)
+    assert model.head[1].in_features == config['channels'][-1]
+    assert ss_model.generate_config(c, f, 1000) == dict(config, input_size=1000)
+
+
+def test_the_afnet_scaling_at_channel_4_fc_2_is_stage_one_afnet():
+    a = afnet_ss.AFNet(afnet_ss.generate_config(4, 2, 1250))
     b = registry.get_model_class('AFNet')(input_size=1250)
     assert [p.shape for p in a.parameters()] == [p.shape for p in b.parameters()]
 

@@ -78,6 +78,7 @@ def test_stage_two_and_predict_give_per_label_probabilities(project):
     from sklearn.metrics import roc_auc_score
     info = json.loads((project / 'final' / result / 'result.json').read_text())
     # predict.py's probabilities are the model's: they give the AUC stage two recorded
+    # (from PyTorch; onnxruntime's float rounding may swap a near-tied pair: 1e-3)
     assert roc_auc_score(y, probs, average='macro') == pytest.approx(info['test_metrics']['auc'],
-                                                                     abs=1e-4)
+                                                                     abs=1e-3)
     assert info['test_metrics']['auc'] > 0.6

@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-import public.ss_model as ss_model
+import public.ss_model as budget_ss
+from conftest import load_ss_model
 from public.models.blocks import to_1d
 from public.core.errors import SettingsError
 from public.compress.export import check_onnx, export_onnx
@@ -28,6 +29,13 @@ from public.models.small import SepNet
 
 L = 1250
 OPSET = 18
+
+
+ss_model = load_ss_model()        # the AFNet width scaling of examples/ss_model_afnet.py
+
+
+def _budget(c, f):
+    return budget_ss.AFNet(budget_ss.generate_config(c, f, L))
 
 
 def _afnet(c, f, in_channels=1, num_classes=2):
@@ -64,6 +72,7 @@ BUILDS = {
     'ss-c3-f3': functools.partial(_afnet, 3, 3),
     'SepNet': SepNet,
     'OptimizedAFNet': OptimizedAFNet,
+    'budget-c2-f2': functools.partial(_budget, 2, 2),      # the default public/ss_model.py
 }
 
 
@@ -138,7 +147,7 @@ def test_input_model_is_unchanged():
 
 def test_pruned_model_pickles_and_trains(prepared, make_settings):
     from public.search.trial import run_trial
-    pruned = prune_model(_perturb(_afnet(2, 1)), 0.5, _example())
+    pruned = prune_model(_perturb(_budget(2, 1)), 0.5, _example())     # importable by name
     again = pickle.loads(pickle.dumps(pruned))
     x = _example()
     assert torch.equal(again.eval()(x), pruned.eval()(x))

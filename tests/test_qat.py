@@ -16,13 +16,15 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
-from conftest import PARAMS, settings_values
-from public import ss_model
+from conftest import PARAMS, load_ss_model, settings_values
 import public.compress.qat as qat
 import public.compress.qdq_graph as qdq_graph
 from public.core.settings import load_settings
 from public.core.errors import SettingsError
 from public.compress.export import export_onnx, onnx_predict
+
+ss_model = load_ss_model()      # the AFNet scaling of examples/ss_model_afnet.py: these tests'
+                                # expectations (PTQ losses, what QAT recovers) were set on it
 from public.compress.quantize import quantize_int8
 from public.train.recipe import add_normalization
 from public.models.small import SepNet

@@ -277,7 +277,7 @@ def test_with_quantize_int8_the_measured_int8_model_decides(plan, prepared, make
 def test_stage_two_opens_with_what_it_scales_and_warns_without_stage_one(make_settings):
     from public.search.stage_two import stage_two_intro
     text = '\n'.join(stage_two_intro(make_settings(LEARNING_RATE=0.003)))
-    assert 'Stage two scales AFNet of public/ss_model.py: Stage-two model' in text
+    assert 'Stage two scales BudgetNet of public/ss_model.py: Stage-two model' in text
     assert 'LEARNING_RATE=0.003; targets: METRIC_TARGET=' in text and 'Scores: xx-yy' in text
     assert 'warning: no stage-one results in' in text
 
