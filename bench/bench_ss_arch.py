@@ -14,6 +14,15 @@ the default before). Each is put in place of public/ss_model.py in the worker
 fold by fold, seed by seed, all arms of one (fold, seed) together, so a partial run is a
 paired comparison.
 
+Distillation: an arm with '+DISTILL_FROM=\'fold\'' distils from a teacher of its fold.
+Before the students, one teacher per fold (--teacher, stage one's registered model, default
+AFNet, 88 KB) trains on that fold's training subjects (inner split of seed 42, lr --lr,
+--epochs, params.py's recipe) and its saved.onnx goes to <scratch>/teacher-f<fold>/; each
+student then sets DISTILL_FROM to that folder and attaches the teacher's logits as stage two
+does (public.search.teacher.attach_teacher, cached in <scratch>/cache/teacher). The teacher
+never sees the held-out fold (it may have seen another seed's inner validation subjects).
+Its own held-out scores are printed and written to <out>.teachers.csv.
+
 A calibrated decision threshold is scored for free on every trial (columns cal_*): the
 threshold that maximises SELECT_METRIC on the inner validation split, from the INT8 file's
 own validation probabilities (public.train.threshold.pick_threshold), applied to the
@@ -200,6 +209,44 @@ def int8_scores(int8_onnx, data, settings, path):
     return out
 
 
+def teacher_dir(args, fold):
+    return os.path.join(args.scratch, f"teacher-f{fold}")
+
+
+def run_teacher(args, fold):
+    """The fold's distillation teacher: stage one's --teacher model, trained on the fold's
+    training subjects; its saved.onnx in teacher_dir. Reused when it is there already."""
+    import torch
+    torch.set_num_threads(1)
+    import public.model          # noqa: F401  (registers public/model.py's models)
+    from public.models.registry import get_model_class
+    from public.search.stage_one import _build
+    from public.search.trial import TrialSpec, run_trial_job
+    settings = settings_of(args, 42, ['QUANTIZE_INT8=False'])
+    data = fold_data(args, fold, 42, settings)
+    folder = teacher_dir(args, fold)
+    start = time.perf_counter()
+    if os.path.isfile(os.path.join(folder, 'saved.onnx')):
+        return dict(teacher=args.teacher, fold=fold, status='reused', wall_s=0.0)
+    spec = TrialSpec(key=f"{args.teacher}@{args.lr}", lr=args.lr, settings=settings,
+                     build=functools.partial(_build, get_model_class(args.teacher),
+                                             data.input_size, 1, 2))
+    result = run_trial_job(spec, data)
+    row = dict(teacher=args.teacher, fold=fold, status=result.status, epochs=result.epochs)
+    if result.status == 'ok':
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, 'saved.onnx')
+        with open(path + '.part', 'wb') as f:
+            f.write(result.onnx)
+        os.replace(path + '.part', path)
+        from public.compress.export import onnx_predict
+        pred = onnx_predict(path, data.x_test.numpy()).argmax(1)
+        row.update(onnx_kb=result.onnx_bytes / 1024, **held_out_scores(pred, data, settings))
+    else:
+        row['error'] = (result.error or '').strip().splitlines()[-1][:300]
+    return dict(row, wall_s=time.perf_counter() - start)
+
+
 def run_one(args, arm, name, config, fold, seed):
     """One stage-two trial of one arm's candidate on one fold and seed: one result row."""
     import torch
@@ -208,9 +255,15 @@ def run_one(args, arm, name, config, fold, seed):
     use_arch(arch)
     from public.search.stage_two import build_from_config
     from public.search.trial import TrialSpec, run_trial_job
+    overrides = [f"DISTILL_FROM={teacher_dir(args, fold)!r}" if o == "DISTILL_FROM='fold'"
+                 else o for o in overrides]
+    if any(o.startswith('DISTILL_FROM=') for o in overrides):
+        overrides.append(f"CACHE_DIR={os.path.join(args.scratch, 'cache')!r}")
     settings = settings_of(args, seed, overrides)
     data = fold_data(args, fold, seed, settings)
     start = time.perf_counter()
+    from public.search.teacher import attach_teacher
+    attach_teacher(settings, data, lambda line: None)
     spec = TrialSpec(key=name, build=functools.partial(build_from_config, config),
                      lr=args.lr, settings=settings, quantize=True)
     result = run_trial_job(spec, data)
@@ -277,6 +330,8 @@ def main():
     parser.add_argument('--pick', default='largest')
     parser.add_argument('--train-frac', type=float, default=1.0)
     parser.add_argument('--only-folds', default='', help='e.g. 0 (default: all folds)')
+    parser.add_argument('--teacher', default='AFNet',
+                        help="stage one's model that teaches the DISTILL_FROM='fold' arms")
     parser.add_argument('--jobs', type=int, default=2)
     parser.add_argument('--scratch', default='/tmp/atml-ss-arch')
     parser.add_argument('--out', default='')
@@ -310,6 +365,19 @@ def main():
         jobs = [(arm, *picked[parse_arm(arm)[0]], f, 42 + s)
                 for f in folds for s in range(args.seeds) for arm in arms]
         print(f"planning: {time.perf_counter() - start:.0f} s; {len(jobs)} trials", flush=True)
+        if any("DISTILL_FROM='fold'" in parse_arm(a)[1] for a in arms):
+            teachers = list(pool.map(run_teacher, [args] * len(folds), folds))
+            for t in teachers:
+                print(f"  teacher {t['teacher']} fold {t['fold']}: {t['status']}, "
+                      f"{t.get('onnx_kb', 0):.2f} KB, held-out F1 {t.get('test_f1', float('nan')):.3f}, "
+                      f"subj F-beta median {t.get('subj_fbeta_median', float('nan')):.3f}, "
+                      f"G {t.get('gen', float('nan')):.3f}, {t.get('epochs')} epochs, "
+                      f"{t['wall_s']:.0f} s", flush=True)
+            if args.out:
+                import pandas as pd
+                pd.DataFrame(teachers).to_csv(args.out + '.teachers.csv', index=False)
+            if any(t['status'] not in ('ok', 'reused') for t in teachers):
+                raise SystemExit('a teacher failed: ' + repr(teachers))
         rows = []
         pending = {pool.submit(run_one, args, *job): job for job in jobs}
         for done in futures.as_completed(pending):
