@@ -3,9 +3,10 @@
     python bench/bench_ss_arch.py                       # 5 folds x 3 seeds x 3 arms
     python bench/bench_ss_arch.py --folds 5 --seeds 3 --epochs 8 --jobs 2 --out arch.csv
     python bench/bench_ss_arch.py --arms 'budget,budget+AUGMENT=False,afnet+AUGMENT=True'
+    python bench/bench_ss_arch.py --arms "budget+DISTILL_FROM='fold';budget+AUGMENT=('flip',)"
     python bench/bench_ss_arch.py --summarize arch.csv     # the summary of a (partial) run
 
-Arms (--arms, comma-separated): an architecture, optionally followed by settings that
+Arms (--arms, separated by commas, or by ';' when a value holds a comma): an architecture, optionally followed by settings that
 override params.py's, each '+NAME=VALUE' (a Python literal). Architectures: 'budget'
 (public/ss_model.py: the budget-native BudgetNet of public/models/budget.py, the default
 since issue 20) and 'afnet' (examples/ss_model_afnet.py: the AFNet width scaling that was
@@ -344,7 +345,7 @@ def main():
         return
     from real_data import cpu_name, cpu_vnni
     os.makedirs(os.path.join(args.scratch, 'temp'), exist_ok=True)
-    arms = args.arms.split(',')
+    arms = args.arms.split(';' if ';' in args.arms else ',')
     archs = sorted({parse_arm(a)[0] for a in arms}, key=[parse_arm(a)[0] for a in arms].index)
     folds = [int(f) for f in args.only_folds.split(',')] if args.only_folds else range(args.folds)
     print(f"bench_ss_arch: {', '.join(arms)}; {len(folds)} of {args.folds} subject folds x "
@@ -411,6 +412,42 @@ def print_summary(rows):
               + '  '.join(_span(s[m]) for m in METRICS) + '  |  '
               + '  '.join(_span(s[m]) for m in CAL_METRICS)
               + f"  | {s['per_fold']} ({s['per_fold_g']})  {s['epochs']}  {s['wall']:.0f}")
+    print_paired(rows)
+
+
+def paired(rows, ref, arm, metric):
+    """Differences arm - ref of metric over the (fold, seed) pairs both have (ok rows)."""
+    by = {(r['arch'], r['fold'], r['seed']): r[metric] for r in rows
+          if r['status'] == 'ok' and metric in r and r[metric] == r[metric]}
+    return [by[arm, f, s] - by[ref, f, s] for (a, f, s) in sorted(by)
+            if a == arm and (ref, f, s) in by]
+
+
+def _ahead(d):
+    return f"{sum(x > 1e-9 for x in d)}/{sum(x < -1e-9 for x in d)}/{len(d)}"
+
+
+def print_paired(rows):
+    """Each arm against 'afnet' (else the first arm) over their (fold, seed) pairs: the
+    median difference, its range, and in how many pairs the arm is ahead / behind; and
+    the calibrated threshold against the arm's own argmax."""
+    arms = list(dict.fromkeys(r['arch'] for r in rows if r['status'] == 'ok'))
+    if not arms:
+        return
+    ref = 'afnet' if 'afnet' in arms else arms[0]     # the scaling that was the default
+    print(f"\npaired differences over the (fold, seed) pairs: median [min-max], "
+          f"ahead/behind/pairs")
+    for arm in arms:
+        cells = []
+        for m in METRICS:
+            d = paired(rows, ref, arm, m) if arm != ref else []
+            cal = [r['cal_' + m] - r[m] for r in rows if r['arch'] == arm
+                   and r['status'] == 'ok' and r.get('cal_' + m) == r.get('cal_' + m)]
+            cells.append((f"{m} vs {ref}: {statistics.median(d):+.3f} [{min(d):+.3f}-"
+                          f"{max(d):+.3f}] {_ahead(d)}" if d else '')
+                         + (f"; calibrated vs argmax {statistics.median(cal):+.3f} "
+                            f"{_ahead(cal)}" if cal else ''))
+        print(f"  {arm}:\n    " + '\n    '.join(c for c in cells if c))
 
 
 if __name__ == '__main__':
