@@ -246,6 +246,35 @@ def test_teacher_logits_are_computed_once_and_cached_on_disk(tmp_path, monkeypat
     assert len(list((tmp_path / 'cache' / 'teacher').glob('*.npy'))) == 2
 
 
+def test_the_settings_key_follows_the_teacher_file_not_just_the_setting(tmp_path):
+    """Rows trained against one teacher are not reused when DISTILL_FROM (same string, or
+    'auto') now names another saved.onnx; the same file gives the same key."""
+    import shutil
+    import pandas as pd
+    from public.results.keys import settings_key
+    folder, _ = _teacher_folder(tmp_path / 'a')
+    save = tmp_path / 'a' / 'multi-result'
+    plain = settings_key(_settings(DISTILL_FROM=str(folder)))
+    assert plain != settings_key(_settings())
+    shutil.copytree(folder, tmp_path / 'copy')       # the same bytes elsewhere: another string
+    assert settings_key(_settings(DISTILL_FROM=str(tmp_path / 'copy'))) != plain
+    (folder / 'saved.onnx').write_bytes((folder / 'saved.onnx').read_bytes())
+    assert settings_key(_settings(DISTILL_FROM=str(folder))) == plain     # unchanged bytes
+    _teacher_folder(tmp_path / 'b', seed=8)                               # other weights ...
+    shutil.copy(tmp_path / 'b' / 'multi-result' / 'TinyNet' / '90-80' / 'saved.onnx',
+                folder / 'saved.onnx')                                    # ... at the same path
+    assert settings_key(_settings(DISTILL_FROM=str(folder))) != plain
+    # 'auto': the key follows summary.csv's pick; no pick yet: the bare value
+    auto = dict(DISTILL_FROM='auto', MODEL_SAVE_PATH=str(save))
+    before = settings_key(_settings(**auto))
+    pd.DataFrame([dict(model='TinyNet', best_lr='0.003', score=0.9, onnx_kb=1.0,
+                       result='90-80')]).to_csv(save / 'summary.csv', index=False)
+    picked = settings_key(_settings(**auto))
+    assert picked != before
+    shutil.copy(tmp_path / 'copy' / 'saved.onnx', folder / 'saved.onnx')
+    assert settings_key(_settings(**auto)) != picked          # the pick's file changed
+
+
 def test_distillation_errors_name_the_setting_the_value_and_the_rule(tmp_path):
     missing = str(tmp_path / 'nowhere')
     with pytest.raises(SettingsError, match=r"DISTILL_FROM='.*nowhere': folder .* not found; "

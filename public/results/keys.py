@@ -10,10 +10,12 @@ object with its fields): this wing records trials, it does not run them.
 """
 import hashlib
 import json
+import os
 import time
 
 from public.compress.export import size_kb
 from public.core.settings import INTRODUCED_AT, ONLY_WITH, settings_dict, trial_settings
+from public.results.summary import SUMMARY_CSV, read_summary, recommended_pick
 from public.results.table import TIMING_COLUMNS
 from public.train.metrics import CONTEST_METRICS, METRIC_NAMES, score_digits, selection_score
 
@@ -24,9 +26,34 @@ def settings_key(settings, stage=1, extra=None):
     keyed = {k: values[k] for k in trial_settings(stage)
              if (k not in INTRODUCED_AT or values[k] != INTRODUCED_AT[k])
              and (k not in ONLY_WITH or values[ONLY_WITH[k][0]] == ONLY_WITH[k][1])}
+    if keyed.get('DISTILL_FROM'):
+        keyed['DISTILL_FROM'] = teacher_fingerprint(settings)
     keyed.update(extra or {})
     blob = json.dumps(keyed, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def teacher_fingerprint(settings):
+    """DISTILL_FROM as the settings key holds it: the value and the SHA-256 of the teacher's
+    saved.onnx it names now ('auto': of MODEL_SAVE_PATH/summary.csv's pick), so rows trained
+    against another teacher are never reused; the bare value when there is no such file
+    (public.search.teacher then stops the run with the rule)."""
+    value = settings.DISTILL_FROM
+    folder = value
+    if value == 'auto':
+        pick = recommended_pick(read_summary(os.path.join(settings.MODEL_SAVE_PATH,
+                                                          SUMMARY_CSV)))
+        if pick is None:
+            return value
+        folder = os.path.join(settings.MODEL_SAVE_PATH, pick['model'], pick['result'])
+    path = os.path.join(folder, 'saved.onnx')
+    if not os.path.isfile(path):
+        return value
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return f"{value}@{digest.hexdigest()[:16]}"
 
 
 def lr_key(lr):
