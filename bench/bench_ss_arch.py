@@ -5,6 +5,7 @@
     python bench/bench_ss_arch.py --arms 'budget,budget+AUGMENT=False,afnet+AUGMENT=True'
     python bench/bench_ss_arch.py --arms "budget+DISTILL_FROM='fold';budget+AUGMENT=('flip',)"
     python bench/bench_ss_arch.py --summarize arch.csv     # the summary of a (partial) run
+    python bench/bench_ss_arch.py --summarize run1.csv,run2.csv    # two runs' arms together
 
 Arms (--arms, separated by commas, or by ';' when a value holds a comma): an architecture, optionally followed by settings that
 override params.py's, each '+NAME=VALUE' (a Python literal). Architectures: 'budget'
@@ -337,11 +338,13 @@ def main():
     parser.add_argument('--scratch', default='/tmp/atml-ss-arch')
     parser.add_argument('--out', default='')
     parser.add_argument('--summarize', default='', metavar='CSV',
-                        help="only print the summary of an earlier run's --out rows")
+                        help="only print the summary of earlier runs' --out rows "
+                             "(several CSVs: comma-separated, e.g. two runs of other arms)")
     args = parser.parse_args()
     if args.summarize:
         import pandas as pd
-        print_summary(pd.read_csv(args.summarize).to_dict('records'))
+        print_summary([r for path in args.summarize.split(',')
+                       for r in pd.read_csv(path).to_dict('records')])
         return
     from real_data import cpu_name, cpu_vnni
     os.makedirs(os.path.join(args.scratch, 'temp'), exist_ok=True)
@@ -428,26 +431,29 @@ def _ahead(d):
 
 
 def print_paired(rows):
-    """Each arm against 'afnet' (else the first arm) over their (fold, seed) pairs: the
-    median difference, its range, and in how many pairs the arm is ahead / behind; and
-    the calibrated threshold against the arm's own argmax."""
+    """Each arm against 'afnet' and 'budget' (those present; else the first arm) over their
+    (fold, seed) pairs: the median difference, its range, and in how many pairs the arm is
+    ahead / behind; and the calibrated threshold against the arm's own argmax."""
     arms = list(dict.fromkeys(r['arch'] for r in rows if r['status'] == 'ok'))
     if not arms:
         return
-    ref = 'afnet' if 'afnet' in arms else arms[0]     # the scaling that was the default
-    print(f"\npaired differences over the (fold, seed) pairs: median [min-max], "
-          f"ahead/behind/pairs")
+    refs = [a for a in ('afnet', 'budget') if a in arms] or arms[:1]
+    print("\npaired differences over the (fold, seed) pairs: median [min-max], "
+          "ahead/behind/pairs")
     for arm in arms:
         cells = []
         for m in METRICS:
-            d = paired(rows, ref, arm, m) if arm != ref else []
+            for ref in refs:
+                d = paired(rows, ref, arm, m) if arm != ref else []
+                if d:
+                    cells.append(f"{m} vs {ref}: {statistics.median(d):+.3f} [{min(d):+.3f}-"
+                                 f"{max(d):+.3f}] {_ahead(d)}")
             cal = [r['cal_' + m] - r[m] for r in rows if r['arch'] == arm
                    and r['status'] == 'ok' and r.get('cal_' + m) == r.get('cal_' + m)]
-            cells.append((f"{m} vs {ref}: {statistics.median(d):+.3f} [{min(d):+.3f}-"
-                          f"{max(d):+.3f}] {_ahead(d)}" if d else '')
-                         + (f"; calibrated vs argmax {statistics.median(cal):+.3f} "
-                            f"{_ahead(cal)}" if cal else ''))
-        print(f"  {arm}:\n    " + '\n    '.join(c for c in cells if c))
+            if cal:
+                cells.append(f"{m}: calibrated threshold vs argmax {statistics.median(cal):+.3f} "
+                             f"{_ahead(cal)}")
+        print(f"  {arm}:\n    " + '\n    '.join(cells))
 
 
 if __name__ == '__main__':
