@@ -3,9 +3,9 @@
 
 train_final.py calls `generate_config(channel_scaling_factor, fc_scaling_factor,
 input_size)` for every pair of CHANNEL_SCALES x FC_SCALES and builds `AFNet(config)`.
-Default: AFNet with conv channels (1, 2, 4, 8, 8) x channel factor and hidden FC width
-5 x fc factor (channel 4, fc 2 is stage one's AFNet). To use another architecture,
-replace both functions: `generate_config` returns any dict your class understands and
+The original ATML scaling: AFNet with conv channels (1, 2, 4, 8, 8) x channel factor and
+hidden FC width 5 x fc factor (channel 4, fc 2 is stage one's AFNet). To use another
+architecture, replace both functions: `generate_config` returns any dict your class understands and
 the class must accept input (N, C, L, 1) and return logits (N, num_classes).
 """
 from public.models.blocks import AFNetBody, afnet_config
