@@ -1,5 +1,5 @@
 """A stage-two architecture made for a small file budget: width-scaled depthwise-separable
-blocks with global average pooling (public/ss_model.py's face, examples/ss_model_sepnet.py).
+blocks with global average pooling (the default public/ss_model.py).
 
     config = budget_config(channel_scale=3, fc_scale=2, input_size=1250)
     model = BudgetNet(config)          # input (N, C, L, 1) -> logits (N, num_classes)
