@@ -15,7 +15,7 @@ import time
 
 from public.compress.export import size_kb
 from public.core.settings import INTRODUCED_AT, ONLY_WITH, settings_dict, trial_settings
-from public.results.summary import SUMMARY_CSV, read_summary, recommended_pick
+from public.results.summary import teacher_folder
 from public.results.table import TIMING_COLUMNS
 from public.train.metrics import CONTEST_METRICS, METRIC_NAMES, score_digits, selection_score
 
@@ -33,27 +33,28 @@ def settings_key(settings, stage=1, extra=None):
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
+def sha256_of(data):
+    """The SHA-256 hex digest of bytes, or of the file at a path (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    if isinstance(data, (bytes, memoryview)):
+        digest.update(data)
+    else:
+        with open(data, 'rb') as f:
+            for block in iter(lambda: f.read(1 << 20), b''):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def teacher_fingerprint(settings):
     """DISTILL_FROM as the settings key holds it: the value and the SHA-256 of the teacher's
     saved.onnx it names now ('auto': of MODEL_SAVE_PATH/summary.csv's pick), so rows trained
     against another teacher are never reused; the bare value when there is no such file
     (public.search.teacher then stops the run with the rule)."""
-    value = settings.DISTILL_FROM
-    folder = value
-    if value == 'auto':
-        pick = recommended_pick(read_summary(os.path.join(settings.MODEL_SAVE_PATH,
-                                                          SUMMARY_CSV)))
-        if pick is None:
-            return value
-        folder = os.path.join(settings.MODEL_SAVE_PATH, pick['model'], pick['result'])
-    path = os.path.join(folder, 'saved.onnx')
+    folder = teacher_folder(settings)
+    path = os.path.join(folder, 'saved.onnx') if folder else ''
     if not os.path.isfile(path):
-        return value
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return f"{value}@{digest.hexdigest()[:16]}"
+        return settings.DISTILL_FROM
+    return f"{settings.DISTILL_FROM}@{sha256_of(path)[:16]}"
 
 
 def lr_key(lr):

@@ -2,7 +2,10 @@
 
     rows = read_summary('multi-result/summary.csv')
     pick = recommended_pick(rows)        # {'model', 'lr', 'score', 'onnx_kb', 'result'} or None
+    folder = teacher_folder(settings)    # DISTILL_FROM's folder ('auto': the pick's), or None
 """
+import os
+
 import pandas as pd
 
 SUMMARY_CSV = 'summary.csv'
@@ -32,3 +35,14 @@ def recommended_pick(rows):
     best = min(ranked, key=lambda r: (-number(r['score']), number(r.get('onnx_kb')) or 0.0))
     return {'model': best['model'], 'lr': str(best['best_lr']), 'score': number(best['score']),
             'onnx_kb': number(best.get('onnx_kb')), 'result': str(best.get('result', ''))}
+
+
+def teacher_folder(settings):
+    """The result folder DISTILL_FROM names: the value itself, or with 'auto' the folder of
+    MODEL_SAVE_PATH/summary.csv's recommended pick (None when it lists no trained model).
+    Whether the folder holds a saved.onnx is public.search.teacher's check."""
+    if settings.DISTILL_FROM != 'auto':
+        return settings.DISTILL_FROM
+    pick = recommended_pick(read_summary(os.path.join(settings.MODEL_SAVE_PATH, SUMMARY_CSV)))
+    return None if pick is None else os.path.join(settings.MODEL_SAVE_PATH, pick['model'],
+                                                  pick['result'])

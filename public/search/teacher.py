@@ -14,7 +14,6 @@ ONNX file's SHA-256 and the training tensor's fingerprint (shape and SHA-256 of 
 so a rerun, and every trial of a run, reads them instead of running the teacher again. The
 loss is public/train/distill.py's.
 """
-import hashlib
 import io
 import os
 
@@ -25,7 +24,8 @@ from public.compress.export import onnx_predict
 from public.core.atomic import write_atomic
 from public.core.errors import SettingsError
 from public.core.settings import source_of
-from public.results.summary import SUMMARY_CSV, read_summary, recommended_pick
+from public.results.keys import sha256_of
+from public.results.summary import SUMMARY_CSV, teacher_folder
 
 TEACHER_FILE = 'saved.onnx'
 CACHE_FOLDER = 'teacher'
@@ -58,16 +58,12 @@ def teacher_onnx(settings):
     if not value:
         return None
     where = _source(settings)
-    if value == 'auto':
+    folder = teacher_folder(settings)
+    if folder is None:
         summary = os.path.join(settings.MODEL_SAVE_PATH, SUMMARY_CSV)
-        pick = recommended_pick(read_summary(summary))
-        if pick is None:
-            raise SettingsError(f"{where}: DISTILL_FROM='auto' takes the best stage-one result "
-                                f"of {summary}, but it lists no trained model (run "
-                                f"train_multi.py first); {RULE}")
-        folder = os.path.join(settings.MODEL_SAVE_PATH, pick['model'], pick['result'])
-    else:
-        folder = value
+        raise SettingsError(f"{where}: DISTILL_FROM='auto' takes the best stage-one result "
+                            f"of {summary}, but it lists no trained model (run "
+                            f"train_multi.py first); {RULE}")
     if not os.path.isdir(folder):
         raise SettingsError(f"{where}: DISTILL_FROM={value!r}: folder {folder!r} not found; "
                             f"{RULE}")
@@ -78,15 +74,7 @@ def teacher_onnx(settings):
     return path
 
 
-def _sha256(data):
-    h = hashlib.sha256()
-    if isinstance(data, (bytes, memoryview)):
-        h.update(data)
-    else:
-        with open(data, 'rb') as f:
-            for block in iter(lambda: f.read(1 << 20), b''):
-                h.update(block)
-    return h.hexdigest()
+_sha256 = sha256_of             # the teacher file's and the data's digests
 
 
 def data_fingerprint(x):
