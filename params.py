@@ -38,7 +38,9 @@ FBETA_BETA = 2.0                 # beta of the F-beta metrics (fbeta, subj_fbeta
 NO_AF_SUBJECT = 'contest'        # F-beta of a subject without AF (0/0): 'contest' (1.0, the contests' scoring code), 'accuracy' (its share of segments predicted non-AF), 'skip' (left out)
 GEN_THRESHOLD = 0.9              # gen = share of subjects whose F-beta is > this (IESD-2024's G: 0.9)
 CONTEST = 'iesd2024'             # contest whose score is the 'contest' metric: 'iesd2024' (25 Fb + 15 G + 35 L + 5 M) or 'tdc2022' (100 Fb + 20 L + 20 M)
-LATENCY_SCALE = 1.0              # the measured onnxruntime latency times this is the contest's latency (this machine -> the target board)
+LATENCY_SCALE = 1.0              # CONTEST_LATENCY='measured': the measured onnxruntime latency times this is the contest's latency (this machine -> the target board)
+CONTEST_LATENCY = 'macs'         # the contest score's latency: 'macs' (the graph's MACs / MACS_PER_MS: the same on every run, so the answer does not depend on timing) or 'measured' (onnxruntime on this machine x LATENCY_SCALE: varies with the machine's load)
+MACS_PER_MS = 100000             # CONTEST_LATENCY='macs': the target board's multiply-accumulates per millisecond (latency = MACs / this)
 SCHEDULER = 'grid'               # 'grid' (the original: every candidate to its early stop) or 'halving' (successive halving over each model's rates, docs/schedulers.md)
 HALVING_MIN_EPOCHS = 3           # SCHEDULER='halving': epochs of the first rung (r); rungs are r, r*eta, r*eta^2, ... up to NUM_EPOCHS
 HALVING_ETA = 3                  # SCHEDULER='halving': the reduction factor (eta): the best 1/eta of a rung go on, with eta times the epochs

@@ -62,7 +62,10 @@ def test_every_keyed_setting_changes_the_key(make_settings):
              'INT8_REDUCE_RANGE': dict(INT8_REDUCE_RANGE=False, QUANTIZE_INT8=True),
              # keyed only when halving: a grid search does not depend on them
              'HALVING_MIN_EPOCHS': dict(HALVING_MIN_EPOCHS=2, SCHEDULER='halving'),
-             'HALVING_ETA': dict(HALVING_ETA=2, SCHEDULER='halving')}
+             'HALVING_ETA': dict(HALVING_ETA=2, SCHEDULER='halving'),
+             # keyed only when the contest picks the answer: the test of the contest latency
+             'CONTEST_LATENCY': dict(CONTEST_LATENCY='macs', SELECT_METRIC='contest'),
+             'MACS_PER_MS': dict(MACS_PER_MS=5000, SELECT_METRIC='contest')}
     for name in trial_settings(2):
         value = changed.get(name)
         if value is None and name not in needs:
@@ -113,6 +116,31 @@ def test_halving_settings_key_only_halving_searches(make_settings):
     assert len(halving) == 4 and not halving & grid
     with pytest.raises(SettingsError, match=r"HALVING_ETA must be an int >= 2"):
         make_settings(SCHEDULER='halving', HALVING_ETA=1)
+
+
+def test_the_contest_latency_keys_only_searches_that_select_on_the_contest(make_settings):
+    """CONTEST_LATENCY and MACS_PER_MS change only the contest column: a search selecting
+    on another metric keeps its key (and the rows of versions before them, which scored
+    the measured latency); one selecting on 'contest' keys them, and at 'measured' with
+    the default MACS_PER_MS it has the key of those versions."""
+    others = {settings_key(make_settings(CONTEST_LATENCY=c, MACS_PER_MS=m), 1)
+              for c in ('macs', 'measured') for m in (100000, 5000)}
+    assert others == {settings_key(make_settings(), 1)}
+    contest = {(c, m): settings_key(make_settings(SELECT_METRIC='contest', CONTEST_LATENCY=c,
+                                                  MACS_PER_MS=m), 1)
+               for c in ('macs', 'measured') for m in (100000, 5000)}
+    assert len({contest['macs', 100000], contest['macs', 5000], contest['measured', 100000]}) == 3
+    import hashlib
+    import json
+    from public.core.settings import INTRODUCED_AT, settings_dict
+    values = settings_dict(make_settings(SELECT_METRIC='contest', CONTEST_LATENCY='measured'))
+    old = {k: values[k] for k in trial_settings(1) if k not in INTRODUCED_AT}
+    assert contest['measured', 100000] == \
+        hashlib.sha1(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    with pytest.raises(SettingsError, match=r"CONTEST_LATENCY must be one of 'macs', 'measured'"):
+        make_settings(CONTEST_LATENCY='board')
+    with pytest.raises(SettingsError, match=r"MACS_PER_MS must be a number > 0"):
+        make_settings(MACS_PER_MS=0)
 
 
 def test_a_grid_of_a_billion_rates_is_refused_up_front(make_settings):

@@ -22,6 +22,7 @@ from public.search import stage_two
 from public.search.stage_one import result_folders, run_stage_one
 from public.search.stage_two import LATENCY_BORDER, plan_candidates, run_stage_two
 from public.search.trial import run_trial
+from public.train.contest import normalised_contest_score
 from public.train.metrics import (Scoring, add_contest_score, contest_metrics,
                                   predict_proba, selection_score)
 from public.train.outcome import TrialStatus
@@ -63,13 +64,33 @@ def test_contest_metrics_match_sklearn(beta, no_af):
 
 def test_contest_score_uses_the_contests_own_fbeta_and_the_measured_figures():
     m = dict(fbeta=0.8, subj_fbeta=0.9, gen=0.5)
-    add_contest_score(m, Scoring(contest='iesd2024'), latency_ms=5.0, size_bytes=100 * 1024)
+    add_contest_score(m, Scoring(contest='iesd2024', latency='measured'), latency_ms=5.0,
+                      size_bytes=100 * 1024)
     expected = (25 * 0.8 + 15 * 0.5 + 35 * 45 / 49.5 + 5 * 900 / 950) / 80
     assert m['contest'] == pytest.approx(expected)
-    add_contest_score(m, Scoring(contest='tdc2022', latency_scale=2.0), 5.0, 100 * 1024)
+    add_contest_score(m, Scoring(contest='tdc2022', latency_scale=2.0, latency='measured'),
+                      5.0, 100 * 1024)
     assert m['contest'] == pytest.approx((100 * 0.8 + 20 * 190 / 199 + 20 * 156 / 251) / 140)
     multiclass = {'f1': 0.5}                   # no F-beta: a multi-class task, left blank
-    assert 'contest' not in add_contest_score(multiclass, Scoring(), 5.0, 1024)
+    assert 'contest' not in add_contest_score(multiclass, Scoring(latency='measured'), 5.0, 1024)
+
+
+def test_the_default_contest_latency_is_macs_over_the_boards_rate_whatever_was_measured():
+    # CONTEST_LATENCY='macs': L = 500,000 MACs / 100,000 per ms = 5 ms, the same figure as
+    # the measured 5 ms above; the measured latency (any value) and LATENCY_SCALE play no part
+    expected = (25 * 0.8 + 15 * 0.5 + 35 * 45 / 49.5 + 5 * 900 / 950) / 80
+    for measured in (0.04, 0.9, 37.0, None):
+        m = dict(fbeta=0.8, subj_fbeta=0.9, gen=0.5)
+        add_contest_score(m, Scoring(contest='iesd2024', latency_scale=7.0), measured,
+                          100 * 1024, macs=500_000)
+        assert m['contest'] == pytest.approx(expected)
+    m = dict(fbeta=0.8, subj_fbeta=0.9, gen=0.5)
+    add_contest_score(m, Scoring(contest='iesd2024', macs_per_ms=50_000), 0.04, 100 * 1024,
+                      macs=500_000)                                        # 10 ms
+    assert m['contest'] == pytest.approx((25 * 0.8 + 15 * 0.5 + 35 * 40 / 49.5
+                                          + 5 * 900 / 950) / 80)
+    no_macs = dict(fbeta=0.8, subj_fbeta=0.9, gen=0.5)     # no graph figures: no score
+    assert 'contest' not in add_contest_score(no_macs, Scoring(), 5.0, 1024)
 
 
 @pytest.mark.parametrize('metric,value', [('fbeta', 0.7), ('subj_fbeta', 0.6), ('gen', 0.5),
@@ -100,8 +121,11 @@ def test_a_real_trials_figures_match_sklearn(prepared, make_settings, tmp_path):
     subjects = np.asarray(prepared.test_subjects)
     assert m['subj_fbeta'] == pytest.approx(np.mean(_reference(
         np.asarray(prepared.y_test), pred, subjects, 2.0, 'contest')))
-    assert 0.0 <= m['contest'] <= 1.0
     assert result.graph['macs'] > 0 and result.graph['peak_activation_bytes'] > 0
+    # the contest's latency is the graph's MACs over MACS_PER_MS, not the measured figure
+    assert m['contest'] == pytest.approx(normalised_contest_score(
+        'iesd2024', m['subj_fbeta'], m['gen'], result.graph['macs'] / settings.MACS_PER_MS,
+        result.onnx_bytes / 1024))
     rows = [r for r in result.per_subject if r['split'] == 'test']
     assert all('fbeta' in r for r in rows) and len(rows) == len(set(subjects))
 
@@ -131,6 +155,9 @@ def test_stage_one_selects_by_fbeta_and_records_the_contest_figures(prepared, ma
     assert f"F-beta (beta=2): {float(best['val_fbeta']):.4f}" in text
     assert 'Subject-averaged F-beta: ' in text and 'Subjects with F-beta > 0.9: ' in text
     assert 'Contest score (iesd2024, normalised): ' in text and ' MACs, ' in text
+    latency = int(best['macs']) / settings.MACS_PER_MS
+    assert (f"(latency {latency:.3f} ms = {best['macs']} MACs / MACS_PER_MS=100000)"
+            in text)
     assert 'fbeta' in pd.read_csv(os.path.join(folder, 'per_subject.csv')).columns
     assert {'val_fbeta', 'val_subj_fbeta', 'val_gen', 'macs'} <= set(summary.columns)
     assert len(summary.columns) <= 100

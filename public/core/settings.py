@@ -207,11 +207,19 @@ SETTINGS = {s.name: s for s in (
     Setting('CONTEST', 'iesd2024', 'stage one search',
             "contest whose score is the 'contest' metric: 'iesd2024' (25 Fb + 15 G + 35 L + 5 M) or 'tdc2022' (100 Fb + 20 L + 20 M)",
             "one of 'iesd2024', 'tdc2022'", lambda v: v in ('iesd2024', 'tdc2022'), KEY,
-            detail="the contest whose score (divided by its maximum, so in [0, 1]) is the `contest` metric: `'iesd2024'` = 25·Fβn + 15·Gn + 35·Ln + 5·Mn (subject-averaged F-beta), `'tdc2022'` = 100·Fβ + 20·Ln + 20·Mn (pooled); L = the measured onnxruntime latency × `LATENCY_SCALE`, M = the ONNX file in KiB (the INT8 file's with `QUANTIZE_INT8`). See [contest scoring](contest-scoring.md)"),
+            detail="the contest whose score (divided by its maximum, so in [0, 1]) is the `contest` metric: `'iesd2024'` = 25·Fβn + 15·Gn + 35·Ln + 5·Mn (subject-averaged F-beta), `'tdc2022'` = 100·Fβ + 20·Ln + 20·Mn (pooled); L = the latency of `CONTEST_LATENCY` (MACs / `MACS_PER_MS` by default), M = the ONNX file in KiB (the INT8 file's with `QUANTIZE_INT8`). See [contest scoring](contest-scoring.md)"),
     Setting('LATENCY_SCALE', 1.0, 'stage one search',
-            "the measured onnxruntime latency times this is the contest's latency (this machine -> the target board)",
+            "CONTEST_LATENCY='measured': the measured onnxruntime latency times this is the contest's latency (this machine -> the target board)",
             'a number > 0', lambda v: _is_number(v) and v > 0, KEY,
-            detail="the contest score's latency term uses the measured onnxruntime latency (this machine, 1 thread) times this: the ratio of the target board's latency to this machine's"),
+            detail="with `CONTEST_LATENCY='measured'`: the contest score's latency term uses the measured onnxruntime latency (this machine, 1 thread) times this: the ratio of the target board's latency to this machine's"),
+    Setting('CONTEST_LATENCY', 'macs', 'stage one search',
+            "the contest score's latency: 'macs' (the graph's MACs / MACS_PER_MS: the same on every run, so the answer does not depend on timing) or 'measured' (onnxruntime on this machine x LATENCY_SCALE: varies with the machine's load)",
+            "one of 'macs', 'measured'", lambda v: v in ('macs', 'measured'), KEY,
+            detail="the latency L of the `contest` score: `'macs'` = the exported graph's multiply-accumulates per segment divided by `MACS_PER_MS` (a deterministic model of the board: two runs, serial or parallel, score a trial the same); `'measured'` = the onnxruntime latency on this machine (batch 1, one thread) × `LATENCY_SCALE`, which moves with the machine's load, so a search selecting on `'contest'` may then pick differently from run to run. See [contest scoring](contest-scoring.md)"),
+    Setting('MACS_PER_MS', 100000, 'stage one search',
+            "CONTEST_LATENCY='macs': the target board's multiply-accumulates per millisecond (latency = MACs / this)",
+            'a number > 0', lambda v: _is_number(v) and v > 0, KEY,
+            detail="with `CONTEST_LATENCY='macs'`: the target board's throughput in multiply-accumulates per millisecond, latency = MACs / this. The default (10⁵, i.e. 100 MMAC/s) is an assumption of the order of a few-hundred-MHz embedded core running plain C; calibrate it once: a model's `macs` (results row) / its latency on the board in ms"),
     Setting('SCHEDULER', 'grid', 'stage one search',
             "'grid' (the original: every candidate to its early stop) or 'halving' (successive halving over each model's rates, docs/schedulers.md)",
             "one of 'grid', 'halving'", lambda v: v in ('grid', 'halving'), KEY,
@@ -406,13 +414,20 @@ INTRODUCED_AT = {'LABEL_MODE': 'multiclass', 'LABEL_SEPARATOR': '|', 'REFIT': Fa
 # The recipe levers of issue 20 (public/train/loop.py, public/train/distill.py), off here.
 INTRODUCED_AT.update({'LR_SCHEDULE': 'plateau', 'WEIGHT_AVERAGING': 'none', 'DISTILL_FROM': '',
                       'DISTILL_TEMPERATURE': 4.0, 'DISTILL_WEIGHT': 0.5})
+# Before CONTEST_LATENCY the contest score used the measured latency.
+INTRODUCED_AT.update({'CONTEST_LATENCY': 'measured', 'MACS_PER_MS': 100000})
 
 # Settings that change nothing unless another one is on: out of the settings key while that
 # one is off (a float-only stage two does not depend on how INT8 weights are quantized).
 # {setting: (the setting it depends on, the value that makes it count)}
 ONLY_WITH = {'INT8_REDUCE_RANGE': ('QUANTIZE_INT8', True),
              'HALVING_MIN_EPOCHS': ('SCHEDULER', 'halving'),
-             'HALVING_ETA': ('SCHEDULER', 'halving')}
+             'HALVING_ETA': ('SCHEDULER', 'halving'),
+             # The contest column only picks the answer when it is the selection metric;
+             # elsewhere it is a figure beside the others, and rows of earlier versions
+             # (scored on the measured latency) stay reusable.
+             'CONTEST_LATENCY': ('SELECT_METRIC', 'contest'),
+             'MACS_PER_MS': ('SELECT_METRIC', 'contest')}
 
 # The original ATML spelt LEARNING_RATE as LEARING_RATE; old params.py files keep working.
 _ALIASES = {'LEARING_RATE': 'LEARNING_RATE'}

@@ -43,7 +43,7 @@ def format_metrics(metrics):
     return '\n'.join(lines)
 
 
-def contest_lines(metrics, scoring, latency_ms=None):
+def contest_lines(metrics, scoring, latency_ms=None, macs=None):
     """The contest figures' lines of evaluation_metrics.txt (binary tasks; none otherwise):
     'F-beta (beta=2): 0.9321', 'Subject-averaged F-beta: ...', 'Subjects with F-beta > 0.9:
     7 of 9 (0.78)', 'Contest score (iesd2024, normalised): ...'."""
@@ -61,8 +61,13 @@ def contest_lines(metrics, scoring, latency_ms=None):
         lines.append(f"Subjects with F-beta > {scoring['threshold']:g}: {round(gen * n)} of "
                      f"{int(n)} ({gen:.2f})")
     if metrics.get('contest') is not None:
-        measured = f" (latency {latency_ms:.3f} ms x LATENCY_SCALE={scoring['latency_scale']:g})" \
-            if latency_ms is not None and latency_ms == latency_ms else ''
+        if scoring.get('latency', 'measured') == 'macs':     # result.json before: measured
+            measured = f" (latency {macs / scoring['macs_per_ms']:.3f} ms = {macs} MACs / " \
+                f"MACS_PER_MS={scoring['macs_per_ms']:g})" if macs else ''
+        else:
+            measured = f" (latency {latency_ms:.3f} ms x LATENCY_SCALE=" \
+                f"{scoring['latency_scale']:g})" if latency_ms is not None and \
+                latency_ms == latency_ms else ''
         lines.append(f"Contest score ({scoring['contest']}, normalised): "
                      f"{num(metrics['contest'])}{measured}")
     return lines
@@ -95,7 +100,7 @@ def evaluation_text(info):
         lines.append(f"INT8 ONNX file size: {kb2(int8['bytes'])} KB "
                      f"(saved.int8.onnx, the deliverable: QUANTIZE_INT8=True)")
     lines += contest_lines(info.get(f"{select_on}_metrics") or {}, info.get('scoring'),
-                           info.get('latency_ms'))
+                           info.get('latency_ms'), (info.get('graph') or {}).get('macs'))
     if info.get('graph'):
         lines.append("Deployment (exported graph, batch 1): " + format_stats(info['graph']))
     if 'decision_threshold' in info:
@@ -200,7 +205,9 @@ def _write_result_files(folder, *, result, name, model_name, lr, settings, onnx_
               'confusion': result.confusion or {},
               'scoring': {'beta': settings.FBETA_BETA, 'no_af': settings.NO_AF_SUBJECT,
                           'threshold': settings.GEN_THRESHOLD, 'contest': settings.CONTEST,
-                          'latency_scale': settings.LATENCY_SCALE},
+                          'latency_scale': settings.LATENCY_SCALE,
+                          'latency': settings.CONTEST_LATENCY,
+                          'macs_per_ms': settings.MACS_PER_MS},
               'graph': getattr(result, 'graph', None), **(info or {})}
     if settings.CALIBRATE_THRESHOLD:
         record['decision_threshold'] = getattr(result, 'threshold', 0.5)

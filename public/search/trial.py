@@ -104,7 +104,8 @@ def run_trial(build_model, lr, data, settings, onnx_path, progress=True, desc='t
             if latency:
                 result.latency_ms = onnx_latency_ms(onnx_path, settings.LATENCY_RUNS)
                 for metrics in (result.val_metrics, result.test_metrics):
-                    add_contest_score(metrics, scoring, result.latency_ms, result.onnx_bytes)
+                    add_contest_score(metrics, scoring, result.latency_ms, result.onnx_bytes,
+                                      result.graph.get('macs'))
             result.status = TrialStatus.OK
             result.model = model
     except KeyboardInterrupt:
@@ -162,9 +163,9 @@ def refit(build_model, lr, outcome, data, settings, onnx_path, progress=False, d
             scoring=Scoring.of(settings))
     info['onnx_bytes'] = export_onnx(model, onnx_path, data.in_channels, data.input_size,
                                      settings.ONNX_OPSET)
-    # latency does not depend on the weights: the validated model's measured figure serves
+    # latency does not depend on the weights: the validated model's figures serve
     add_contest_score(info['test_metrics'], Scoring.of(settings), outcome.latency_ms,
-                      info['onnx_bytes'])
+                      info['onnx_bytes'], (getattr(outcome, 'graph', None) or {}).get('macs'))
     check_onnx(onnx_path, model, data.onnx_sample)
     with open(onnx_path, 'rb') as f:
         info['onnx'] = f.read()
@@ -388,7 +389,7 @@ def _measure_int8(int8_path, data, splits, settings):
             measured[split] = add_contest_score(
                 classification_metrics(y, probs, data.num_classes, data.class_names or None,
                                        subjects, scoring),
-                scoring, measured['latency_ms'], measured['bytes'])
+                scoring, measured['latency_ms'], measured['bytes'], measured['graph'].get('macs'))
         else:
             measured[split] = {}
     with open(int8_path, 'rb') as f:

@@ -36,17 +36,32 @@ CONTEST_METRICS = ('fbeta', 'subj_fbeta', 'subj_f1', 'gen', 'contest')
 
 class Scoring:
     """How the contest figures are computed: FBETA_BETA, NO_AF_SUBJECT, GEN_THRESHOLD,
-    CONTEST and LATENCY_SCALE of a settings object (the defaults are the settings')."""
+    CONTEST, CONTEST_LATENCY, MACS_PER_MS and LATENCY_SCALE of a settings object (the
+    defaults are the settings')."""
 
     def __init__(self, beta=2.0, no_af='contest', threshold=0.9, contest='iesd2024',
-                 latency_scale=1.0):
+                 latency_scale=1.0, latency='macs', macs_per_ms=100000):
         self.beta, self.no_af, self.threshold = beta, no_af, threshold
         self.contest, self.latency_scale = contest, latency_scale
+        self.latency, self.macs_per_ms = latency, macs_per_ms
 
     @classmethod
     def of(cls, settings):
         return cls(settings.FBETA_BETA, settings.NO_AF_SUBJECT, settings.GEN_THRESHOLD,
-                   settings.CONTEST, settings.LATENCY_SCALE)
+                   settings.CONTEST, settings.LATENCY_SCALE, settings.CONTEST_LATENCY,
+                   settings.MACS_PER_MS)
+
+    def latency_ms(self, measured_ms, macs):
+        """The contest's latency L in ms before LATENCY_SCALE: MACs / MACS_PER_MS under
+        'macs' (None without MACs), the measured onnxruntime figure under 'measured'."""
+        if self.latency == 'macs':
+            return None if macs is None else macs / self.macs_per_ms
+        return measured_ms
+
+    def scale(self):
+        """The factor the latency is multiplied by: LATENCY_SCALE for a measured latency
+        only (MACS_PER_MS already is the board's)."""
+        return self.latency_scale if self.latency == 'measured' else 1.0
 
 
 def contest_metrics(y_true, y_pred, subjects, scoring):
@@ -68,11 +83,13 @@ def contest_metrics(y_true, y_pred, subjects, scoring):
     return out
 
 
-def add_contest_score(metrics, scoring, latency_ms, size_bytes):
+def add_contest_score(metrics, scoring, latency_ms, size_bytes, macs=None):
     """Set metrics['contest'], the normalised score of scoring.contest from the metrics'
-    F-beta (subject-averaged or pooled, as the contest scores it) and gen, the latency (ms,
-    times scale) and the file size; left out when the metrics have no F-beta (not binary)
-    or the latency was not measured."""
+    F-beta (subject-averaged or pooled, as the contest scores it) and gen, the latency
+    (scoring.latency_ms: the graph's MACs / MACS_PER_MS, or the measured ms times
+    LATENCY_SCALE) and the file size; left out when the metrics have no F-beta (not binary)
+    or there is no latency (MACs not counted, latency not measured)."""
+    latency_ms = scoring.latency_ms(latency_ms, macs)
     if not metrics or 'fbeta' not in metrics or latency_ms is None or not size_bytes:
         return metrics
     spec = _contest.CONTESTS[scoring.contest]
@@ -82,7 +99,7 @@ def add_contest_score(metrics, scoring, latency_ms, size_bytes):
         metrics['contest'] = float('nan')
         return metrics
     metrics['contest'] = _contest.normalised_contest_score(
-        scoring.contest, fb, g, latency_ms, size_bytes / 1024, scoring.latency_scale)
+        scoring.contest, fb, g, latency_ms, size_bytes / 1024, scoring.scale())
     return metrics
 
 

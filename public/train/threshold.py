@@ -95,7 +95,7 @@ def threshold_scores(probs, y, metric, subjects=None, scoring=None, grid=GRID):
     for t in cands:                      # subj_fbeta, gen, contest: per-subject figures
         m = contest_metrics(y, (p1 > t).astype(np.int64), subjects, scoring)
         if metric == 'contest':          # latency and size do not depend on the threshold
-            m = add_contest_score(m, scoring, 1.0, 1024)
+            m = add_contest_score(m, scoring, 1.0, 1024, macs=0)
         value = m.get(metric, float('nan'))
         scores.append(0.0 if value != value else float(value))
     return cands, np.asarray(scores, dtype=np.float64)
