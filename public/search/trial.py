@@ -165,7 +165,7 @@ def refit(build_model, lr, outcome, data, settings, onnx_path, progress=False, d
                                      settings.ONNX_OPSET)
     # latency does not depend on the weights: the validated model's figures serve
     add_contest_score(info['test_metrics'], Scoring.of(settings), outcome.latency_ms,
-                      info['onnx_bytes'], (getattr(outcome, 'graph', None) or {}).get('macs'))
+                      info['onnx_bytes'], (outcome.graph or {}).get('macs'))
     check_onnx(onnx_path, model, data.onnx_sample)
     with open(onnx_path, 'rb') as f:
         info['onnx'] = f.read()
